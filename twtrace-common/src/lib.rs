@@ -1,0 +1,199 @@
+//! Types shared by the twtrace eBPF program and its userspace loader.
+//!
+//! Everything here crosses the kernel/user boundary as raw bytes, so every
+//! type is `#[repr(C)]`, `Copy`, and laid out without implicit padding
+//! (fields ordered widest first, explicit `pad` where needed). The
+//! `const` assertions at the bottom keep the layouts honest.
+#![no_std]
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+    pub const BOUND_INACTIVE: u8 = 13;
+
+    /// States a connection passes through while it is being torn down.
+    /// A transition *into* one of these is what twtrace streams by default.
+    #[must_use]
+    pub const fn is_teardown(state: u8) -> bool {
+        matches!(
+            state,
+            FIN_WAIT1 | FIN_WAIT2 | CLOSING | TIME_WAIT | CLOSE_WAIT | LAST_ACK | CLOSE
+        )
+    }
+}
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+/// `IPPROTO_TCP`.
+pub const IPPROTO_TCP: u16 = 6;
+
+/// `TransitionEvent::flags`: the socket was first seen by twtrace in its old
+/// state (it predates the tracer, or its record was evicted), so the time it
+/// spent there is unknown and `in_state_ns` is 0.
+pub const FLAG_IN_STATE_UNKNOWN: u32 = 1 << 0;
+
+/// One state change of one TCP socket, as streamed through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransitionEvent {
+    /// Local address: IPv4 in the first 4 bytes, or IPv6, network order.
+    pub saddr: [u8; 16],
+    /// Remote address, same encoding as `saddr`.
+    pub daddr: [u8; 16],
+    /// `bpf_ktime_get_ns()` (`CLOCK_MONOTONIC`) when the transition happened.
+    pub ts_ns: u64,
+    /// Nanoseconds the socket spent in `old_state`, measured in the kernel.
+    pub in_state_ns: u64,
+    /// The kernel's socket address: identifies one socket while it lives.
+    pub sock_id: u64,
+    /// Owner process (tgid); 0 while no owner has been learnt.
+    pub pid: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Local port, host order.
+    pub sport: u16,
+    /// Remote port, host order.
+    pub dport: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub old_state: u8,
+    pub new_state: u8,
+    /// Owner's command name, NUL padded; all zero while the owner is unknown.
+    pub comm: [u8; 16],
+}
+
+/// What the kernel program remembers about each live socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockRecord {
+    /// When the socket entered its current state; 0 if twtrace did not see it.
+    pub since_ns: u64,
+    /// Owner tgid; 0 while unknown.
+    pub pid: u32,
+    pub pad: u32,
+    pub comm: [u8; 16],
+}
+
+/// Field offsets of `sock:inet_sock_set_state`, read from tracefs at load
+/// time so a kernel with another layout never yields wrong numbers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetStateLayout {
+    pub skaddr: u16,
+    pub oldstate: u16,
+    pub newstate: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub protocol: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    pub pad: u16,
+}
+
+impl SetStateLayout {
+    /// The layout of kernels 4.16 to 6.18. Only a placeholder for the
+    /// object file: the loader always overrides it with what tracefs says.
+    pub const DEFAULT: Self = Self {
+        skaddr: 8,
+        oldstate: 16,
+        newstate: 20,
+        sport: 24,
+        dport: 26,
+        family: 28,
+        protocol: 30,
+        saddr: 32,
+        daddr: 36,
+        saddr_v6: 40,
+        daddr_v6: 56,
+        pad: 0,
+    };
+}
+
+/// Which transitions the kernel program emits. Set once, before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Filter {
+    /// 0 for both, else `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Non-zero: only owners listed in the `FILTER_PIDS` map.
+    pub pids_enabled: u8,
+    /// Non-zero: only sockets whose local or remote port is in `FILTER_PORTS`.
+    pub ports_enabled: u8,
+    /// Non-zero: every transition, not only those into teardown states.
+    pub all_states: u8,
+    pub pad: [u8; 3],
+}
+
+impl Filter {
+    pub const NONE: Self = Self {
+        family: 0,
+        pids_enabled: 0,
+        ports_enabled: 0,
+        all_states: 0,
+        pad: [0; 3],
+    };
+}
+
+/// Indexes into the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Events dropped because the ring buffer was full.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// Transitions whose tracepoint fields could not be read.
+    pub const READ_FAILED: u32 = 1;
+    /// Socket records that could not be stored (map update failed).
+    pub const SOCK_UPDATE_FAILED: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
+/// Map and program names both sides agree on.
+pub mod names {
+    pub const EVENTS: &str = "EVENTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const SOCKS: &str = "SOCKS";
+    pub const FILTER_PIDS: &str = "FILTER_PIDS";
+    pub const FILTER_PORTS: &str = "FILTER_PORTS";
+    pub const GLOBAL_FILTER: &str = "FILTER";
+    pub const GLOBAL_SET_STATE_LAYOUT: &str = "SET_STATE_LAYOUT";
+    pub const PROG_SET_STATE: &str = "inet_sock_set_state";
+    pub const PROG_SENDMSG: &str = "tcp_sendmsg_locked";
+    pub const PROG_RCV_SPACE: &str = "tcp_rcv_space_adjust";
+}
+
+/// Default capacity of the per-socket record map (LRU; oldest evicted).
+pub const DEFAULT_MAX_SOCKETS: u32 = 131_072;
+/// Capacity of the pid and port filter maps.
+pub const MAX_FILTER_ENTRIES: u32 = 64;
+
+// Layouts are part of the kernel/user contract: catch accidental padding.
+const _: () = assert!(core::mem::size_of::<TransitionEvent>() == 88);
+const _: () = assert!(core::mem::size_of::<SockRecord>() == 32);
+const _: () = assert!(core::mem::size_of::<SetStateLayout>() == 24);
+const _: () = assert!(core::mem::size_of::<Filter>() == 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is #[repr(C)], Copy, has no padding (asserted above)
+    // and every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::TransitionEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SetStateLayout {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Filter {}
+}

@@ -1,0 +1,192 @@
+//! Command-line interface.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{loader::Family, output::stream::Format};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "twtrace",
+    version,
+    about = "Who closes TCP connections first, and how long sockets sit in each teardown state",
+    long_about = None,
+)]
+pub struct Cli {
+    /// More diagnostics on stderr: -v warnings and info from the kernel
+    /// program, -vv debug.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print every TCP teardown transition, with its owner and time in the
+    /// previous state.
+    Trace(TraceArgs),
+}
+
+/// Which sockets to trace; applied in the kernel.
+#[derive(Debug, Args, Clone)]
+pub struct FilterArgs {
+    /// Only sockets owned by this process (tgid). Repeatable.
+    #[arg(long = "pid", value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
+    pub pids: Vec<u32>,
+
+    /// Only sockets with this local or remote port. Repeatable.
+    #[arg(long = "port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub ports: Vec<u16>,
+
+    /// IPv4 only.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+
+    /// IPv6 only.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+}
+
+impl FilterArgs {
+    #[must_use]
+    pub fn family(&self) -> Option<Family> {
+        match (self.ipv4, self.ipv6) {
+            (true, _) => Some(Family::V4),
+            (_, true) => Some(Family::V6),
+            _ => None,
+        }
+    }
+}
+
+/// Kernel-side capacities.
+#[derive(Debug, Args, Clone)]
+pub struct CapacityArgs {
+    /// Ring buffer size in KiB (a power of two). Raise it if events are lost.
+    #[arg(long, value_name = "KIB", default_value_t = 256, value_parser = parse_ring_kib)]
+    pub ring_kib: u32,
+
+    /// Sockets the kernel remembers owners and timestamps for (LRU).
+    #[arg(long, value_name = "N", default_value_t = twtrace_common::DEFAULT_MAX_SOCKETS,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub max_sockets: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
+
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+
+    /// Stop after this long (e.g. 500ms, 5s, 2m, 1h).
+    #[arg(short, long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Every state change, not only those into teardown states.
+    #[arg(long)]
+    pub all_states: bool,
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h`, `1.5s`. Rejects zero, negatives and
+/// bare numbers (is `5` seconds or milliseconds?).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("`{text}` needs a unit: ms, s, m or h (e.g. 5s)"))?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (e.g. 500ms, 5s, 2m)"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "unknown unit `{unit}` in `{text}`: use ms, s, m or h"
+            ));
+        }
+    };
+    if !(seconds > 0.0 && seconds < 1e9) {
+        return Err(format!("`{text}` must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn parse_ring_kib(text: &str) -> Result<u32, String> {
+    let kib: u32 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number of KiB"))?;
+    if !kib.is_power_of_two() || !(4..=1_048_576).contains(&kib) {
+        return Err(format!(
+            "{kib} KiB is not a power of two between 4 and 1048576"
+        ));
+    }
+    Ok(kib)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_mins(2)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_hours(1)));
+    }
+
+    #[test]
+    fn bad_durations_are_rejected_with_a_reason() {
+        for bad in ["-5s", "abc", "5", "0s", "5x", "", "1.2.3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad} was accepted");
+        }
+        assert!(parse_duration("5").unwrap_err().contains("needs a unit"));
+    }
+
+    #[test]
+    fn ring_size_must_be_a_power_of_two() {
+        assert_eq!(parse_ring_kib("256"), Ok(256));
+        assert!(parse_ring_kib("100").is_err());
+        assert!(parse_ring_kib("2").is_err());
+        assert!(parse_ring_kib("-1").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_conflict() {
+        let err = Cli::try_parse_from(["twtrace", "trace", "-4", "-6"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn repeated_filters_accumulate() {
+        let cli = Cli::try_parse_from([
+            "twtrace", "trace", "--pid", "1", "--pid", "2", "--port", "80",
+        ])
+        .unwrap();
+        let Command::Trace(args) = cli.command;
+        assert_eq!(args.filter.pids, [1, 2]);
+        assert_eq!(args.filter.ports, [80]);
+        assert!(Cli::try_parse_from(["twtrace", "trace", "--port", "0"]).is_err());
+        assert!(Cli::try_parse_from(["twtrace", "trace", "--port", "70000"]).is_err());
+        assert!(Cli::try_parse_from(["twtrace", "trace", "--pid", "0"]).is_err());
+    }
+}

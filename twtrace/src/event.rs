@@ -1,0 +1,299 @@
+//! Decoding ring-buffer records into typed transitions.
+//!
+//! The kernel hands over raw bytes; nothing here trusts them. A record of
+//! the wrong size or with impossible values becomes a `DecodeError` that the
+//! caller counts, never a panic.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use twtrace_common::{AF_INET, AF_INET6, FLAG_IN_STATE_UNKNOWN, TransitionEvent, tcp_state};
+
+/// A TCP state, named as the kernel names it, without the `TCP_` prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TcpState {
+    Established,
+    SynSent,
+    SynRecv,
+    FinWait1,
+    FinWait2,
+    TimeWait,
+    Close,
+    CloseWait,
+    LastAck,
+    Listen,
+    Closing,
+    NewSynRecv,
+    BoundInactive,
+}
+
+impl TcpState {
+    #[must_use]
+    pub fn from_kernel(value: u8) -> Option<Self> {
+        Some(match value {
+            tcp_state::ESTABLISHED => Self::Established,
+            tcp_state::SYN_SENT => Self::SynSent,
+            tcp_state::SYN_RECV => Self::SynRecv,
+            tcp_state::FIN_WAIT1 => Self::FinWait1,
+            tcp_state::FIN_WAIT2 => Self::FinWait2,
+            tcp_state::TIME_WAIT => Self::TimeWait,
+            tcp_state::CLOSE => Self::Close,
+            tcp_state::CLOSE_WAIT => Self::CloseWait,
+            tcp_state::LAST_ACK => Self::LastAck,
+            tcp_state::LISTEN => Self::Listen,
+            tcp_state::CLOSING => Self::Closing,
+            tcp_state::NEW_SYN_RECV => Self::NewSynRecv,
+            tcp_state::BOUND_INACTIVE => Self::BoundInactive,
+            _ => return None,
+        })
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Established => "ESTABLISHED",
+            Self::SynSent => "SYN_SENT",
+            Self::SynRecv => "SYN_RECV",
+            Self::FinWait1 => "FIN_WAIT1",
+            Self::FinWait2 => "FIN_WAIT2",
+            Self::TimeWait => "TIME_WAIT",
+            Self::Close => "CLOSE",
+            Self::CloseWait => "CLOSE_WAIT",
+            Self::LastAck => "LAST_ACK",
+            Self::Listen => "LISTEN",
+            Self::Closing => "CLOSING",
+            Self::NewSynRecv => "NEW_SYN_RECV",
+            Self::BoundInactive => "BOUND_INACTIVE",
+        }
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// The process a socket belongs to, as learnt in the kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Owner {
+    pub pid: u32,
+    pub comm: String,
+}
+
+/// One decoded state change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// `CLOCK_MONOTONIC` nanoseconds, as the kernel stamped it.
+    pub ts_ns: u64,
+    pub sock_id: u64,
+    /// `None` while the kernel had not yet learnt who uses the socket.
+    pub owner: Option<Owner>,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub old: TcpState,
+    pub new: TcpState,
+    /// Time spent in `old`; `None` when twtrace did not see the socket enter it.
+    pub in_state_ns: Option<u64>,
+}
+
+impl Transition {
+    #[must_use]
+    pub fn family(&self) -> &'static str {
+        if self.src.is_ipv4() { "ipv4" } else { "ipv6" }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    WrongSize { got: usize, want: usize },
+    UnknownFamily(u16),
+    UnknownState(u8),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::WrongSize { got, want } => {
+                write!(f, "record of {got} bytes, expected {want}")
+            }
+            Self::UnknownFamily(family) => write!(f, "unknown address family {family}"),
+            Self::UnknownState(state) => write!(f, "unknown TCP state {state}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Reads the raw record without assuming the buffer's alignment.
+pub fn decode_raw(bytes: &[u8]) -> Result<TransitionEvent, DecodeError> {
+    let want = size_of::<TransitionEvent>();
+    if bytes.len() != want {
+        return Err(DecodeError::WrongSize {
+            got: bytes.len(),
+            want,
+        });
+    }
+    // SAFETY: the length was checked above, read_unaligned copes with any
+    // alignment, and TransitionEvent is plain old data valid for any bits.
+    Ok(unsafe { bytes.as_ptr().cast::<TransitionEvent>().read_unaligned() })
+}
+
+/// Decodes and validates one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
+    let raw = decode_raw(bytes)?;
+    let (src_ip, dst_ip) = match raw.family {
+        AF_INET => (IpAddr::V4(ipv4(&raw.saddr)), IpAddr::V4(ipv4(&raw.daddr))),
+        AF_INET6 => (
+            IpAddr::V6(Ipv6Addr::from(raw.saddr)),
+            IpAddr::V6(Ipv6Addr::from(raw.daddr)),
+        ),
+        other => return Err(DecodeError::UnknownFamily(other)),
+    };
+    let state = |value| TcpState::from_kernel(value).ok_or(DecodeError::UnknownState(value));
+    let owner = (raw.pid != 0).then(|| Owner {
+        pid: raw.pid,
+        comm: comm_to_string(&raw.comm),
+    });
+    Ok(Transition {
+        ts_ns: raw.ts_ns,
+        sock_id: raw.sock_id,
+        owner,
+        src: SocketAddr::new(src_ip, raw.sport),
+        dst: SocketAddr::new(dst_ip, raw.dport),
+        old: state(raw.old_state)?,
+        new: state(raw.new_state)?,
+        in_state_ns: (raw.flags & FLAG_IN_STATE_UNKNOWN == 0).then_some(raw.in_state_ns),
+    })
+}
+
+fn ipv4(bytes: &[u8; 16]) -> Ipv4Addr {
+    Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])
+}
+
+/// The kernel's `comm` is NUL padded and not guaranteed UTF-8.
+#[must_use]
+pub fn comm_to_string(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn raw_event() -> TransitionEvent {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        let mut saddr = [0u8; 16];
+        saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let mut daddr = [0u8; 16];
+        daddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        TransitionEvent {
+            saddr,
+            daddr,
+            ts_ns: 5_000_000_000,
+            in_state_ns: 1_500,
+            sock_id: 0xffff_8880_1234_5678,
+            pid: 4242,
+            flags: 0,
+            sport: 40_000,
+            dport: 6379,
+            family: AF_INET,
+            old_state: tcp_state::ESTABLISHED,
+            new_state: tcp_state::FIN_WAIT1,
+            comm,
+        }
+    }
+
+    pub(crate) fn bytes_of(event: &TransitionEvent) -> Vec<u8> {
+        // SAFETY: TransitionEvent is repr(C) without padding, so all its
+        // bytes are initialised.
+        unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(event).cast::<u8>(),
+                size_of::<TransitionEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_ipv4_transition_with_owner() {
+        let t = decode(&bytes_of(&raw_event())).unwrap();
+        assert_eq!(t.src, "127.0.0.1:40000".parse().unwrap());
+        assert_eq!(t.dst, "127.0.0.2:6379".parse().unwrap());
+        assert_eq!((t.old, t.new), (TcpState::Established, TcpState::FinWait1));
+        assert_eq!(
+            t.owner,
+            Some(Owner {
+                pid: 4242,
+                comm: "curl".into()
+            })
+        );
+        assert_eq!(t.in_state_ns, Some(1_500));
+        assert_eq!(t.family(), "ipv4");
+    }
+
+    #[test]
+    fn decodes_ipv6_unknown_owner_and_unknown_duration() {
+        let mut raw = raw_event();
+        raw.family = AF_INET6;
+        raw.saddr = Ipv6Addr::LOCALHOST.octets();
+        raw.daddr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
+        raw.pid = 0;
+        raw.comm = [0; 16];
+        raw.flags = FLAG_IN_STATE_UNKNOWN;
+        let t = decode(&bytes_of(&raw)).unwrap();
+        assert_eq!(t.src, "[::1]:40000".parse().unwrap());
+        assert_eq!(t.dst, "[2001:db8::1]:6379".parse().unwrap());
+        assert_eq!(t.owner, None);
+        assert_eq!(t.in_state_ns, None);
+        assert_eq!(t.family(), "ipv6");
+    }
+
+    #[test]
+    fn rejects_short_long_and_malformed_records() {
+        let bytes = bytes_of(&raw_event());
+        assert_eq!(
+            decode(&bytes[..10]),
+            Err(DecodeError::WrongSize { got: 10, want: 88 })
+        );
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(matches!(decode(&long), Err(DecodeError::WrongSize { .. })));
+        let mut raw = raw_event();
+        raw.family = 99;
+        assert_eq!(decode(&bytes_of(&raw)), Err(DecodeError::UnknownFamily(99)));
+        let mut raw = raw_event();
+        raw.new_state = 0;
+        assert_eq!(decode(&bytes_of(&raw)), Err(DecodeError::UnknownState(0)));
+    }
+
+    #[test]
+    fn decodes_from_unaligned_buffer() {
+        let mut buf = vec![0u8; 1];
+        buf.extend(bytes_of(&raw_event()));
+        assert_eq!(decode(&buf[1..]).unwrap().sock_id, 0xffff_8880_1234_5678);
+    }
+
+    #[test]
+    fn comm_stops_at_nul_and_tolerates_bad_utf8() {
+        let mut comm = [0u8; 16];
+        comm[..3].copy_from_slice(&[b'a', 0xff, b'b']);
+        assert_eq!(comm_to_string(&comm), "a\u{fffd}b");
+        assert_eq!(comm_to_string(&[b'x'; 16]), "x".repeat(16));
+    }
+
+    #[test]
+    fn every_kernel_state_round_trips_its_name() {
+        for value in 1..=13 {
+            let state = TcpState::from_kernel(value).unwrap();
+            assert!(!state.name().starts_with("TCP_"));
+        }
+        assert_eq!(TcpState::from_kernel(14), None);
+        assert_eq!(TcpState::FinWait2.to_string(), "FIN_WAIT2");
+    }
+}

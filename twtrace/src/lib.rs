@@ -1,0 +1,14 @@
+//! twtrace: who closes TCP connections first, and how long sockets sit in
+//! each teardown state.
+//!
+//! The library holds everything but argument handling, so the CLI, the
+//! kernel tests and the benchmarks share one loader and one decoder.
+
+pub mod cli;
+pub mod commands;
+pub mod event;
+pub mod loader;
+pub mod output;
+pub mod sys;
+pub mod tracefs;
+pub mod units;

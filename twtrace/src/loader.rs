@@ -1,0 +1,350 @@
+//! Loading the embedded eBPF object, attaching it, and reading what it
+//! streams and what it lost.
+
+use std::{io, os::fd::AsFd};
+
+use anyhow::{Context, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{RawTracePoint, TracePoint},
+};
+use tokio::io::{Interest, unix::AsyncFd};
+use twtrace_common::{
+    AF_INET, AF_INET6, DEFAULT_MAX_SOCKETS, Filter, MAX_FILTER_ENTRIES, SetStateLayout, counter,
+    names,
+};
+
+use crate::{
+    event::{self, Transition},
+    sys, tracefs,
+};
+
+/// The kernel program, built by build.rs and embedded so the binary is
+/// self-contained.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace.bpf.o"));
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// What to trace; everything here is applied in the kernel.
+#[derive(Clone, Debug)]
+pub struct TracerOptions {
+    /// Only sockets owned by these processes (tgids); empty for all.
+    pub pids: Vec<u32>,
+    /// Only sockets with one of these as local or remote port; empty for all.
+    pub ports: Vec<u16>,
+    pub family: Option<Family>,
+    /// Stream every transition, not only those into teardown states.
+    pub all_states: bool,
+    /// Ring buffer size in bytes: a power of two, at least one page.
+    pub ring_bytes: u32,
+    /// Capacity of the per-socket record map.
+    pub max_sockets: u32,
+    /// Carry the kernel program's aya-log diagnostics to the `log` crate.
+    pub kernel_log: Option<log::LevelFilter>,
+}
+
+impl Default for TracerOptions {
+    fn default() -> Self {
+        Self {
+            pids: Vec::new(),
+            ports: Vec::new(),
+            family: None,
+            all_states: false,
+            ring_bytes: 256 * 1024,
+            max_sockets: DEFAULT_MAX_SOCKETS,
+            kernel_log: None,
+        }
+    }
+}
+
+/// Everything that was lost on the way, so none of it is silent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LossReport {
+    /// Transitions dropped in the kernel because the ring buffer was full.
+    pub ringbuf_full: u64,
+    /// Transitions whose tracepoint record could not be read.
+    pub read_failed: u64,
+    /// Socket records the kernel could not store (owner/time then unknown).
+    pub sock_update_failed: u64,
+    /// Program runs the kernel skipped to avoid nesting, over all programs.
+    pub recursion_misses: u64,
+    /// Records the userspace decoder rejected.
+    pub decode_errors: u64,
+}
+
+impl LossReport {
+    /// Transitions that never reached the output.
+    #[must_use]
+    pub fn events_lost(&self) -> u64 {
+        self.ringbuf_full + self.read_failed + self.recursion_misses + self.decode_errors
+    }
+}
+
+/// A loaded and attached twtrace. Dropping it detaches and unloads
+/// everything (the kernel frees programs and maps with their last fd).
+pub struct Tracer {
+    ebpf: Ebpf,
+    events: AsyncFd<RingBuf<MapData>>,
+    programs: Vec<&'static str>,
+    warnings: Vec<String>,
+    decode_errors: u64,
+    _logger_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Tracer {
+    /// Checks the environment, loads the program and attaches it. Must run
+    /// inside a tokio runtime (the ring buffer is polled through it).
+    pub fn start(options: &TracerOptions) -> anyhow::Result<Self> {
+        validate(options)?;
+        tokio::runtime::Handle::try_current()
+            .context("Tracer::start must be called inside a tokio runtime")?;
+        sys::check_privileges()?;
+        let tracefs = tracefs::root()?;
+        let layout = set_state_layout(&tracefs)?;
+        let filter = Filter {
+            family: match options.family {
+                None => 0,
+                Some(Family::V4) => AF_INET,
+                Some(Family::V6) => AF_INET6,
+            },
+            pids_enabled: u8::from(!options.pids.is_empty()),
+            ports_enabled: u8::from(!options.ports.is_empty()),
+            all_states: u8::from(options.all_states),
+            pad: [0; 3],
+        };
+        let log_level: u8 = match options.kernel_log {
+            None | Some(log::LevelFilter::Off) => 0,
+            Some(level) => level as u8,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::GLOBAL_FILTER, &filter, true)
+            .override_global(names::GLOBAL_SET_STATE_LAYOUT, &layout, true)
+            .override_global(aya_log::LEVEL, &log_level, false)
+            .map_max_entries(names::EVENTS, options.ring_bytes)
+            .map_max_entries(names::SOCKS, options.max_sockets)
+            .load(EBPF_OBJECT)
+            .context("loading twtrace's eBPF programs into the kernel (see `dmesg` and run with -v for the verifier log)")?;
+
+        fill_filter_map::<u32>(&mut ebpf, names::FILTER_PIDS, &options.pids)?;
+        fill_filter_map::<u16>(&mut ebpf, names::FILTER_PORTS, &options.ports)?;
+
+        let logger_task = match options.kernel_log {
+            Some(level) if level != log::LevelFilter::Off => Some(spawn_kernel_logger(&mut ebpf)?),
+            _ => None,
+        };
+
+        let mut warnings = Vec::new();
+        let mut programs = Vec::new();
+        let set_state: &mut TracePoint = ebpf
+            .program_mut(names::PROG_SET_STATE)
+            .context("the eBPF object lacks inet_sock_set_state")?
+            .try_into()?;
+        set_state
+            .load()
+            .context("the kernel refused the inet_sock_set_state program")?;
+        set_state
+            .attach("sock", "inet_sock_set_state")
+            .context("attaching to the sock:inet_sock_set_state tracepoint")?;
+        programs.push(names::PROG_SET_STATE);
+
+        // Owners of accepted sockets are learnt at their first send or
+        // receive; without these hooks they are learnt only at close().
+        for name in [names::PROG_SENDMSG, names::PROG_RCV_SPACE] {
+            match attach_raw(&mut ebpf, name) {
+                Ok(()) => programs.push(name),
+                Err(error) => {
+                    let message = format!(
+                        "tracepoint tcp:{name} unavailable ({error:#}): owners of accepted sockets are learnt later, at close()"
+                    );
+                    warnings.push(message);
+                }
+            }
+        }
+
+        let ring = RingBuf::try_from(
+            ebpf.take_map(names::EVENTS)
+                .context("the eBPF object lacks its EVENTS map")?,
+        )?;
+        // SAFETY: the RingBuf owns its map fd, which stays open and unchanged
+        // until the AsyncFd (which owns the RingBuf) is dropped.
+        let events = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(io::Error::from)
+            .context("registering the ring buffer with tokio")?;
+        Ok(Self {
+            ebpf,
+            events,
+            programs,
+            warnings,
+            decode_errors: 0,
+            _logger_task: logger_task,
+        })
+    }
+
+    /// Features that could not be attached on this kernel, one line each.
+    #[must_use]
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Waits until the kernel has streamed something, then appends every
+    /// transition available to `out`.
+    pub async fn next_batch(&mut self, out: &mut Vec<Transition>) -> anyhow::Result<()> {
+        let mut guard = self
+            .events
+            .readable_mut()
+            .await
+            .context("waiting on the ring buffer")?;
+        let ring = guard.get_inner_mut();
+        self.decode_errors += drain_ring(ring, out);
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Appends what is in the ring buffer now, without waiting.
+    pub fn drain(&mut self, out: &mut Vec<Transition>) {
+        self.decode_errors += drain_ring(self.events.get_mut(), out);
+    }
+
+    /// Counts of what was lost, from the kernel's counters and the
+    /// programs' recursion misses.
+    pub fn loss(&self) -> anyhow::Result<LossReport> {
+        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(names::COUNTERS)
+                .context("the eBPF object lacks its COUNTERS map")?,
+        )?;
+        let sum = |index: u32| -> anyhow::Result<u64> {
+            Ok(counters.get(&index, 0)?.iter().copied().sum())
+        };
+        let mut recursion_misses = 0;
+        for name in &self.programs {
+            recursion_misses += self.program_stats(name)?.recursion_misses;
+        }
+        Ok(LossReport {
+            ringbuf_full: sum(counter::RINGBUF_FULL)?,
+            read_failed: sum(counter::READ_FAILED)?,
+            sock_update_failed: sum(counter::SOCK_UPDATE_FAILED)?,
+            recursion_misses,
+            decode_errors: self.decode_errors,
+        })
+    }
+
+    /// The kernel's run-time statistics of one attached program.
+    pub fn program_stats(&self, name: &str) -> anyhow::Result<sys::ProgStats> {
+        let program = self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("no program {name}"))?;
+        sys::prog_stats(&program.fd()?.as_fd())
+    }
+
+    /// Names of the attached programs.
+    #[must_use]
+    pub fn programs(&self) -> &[&'static str] {
+        &self.programs
+    }
+}
+
+fn validate(options: &TracerOptions) -> anyhow::Result<()> {
+    if !options.ring_bytes.is_power_of_two() || options.ring_bytes < 4096 {
+        bail!(
+            "ring buffer size must be a power of two of at least 4 KiB, got {} bytes",
+            options.ring_bytes
+        );
+    }
+    if options.max_sockets == 0 {
+        bail!("the socket map needs at least one entry");
+    }
+    for (what, count) in [
+        ("--pid", options.pids.len()),
+        ("--port", options.ports.len()),
+    ] {
+        if count > MAX_FILTER_ENTRIES as usize {
+            bail!("at most {MAX_FILTER_ENTRIES} {what} values, got {count}");
+        }
+    }
+    Ok(())
+}
+
+fn set_state_layout(tracefs: &std::path::Path) -> anyhow::Result<SetStateLayout> {
+    const EVENT: &str = "sock:inet_sock_set_state";
+    let format = tracefs::read_format(tracefs, "sock", "inet_sock_set_state")?;
+    let at = |name: &str, size: u16| format.offset(EVENT, name, size);
+    Ok(SetStateLayout {
+        skaddr: at("skaddr", 8)?,
+        oldstate: at("oldstate", 4)?,
+        newstate: at("newstate", 4)?,
+        sport: at("sport", 2)?,
+        dport: at("dport", 2)?,
+        family: at("family", 2)?,
+        protocol: at("protocol", 2)?,
+        saddr: at("saddr", 4)?,
+        daddr: at("daddr", 4)?,
+        saddr_v6: at("saddr_v6", 16)?,
+        daddr_v6: at("daddr_v6", 16)?,
+        pad: 0,
+    })
+}
+
+fn fill_filter_map<K: aya::Pod>(ebpf: &mut Ebpf, name: &str, keys: &[K]) -> anyhow::Result<()> {
+    let mut map: HashMap<&mut MapData, K, u8> = HashMap::try_from(
+        ebpf.map_mut(name)
+            .with_context(|| format!("the eBPF object lacks its {name} map"))?,
+    )?;
+    for key in keys {
+        map.insert(key, 1, 0)
+            .with_context(|| format!("filling {name}"))?;
+    }
+    Ok(())
+}
+
+fn attach_raw(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .with_context(|| format!("the eBPF object lacks {name}"))?
+        .try_into()?;
+    program.load()?;
+    program.attach(name)?;
+    Ok(())
+}
+
+fn spawn_kernel_logger(ebpf: &mut Ebpf) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let logger =
+        aya_log::EbpfLogger::init(ebpf).context("setting up the kernel program's log channel")?;
+    // SAFETY: the logger owns its ring buffer fd, open and unchanged for as
+    // long as the AsyncFd that owns the logger.
+    let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .map_err(io::Error::from)
+        .context("registering the kernel log channel with tokio")?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
+}
+
+/// Drains the ring buffer into `out`; returns how many records were
+/// rejected by the decoder.
+fn drain_ring(ring: &mut RingBuf<MapData>, out: &mut Vec<Transition>) -> u64 {
+    let mut rejected = 0;
+    while let Some(item) = ring.next() {
+        match event::decode(&item) {
+            Ok(transition) => out.push(transition),
+            Err(error) => {
+                rejected += 1;
+                log::debug!("rejected a ring-buffer record: {error}");
+            }
+        }
+    }
+    rejected
+}

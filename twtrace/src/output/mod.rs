@@ -1,0 +1,3 @@
+//! Everything twtrace prints.
+
+pub mod stream;

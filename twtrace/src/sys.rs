@@ -1,0 +1,183 @@
+//! Small system facts twtrace needs: privileges, clocks, BPF program stats.
+
+use std::{fs, os::fd::AsRawFd};
+
+use anyhow::{Context, bail};
+
+const CAP_DAC_READ_SEARCH: u32 = 2;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// The effective capability set of this process, from /proc/self/status.
+pub fn effective_capabilities() -> anyhow::Result<u64> {
+    let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    parse_cap_eff(&status).context("no CapEff line in /proc/self/status")
+}
+
+fn parse_cap_eff(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+}
+
+/// The capabilities twtrace lacks to load and attach its programs, by name.
+#[must_use]
+pub fn missing_capabilities(cap_eff: u64, euid: u32) -> Vec<&'static str> {
+    let has = |cap: u32| cap_eff & (1u64 << cap) != 0;
+    let mut missing = Vec::new();
+    // CAP_SYS_ADMIN implies both on kernels before 5.8 and still does.
+    if !has(CAP_SYS_ADMIN) {
+        if !has(CAP_BPF) {
+            missing.push("CAP_BPF");
+        }
+        if !has(CAP_PERFMON) {
+            missing.push("CAP_PERFMON");
+        }
+    }
+    // tracefs is mode 0700, owned by root: anyone else needs to search it.
+    if euid != 0 && !has(CAP_DAC_READ_SEARCH) {
+        missing.push("CAP_DAC_READ_SEARCH");
+    }
+    missing
+}
+
+/// Fails with one line naming what is missing, before any BPF call could
+/// fail with a bare EPERM.
+pub fn check_privileges() -> anyhow::Result<()> {
+    let cap_eff = effective_capabilities()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let missing = missing_capabilities(cap_eff, euid);
+    if !missing.is_empty() {
+        bail!(
+            "twtrace needs {} to load its eBPF programs; run it as root (e.g. `sudo twtrace …`)",
+            missing.join(" and ")
+        );
+    }
+    Ok(())
+}
+
+/// Offset between `CLOCK_REALTIME` and `CLOCK_MONOTONIC`, to turn the kernel's
+/// `bpf_ktime_get_ns()` stamps into wall-clock time.
+#[must_use]
+pub fn realtime_minus_monotonic_ns() -> i128 {
+    clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// `CLOCK_MONOTONIC` now, in the kernel's `bpf_ktime_get_ns()` units.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; these clocks always exist.
+    unsafe { libc::clock_gettime(clock, &raw mut ts) };
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+/// Run-time statistics the kernel keeps for one loaded program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgStats {
+    /// Only counted while `kernel.bpf_stats_enabled` is 1.
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+    /// Times the kernel skipped the program because it would have nested
+    /// on one CPU: events that were never seen, invisible to the program.
+    pub recursion_misses: u64,
+}
+
+// Offsets in the kernel's `struct bpf_prog_info` (stable uAPI: fields are
+// only ever appended).
+const INFO_RUN_TIME_NS: usize = 192;
+const INFO_RUN_CNT: usize = 200;
+const INFO_RECURSION_MISSES: usize = 208;
+const INFO_LEN: usize = 232;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+#[repr(C)]
+struct InfoByFdAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// Reads `bpf_prog_info` for a program fd. aya 0.14 does not expose
+/// `recursion_misses`, so this asks the kernel directly.
+pub fn prog_stats(fd: &impl AsRawFd) -> anyhow::Result<ProgStats> {
+    let mut info = [0u64; INFO_LEN / 8];
+    let mut attr = InfoByFdAttr {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).context("negative fd")?,
+        info_len: u32::try_from(INFO_LEN)?,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `attr` is a valid BPF_OBJ_GET_INFO_BY_FD attribute whose `info`
+    // points at INFO_LEN writable bytes that outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            size_of::<InfoByFdAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_OBJ_GET_INFO_BY_FD");
+    }
+    let field = |offset: usize| info[offset / 8];
+    Ok(ProgStats {
+        run_time_ns: field(INFO_RUN_TIME_NS),
+        run_cnt: field(INFO_RUN_CNT),
+        recursion_misses: field(INFO_RECURSION_MISSES),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_eff_is_parsed_as_hex() {
+        let status = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(parse_cap_eff(status), Some(0x01ff_ffff_ffff));
+        assert_eq!(parse_cap_eff("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn root_with_full_caps_lacks_nothing() {
+        assert!(missing_capabilities(u64::MAX, 0).is_empty());
+    }
+
+    #[test]
+    fn no_caps_names_bpf_perfmon_and_tracefs_access() {
+        assert_eq!(
+            missing_capabilities(0, 1000),
+            ["CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH"]
+        );
+        // Root owns tracefs, so it needs no DAC capability to read it.
+        assert_eq!(missing_capabilities(0, 0), ["CAP_BPF", "CAP_PERFMON"]);
+    }
+
+    #[test]
+    fn sys_admin_stands_in_for_bpf_and_perfmon() {
+        let caps = 1 << CAP_SYS_ADMIN | 1 << CAP_DAC_READ_SEARCH;
+        assert!(missing_capabilities(caps, 1000).is_empty());
+        let only_bpf = 1 << CAP_BPF;
+        assert_eq!(missing_capabilities(only_bpf, 0), ["CAP_PERFMON"]);
+    }
+
+    #[test]
+    fn clocks_are_consistent() {
+        let a = monotonic_ns();
+        let b = monotonic_ns();
+        assert!(b >= a && a > 0);
+        // Realtime is years past the monotonic clock's boot-time origin.
+        assert!(realtime_minus_monotonic_ns() > 1_000_000_000 * 3600 * 24 * 365);
+    }
+}

@@ -1,0 +1,197 @@
+//! The two ends of a test connection, each in its own process, so that
+//! ownership can be asserted per process. The test binary re-executes
+//! itself with `TWTRACE_TEST_PEER` set to play one of these roles.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::{Child, ChildStdin, Command, ExitCode, Stdio},
+    thread,
+    time::Duration,
+};
+
+const ENV: &str = "TWTRACE_TEST_PEER";
+
+/// How a side ends the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// `close()` right after the exchange: this side closes first.
+    CloseFirst,
+    /// `shutdown(SHUT_WR)` first, read until the peer's FIN, then `close()`.
+    ShutdownFirst,
+    /// Wait for the peer's FIN, then sleep, then `close()`.
+    CloseAfterPeer { wait_ms: u64 },
+}
+
+impl Ending {
+    fn encode(self) -> String {
+        match self {
+            Self::CloseFirst => "close".into(),
+            Self::ShutdownFirst => "shutdown".into(),
+            Self::CloseAfterPeer { wait_ms } => format!("after:{wait_ms}"),
+        }
+    }
+
+    fn decode(text: &str) -> Self {
+        match text {
+            "close" => Self::CloseFirst,
+            "shutdown" => Self::ShutdownFirst,
+            other => Self::CloseAfterPeer {
+                wait_ms: other
+                    .strip_prefix("after:")
+                    .and_then(|ms| ms.parse().ok())
+                    .unwrap_or_else(|| panic!("bad peer ending {other}")),
+            },
+        }
+    }
+}
+
+/// A running peer process.
+pub struct Peer {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    pub pid: u32,
+    /// For a server: the address it listens on.
+    pub addr: Option<SocketAddr>,
+}
+
+impl Peer {
+    /// Starts a server listening on `bind` (port 0 picks one); it accepts one
+    /// connection, answers one request, then ends as `ending` says.
+    pub fn server(bind: &str, ending: Ending) -> Self {
+        let mut peer = spawn(&format!("server {bind} {}", ending.encode()));
+        let stdout = peer.child.stdout.take().expect("peer stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("reading the server's address");
+        peer.addr = Some(
+            line.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("server printed {line:?}")),
+        );
+        peer
+    }
+
+    /// Starts a client that connects to `server` when `go` is called, sends
+    /// one request, reads the answer, then ends as `ending` says.
+    pub fn client(server: SocketAddr, ending: Ending) -> Self {
+        spawn(&format!("client {server} {}", ending.encode()))
+    }
+
+    /// Lets a client connect (it waits so the tracer can attach first).
+    pub fn go(&mut self) {
+        let mut stdin = self.stdin.take().expect("client already started");
+        stdin.write_all(b"go\n").expect("starting the client");
+    }
+
+    /// Waits for the peer to finish, asserting it succeeded.
+    pub fn finish(mut self) {
+        drop(self.stdin.take());
+        let status = self.child.wait().expect("waiting for peer");
+        assert!(status.success(), "peer {} failed: {status}", self.pid);
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // A failed assertion must not leave processes or sockets behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(role: &str) -> Peer {
+    let child = Command::new(std::env::current_exe().expect("test binary path"))
+        .env(ENV, role)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawning a peer process");
+    let mut child = child;
+    let pid = child.id();
+    let stdin = child.stdin.take();
+    Peer {
+        child,
+        stdin,
+        pid,
+        addr: None,
+    }
+}
+
+/// If this process was started as a peer, plays that role and exits.
+pub fn run_if_peer() -> Option<ExitCode> {
+    let role = std::env::var(ENV).ok()?;
+    let parts: Vec<&str> = role.split(' ').collect();
+    let [kind, addr, ending] = parts[..] else {
+        panic!("bad peer role {role}");
+    };
+    let ending = Ending::decode(ending);
+    match kind {
+        "server" => serve(addr, ending),
+        "client" => connect(addr.parse().expect("server address"), ending),
+        other => panic!("unknown peer kind {other}"),
+    }
+    Some(ExitCode::SUCCESS)
+}
+
+fn serve(bind: &str, ending: Ending) {
+    let listener = TcpListener::bind(bind).expect("bind");
+    println!("{}", listener.local_addr().expect("local addr"));
+    std::io::stdout().flush().expect("flush");
+    let (mut stream, _) = listener.accept().expect("accept");
+    let mut request = [0u8; 5];
+    stream.read_exact(&mut request).expect("read request");
+    stream.write_all(b"world").expect("write answer");
+    end(stream, ending);
+}
+
+fn connect(server: SocketAddr, ending: Ending) {
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).expect("waiting for go");
+    let mut stream = TcpStream::connect(server).expect("connect");
+    stream.write_all(b"hello").expect("write request");
+    let mut answer = [0u8; 5];
+    stream.read_exact(&mut answer).expect("read answer");
+    end(stream, ending);
+}
+
+fn quickack(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a pointer to a c_int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&raw const on).cast(),
+            libc::socklen_t::try_from(size_of::<libc::c_int>()).expect("socklen"),
+        )
+    };
+    assert_eq!(rc, 0, "TCP_QUICKACK: {}", std::io::Error::last_os_error());
+}
+
+fn end(mut stream: TcpStream, ending: Ending) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let mut rest = Vec::new();
+    match ending {
+        Ending::CloseFirst => {}
+        Ending::ShutdownFirst => {
+            stream.shutdown(Shutdown::Write).expect("shutdown");
+            stream.read_to_end(&mut rest).expect("read to EOF");
+        }
+        Ending::CloseAfterPeer { wait_ms } => {
+            stream.read_to_end(&mut rest).expect("read to EOF");
+            // The kernel delays the ACK of a FIN (tcp_fin enters pingpong
+            // mode, hoping to piggyback it on our own FIN) by up to 40 ms.
+            // ACK now, so the peer's FIN_WAIT2 is the whole wait below.
+            quickack(&stream);
+            thread::sleep(Duration::from_millis(wait_ms));
+        }
+    }
+    drop(stream);
+}

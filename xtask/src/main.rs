@@ -1,0 +1,207 @@
+//! `cargo xtask <task>`: everything twtrace needs beyond `cargo build`,
+//! starting from a fresh machine.
+
+mod setup;
+
+use std::{
+    env,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building twtrace needs: the pinned nightly with rust-src,
+    /// and bpf-linker built against that nightly's LLVM. A no-op when done.
+    Setup,
+    /// Set up, then build the release binary (eBPF object embedded).
+    Build,
+    /// Set up, build, then run twtrace with the given arguments.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run every check and test: formatting, clippy (host and
+    /// eBPF), unit tests and the kernel tests (these need root).
+    Test,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run().map(|_| ()),
+        Task::Build => setup::run().and_then(|_| build()),
+        Task::Run { args } => setup::run().and_then(|_| build()).and_then(|()| run(&args)),
+        Task::Test => setup::run().and_then(|tools| test(&tools)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+/// The cargo that runs us, so nested builds use the same toolchain.
+fn cargo() -> Command {
+    let mut command = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+fn check(command: &mut Command, what: &str) -> anyhow::Result<()> {
+    eprintln!("xtask: {what}");
+    let status = command
+        .status()
+        .with_context(|| format!("starting: {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn build() -> anyhow::Result<()> {
+    check(
+        cargo().args(["build", "--release", "--locked"]),
+        "cargo build --release",
+    )
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    let binary = workspace_root().join("target/release/twtrace");
+    let status = Command::new(&binary)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", binary.display()))?;
+    if !status.success() {
+        bail!("twtrace exited with {status}");
+    }
+    Ok(())
+}
+
+fn test(tools: &setup::Tools) -> anyhow::Result<()> {
+    check(
+        cargo().args(["fmt", "--all", "--check"]),
+        "cargo fmt --check",
+    )?;
+    check(
+        cargo().args([
+            "clippy",
+            "--release",
+            "--locked",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+        "cargo clippy (userspace)",
+    )?;
+    check(
+        &mut tools.ebpf_cargo(&["clippy", "--", "-D", "warnings"]),
+        "cargo clippy (eBPF program)",
+    )?;
+    // Release: loading from a debug build takes ~3x longer, and the kernel
+    // tests load the program once per test.
+    let totals = run_tests(cargo().args(["test", "--release", "--locked"]))?;
+    // One closing line for the whole suite: cargo's own last line belongs
+    // to whichever test binary happened to run last.
+    println!(
+        "{} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if totals.failed > 0 {
+        bail!("{} tests failed", totals.failed);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    /// Adds one libtest `test result:` line.
+    fn add_result_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split([';', '.']) {
+            let mut words = part.split_whitespace();
+            let (Some(count), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match what {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
+}
+
+fn run_tests(command: &mut Command) -> anyhow::Result<Totals> {
+    eprintln!("xtask: cargo test --release (unit and kernel tests)");
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let mut totals = Totals::default();
+    for line in BufReader::new(child.stdout.take().context("cargo test stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        totals.add_result_line(&line);
+    }
+    let status = child.wait()?;
+    if !status.success() && totals.failed == 0 {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(totals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_sum_libtest_result_lines() {
+        let mut totals = Totals::default();
+        totals.add_result_line("test result: ok. 25 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s");
+        totals.add_result_line("test result: FAILED. 7 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; finished in 4.18s");
+        totals.add_result_line("running 8 tests");
+        assert_eq!(
+            totals,
+            Totals {
+                passed: 32,
+                failed: 1,
+                ignored: 2
+            }
+        );
+    }
+}
