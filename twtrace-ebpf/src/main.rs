@@ -102,6 +102,17 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: a plain helper call with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
 
+    // close() after shutdown() re-enters the same state (FIN_WAIT1 or
+    // LAST_ACK, via tcp_close_state). Not a transition: the time in state
+    // runs on; but it is a close() by the owner.
+    if old_state == new_state {
+        if let Some(existing) = SOCKS.get_ptr_mut(sock_id) {
+            // SAFETY: see below; a pointer from a successful lookup.
+            set_owner_to_current(unsafe { &mut *existing });
+        }
+        return Ok(());
+    }
+
     // A socket leaving CLOSE (connect, listen) or LISTEN (a child cloned
     // from its listener) is new: whatever a recycled address left behind
     // must not leak into it.
@@ -223,6 +234,7 @@ fn learn_owner<C: EbpfContext>(ctx: &C, sock_id: u64) {
         // The common case on a busy socket: nothing to learn, stay cheap.
         if existing.pid != pid {
             set_owner_to_current(existing);
+            debug!(ctx, "owner {} learnt at send/receive", pid);
         }
         return;
     }

@@ -87,7 +87,7 @@ pub struct TraceArgs {
     pub output: Format,
 
     /// Stop after this long (e.g. 500ms, 5s, 2m, 1h).
-    #[arg(short, long, value_parser = parse_duration)]
+    #[arg(short, long, value_parser = parse_duration, allow_hyphen_values = true)]
     pub duration: Option<Duration>,
 
     /// Every state change, not only those into teardown states.
@@ -99,6 +99,9 @@ pub struct TraceArgs {
 /// bare numbers (is `5` seconds or milliseconds?).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
+    if text.starts_with('-') {
+        return Err(format!("`{text}` must be a positive duration"));
+    }
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .ok_or_else(|| format!("`{text}` needs a unit: ms, s, m or h (e.g. 5s)"))?;

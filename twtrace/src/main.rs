@@ -11,8 +11,16 @@ fn main() -> ExitCode {
         _ => log::LevelFilter::Debug,
     };
     // Logs go to stderr so they never mix with the stream on stdout.
+    // The kernel program logs under the `twtrace` target too; aya's own
+    // loader chatter stays at warnings unless asked for with -vvv.
+    let libraries = if cli.verbose > 2 {
+        level
+    } else {
+        log::LevelFilter::Warn
+    };
     env_logger::Builder::new()
-        .filter_level(level)
+        .filter_level(libraries)
+        .filter_module("twtrace", level)
         .format_timestamp(None)
         .target(env_logger::Target::Stderr)
         .init();

@@ -52,8 +52,8 @@ pub fn check_privileges() -> anyhow::Result<()> {
     let missing = missing_capabilities(cap_eff, euid);
     if !missing.is_empty() {
         bail!(
-            "twtrace needs {} to load its eBPF programs; run it as root (e.g. `sudo twtrace …`)",
-            missing.join(" and ")
+            "not allowed to load eBPF programs: missing {}; run twtrace as root (e.g. `sudo twtrace trace`)",
+            missing.join(", ")
         );
     }
     Ok(())

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
     if let Some(reason) = &skip {
         eprintln!("kernel tests skipped: {reason}");
     }
-    let tests: [(&str, fn()); 8] = [
+    let tests: [(&str, fn()); 11] = [
         (
             "active_closer_sees_fin_wait_then_close_ipv4",
             active_close_ipv4,
@@ -42,12 +42,21 @@ fn main() -> ExitCode {
             "fin_wait2_after_shutdown_lasts_until_peer_fin",
             fin_wait2_after_shutdown,
         ),
+        (
+            "close_after_shutdown_is_not_a_transition",
+            close_after_shutdown,
+        ),
         ("pid_filter_keeps_only_the_client_socket", pid_filter_client),
         (
             "pid_filter_keeps_only_the_accepted_socket",
             pid_filter_server,
         ),
         ("cli_trace_json_streams_and_summarises", cli_trace_json),
+        (
+            "unprivileged_user_is_told_what_is_missing",
+            unprivileged_user,
+        ),
+        ("tracefs_is_mounted_when_missing", tracefs_missing),
     ];
     let trials = tests
         .into_iter()
@@ -207,6 +216,25 @@ fn fin_wait2_after_shutdown() {
     server.finish();
 }
 
+/// shutdown() then close() makes the kernel set FIN_WAIT1 twice; twtrace
+/// reports one FIN_WAIT1 whose time runs from the shutdown.
+fn close_after_shutdown() {
+    let mut ex = Exchange::new(
+        "127.0.0.1:0",
+        Ending::ShutdownThenClose,
+        // The server's ACK of the FIN is then delayed (~40 ms), so the
+        // client's close() lands while it is still in FIN_WAIT1.
+        Ending::SleepThenClose { wait_ms: 100 },
+    );
+    let seen = trace_while(&ex.options(), || ex.client.go(), support::two_closed);
+    let client = client_local(&seen, ex.server_addr);
+    assert_eq!(steps(&of_socket(&seen, client)), ACTIVE_CLOSE);
+    assert_eq!(steps(&of_socket(&seen, ex.server_addr)), PASSIVE_CLOSE);
+    let Exchange { client, server, .. } = ex;
+    client.finish();
+    server.finish();
+}
+
 fn pid_filter(keep_client: bool) {
     let mut ex = Exchange::new(
         "127.0.0.1:0",
@@ -321,4 +349,47 @@ fn cli_trace_json() {
     let Exchange { client, server, .. } = ex;
     client.finish();
     server.finish();
+}
+
+/// As `nobody`, with no capabilities: one line naming them, exit 1.
+fn unprivileged_user() {
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .args([env!("CARGO_BIN_EXE_twtrace"), "trace", "--duration", "1s"])
+        .output()
+        .expect("running setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("CAP_BPF, CAP_PERFMON"), "{err}");
+    assert!(err.contains("run twtrace as root"), "{err}");
+}
+
+/// In a private mount namespace without tracefs, twtrace mounts it itself
+/// and traces normally; the host's mounts are untouched.
+fn tracefs_missing() {
+    let script = format!(
+        "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; \
+         umount /sys/kernel/debug 2>/dev/null; \
+         test ! -e /sys/kernel/tracing/events || exit 90; \
+         {} trace --duration 1s",
+        env!("CARGO_BIN_EXE_twtrace")
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("running unshare (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(90), "could not hide tracefs: {err}");
+    assert!(out.status.success(), "{err}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().last().is_some_and(|l| l.starts_with("# ")),
+        "{stdout}"
+    );
 }

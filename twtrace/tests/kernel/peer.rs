@@ -19,8 +19,13 @@ pub enum Ending {
     CloseFirst,
     /// `shutdown(SHUT_WR)` first, read until the peer's FIN, then `close()`.
     ShutdownFirst,
+    /// `shutdown(SHUT_WR)`, then `close()` at once, before the peer's ACK.
+    ShutdownThenClose,
     /// Wait for the peer's FIN, then sleep, then `close()`.
     CloseAfterPeer { wait_ms: u64 },
+    /// Sleep without reading (the peer's FIN then waits for a delayed
+    /// ACK), then read to EOF and `close()`.
+    SleepThenClose { wait_ms: u64 },
 }
 
 impl Ending {
@@ -28,7 +33,9 @@ impl Ending {
         match self {
             Self::CloseFirst => "close".into(),
             Self::ShutdownFirst => "shutdown".into(),
+            Self::ShutdownThenClose => "shutdown-close".into(),
             Self::CloseAfterPeer { wait_ms } => format!("after:{wait_ms}"),
+            Self::SleepThenClose { wait_ms } => format!("sleep:{wait_ms}"),
         }
     }
 
@@ -36,12 +43,18 @@ impl Ending {
         match text {
             "close" => Self::CloseFirst,
             "shutdown" => Self::ShutdownFirst,
-            other => Self::CloseAfterPeer {
-                wait_ms: other
-                    .strip_prefix("after:")
-                    .and_then(|ms| ms.parse().ok())
-                    .unwrap_or_else(|| panic!("bad peer ending {other}")),
-            },
+            "shutdown-close" => Self::ShutdownThenClose,
+            other => {
+                let (kind, ms) = other
+                    .split_once(':')
+                    .unwrap_or_else(|| panic!("bad peer ending {other}"));
+                let wait_ms = ms.parse().expect("milliseconds");
+                match kind {
+                    "after" => Self::CloseAfterPeer { wait_ms },
+                    "sleep" => Self::SleepThenClose { wait_ms },
+                    _ => panic!("bad peer ending {other}"),
+                }
+            }
         }
     }
 }
@@ -182,6 +195,13 @@ fn end(mut stream: TcpStream, ending: Ending) {
         Ending::CloseFirst => {}
         Ending::ShutdownFirst => {
             stream.shutdown(Shutdown::Write).expect("shutdown");
+            stream.read_to_end(&mut rest).expect("read to EOF");
+        }
+        Ending::ShutdownThenClose => {
+            stream.shutdown(Shutdown::Write).expect("shutdown");
+        }
+        Ending::SleepThenClose { wait_ms } => {
+            thread::sleep(Duration::from_millis(wait_ms));
             stream.read_to_end(&mut rest).expect("read to EOF");
         }
         Ending::CloseAfterPeer { wait_ms } => {
