@@ -216,8 +216,8 @@ fn fin_wait2_after_shutdown() {
     server.finish();
 }
 
-/// shutdown() then close() makes the kernel set FIN_WAIT1 twice; twtrace
-/// reports one FIN_WAIT1 whose time runs from the shutdown.
+/// `shutdown()` then `close()` makes the kernel set `FIN_WAIT1` twice; twtrace
+/// reports one `FIN_WAIT1` whose time runs from the shutdown.
 fn close_after_shutdown() {
     let mut ex = Exchange::new(
         "127.0.0.1:0",
