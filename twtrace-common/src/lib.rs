@@ -44,6 +44,25 @@ pub const IPPROTO_TCP: u16 = 6;
 /// spent there is unknown and `in_state_ns` is 0.
 pub const FLAG_IN_STATE_UNKNOWN: u32 = 1 << 0;
 
+/// `TransitionEvent::kind`: what the kernel saw.
+pub mod kind {
+    /// A full socket changed state (`sock:inet_sock_set_state`).
+    pub const SOCK: u8 = 0;
+    /// A TIME_WAIT mini-socket took over from the full socket. `new_state`
+    /// is its substate: TIME_WAIT, or FIN_WAIT2 for an orphaned socket
+    /// still waiting for the peer's FIN (then nothing changed for the user).
+    pub const TW_BIRTH: u8 = 1;
+    /// The mini-socket's timer was re-armed (traced); `old_state` →
+    /// `new_state` is its substate before and after.
+    pub const TW_REARM: u8 = 2;
+    /// The mini-socket's timer was cancelled. Either it ended early, or a
+    /// `TW_REARM`/`TW_EXPIRE` for the same `tw_id` follows at once (the
+    /// kernel cancels before re-arming and before running a timer).
+    pub const TW_CANCEL: u8 = 3;
+    /// The mini-socket's timer ran out: it ended normally.
+    pub const TW_EXPIRE: u8 = 4;
+}
+
 /// One state change of one TCP socket, as streamed through the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,12 +71,24 @@ pub struct TransitionEvent {
     pub saddr: [u8; 16],
     /// Remote address, same encoding as `saddr`.
     pub daddr: [u8; 16],
-    /// `bpf_ktime_get_ns()` (`CLOCK_MONOTONIC`) when the transition happened.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the transition happened.
     pub ts_ns: u64,
     /// Nanoseconds the socket spent in `old_state`, measured in the kernel.
     pub in_state_ns: u64,
-    /// The kernel's socket address: identifies one socket while it lives.
+    /// The kernel's full-socket address: identifies one socket while it
+    /// lives (kept by its TIME_WAIT mini-socket too).
     pub sock_id: u64,
+    /// The mini-socket's timer address (`TW_*` kinds), else 0.
+    pub tw_id: u64,
+    /// Kernel time and jiffies at the mini-socket's birth: together they
+    /// turn the timer's jiffies into nanoseconds.
+    pub tw_birth_ns: u64,
+    pub tw_birth_jiffies: u64,
+    /// The timer's expiry in jiffies, as of this event.
+    pub tw_expires: u64,
+    /// The timer wheel bucket's expiry in jiffies (births and re-arms on
+    /// kernels that report it, else 0): when the timer will really fire.
+    pub tw_bucket_expiry: u64,
     /// Owner process (tgid); 0 while no owner has been learnt.
     pub pid: u32,
     /// `FLAG_*` bits.
@@ -70,8 +101,102 @@ pub struct TransitionEvent {
     pub family: u16,
     pub old_state: u8,
     pub new_state: u8,
+    /// One of `kind::*`.
+    pub kind: u8,
+    /// `TW_CANCEL`/`TW_EXPIRE`: the mini-socket's substate read at its end.
+    pub end_substate: u8,
+    pub pad: [u8; 6],
     /// Owner's command name, NUL padded; all zero while the owner is unknown.
     pub comm: [u8; 16],
+}
+
+/// What the kernel program remembers about each live TIME_WAIT mini-socket,
+/// keyed by its timer's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TwRecord {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sock_id: u64,
+    /// When the current substate began (for FIN_WAIT2: when the full socket
+    /// entered it; 0 if unknown).
+    pub since_ns: u64,
+    pub birth_ns: u64,
+    pub birth_jiffies: u64,
+    pub pid: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub substate: u8,
+    /// Non-zero when the filters let this socket's events through.
+    pub emit: u8,
+    pub flags: u32,
+    pub comm: [u8; 16],
+}
+
+/// Per-CPU scratch that links consecutive tracepoint hits on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TwScratch {
+    /// A tw timer armed for the first time, awaiting the full socket's
+    /// hand-over (`X -> CLOSE`) that follows on the same CPU.
+    pub pending_timer: u64,
+    pub pending_ns: u64,
+    pub pending_jiffies: u64,
+    pub pending_expires: u64,
+    pub pending_bucket_expiry: u64,
+    /// The last tw timer cancelled on this CPU and not yet explained by a
+    /// re-arm or expiry.
+    pub cancel_timer: u64,
+    pub pending_substate: u8,
+    pub pad: [u8; 7],
+}
+
+/// Where the TIME_WAIT machinery sits in this kernel, found at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TwConfig {
+    /// Address of `tw_timer_handler` (from kallsyms); 0 disables TIME_WAIT.
+    pub handler: u64,
+    /// `timer:timer_start` record offsets.
+    pub start_timer: u16,
+    pub start_function: u16,
+    pub start_expires: u16,
+    pub start_now: u16,
+    /// 0 when the kernel's record has no `bucket_expiry`.
+    pub start_bucket_expiry: u16,
+    /// `timer:timer_expire_entry` record offsets.
+    pub expire_timer: u16,
+    pub expire_function: u16,
+    /// `timer:timer_cancel` record offset.
+    pub cancel_timer: u16,
+    /// From BTF: `struct timer_list` members, and where `tw_substate` sits
+    /// relative to the embedded `tw_timer`. `has_btf` 0: unknown.
+    pub timer_function_off: u16,
+    pub timer_expires_off: u16,
+    /// `offsetof(tw_substate) - offsetof(tw_timer)`; negative in practice.
+    pub substate_from_timer: i16,
+    pub has_btf: u8,
+    pub pad: [u8; 9],
+}
+
+impl TwConfig {
+    pub const DISABLED: Self = Self {
+        handler: 0,
+        start_timer: 0,
+        start_function: 0,
+        start_expires: 0,
+        start_now: 0,
+        start_bucket_expiry: 0,
+        expire_timer: 0,
+        expire_function: 0,
+        cancel_timer: 0,
+        timer_function_off: 0,
+        timer_expires_off: 0,
+        substate_from_timer: 0,
+        has_btf: 0,
+        pad: [0; 9],
+    };
 }
 
 /// What the kernel program remembers about each live socket.
@@ -157,7 +282,12 @@ pub mod counter {
     pub const READ_FAILED: u32 = 1;
     /// Socket records that could not be stored (map update failed).
     pub const SOCK_UPDATE_FAILED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// TIME_WAIT mini-sockets that expired without twtrace having their
+    /// record: born before twtrace started, or evicted from the LRU map.
+    pub const TW_UNTRACKED_END: u32 = 3;
+    /// Mini-socket records that could not be stored.
+    pub const TW_UPDATE_FAILED: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Map and program names both sides agree on.
@@ -169,6 +299,11 @@ pub mod names {
     pub const FILTER_PORTS: &str = "FILTER_PORTS";
     pub const GLOBAL_FILTER: &str = "FILTER";
     pub const GLOBAL_SET_STATE_LAYOUT: &str = "SET_STATE_LAYOUT";
+    pub const GLOBAL_TW_CONFIG: &str = "TW_CONFIG";
+    pub const TWS: &str = "TWS";
+    pub const PROG_TIMER_START: &str = "timer_start";
+    pub const PROG_TIMER_EXPIRE: &str = "timer_expire_entry";
+    pub const PROG_TIMER_CANCEL: &str = "timer_cancel";
     pub const PROG_SET_STATE: &str = "inet_sock_set_state";
     pub const PROG_SENDMSG: &str = "tcp_sendmsg_locked";
     pub const PROG_RCV_SPACE: &str = "tcp_rcv_space_adjust";
@@ -176,11 +311,19 @@ pub mod names {
 
 /// Default capacity of the per-socket record map (LRU; oldest evicted).
 pub const DEFAULT_MAX_SOCKETS: u32 = 131_072;
+/// Capacity of the TIME_WAIT map when the kernel's limit is unreadable.
+pub const DEFAULT_MAX_TW: u32 = 262_144;
+/// How soon after a tw timer's first arming the full socket's hand-over
+/// must follow on the same CPU (it is the next thing `tcp_time_wait` does).
+pub const HANDOVER_WINDOW_NS: u64 = 1_000_000;
 /// Capacity of the pid and port filter maps.
 pub const MAX_FILTER_ENTRIES: u32 = 64;
 
 // Layouts are part of the kernel/user contract: catch accidental padding.
-const _: () = assert!(core::mem::size_of::<TransitionEvent>() == 88);
+const _: () = assert!(core::mem::size_of::<TransitionEvent>() == 136);
+const _: () = assert!(core::mem::size_of::<TwRecord>() == 96);
+const _: () = assert!(core::mem::size_of::<TwScratch>() == 56);
+const _: () = assert!(core::mem::size_of::<TwConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 32);
 const _: () = assert!(core::mem::size_of::<SetStateLayout>() == 24);
 const _: () = assert!(core::mem::size_of::<Filter>() == 8);
@@ -196,4 +339,8 @@ mod pod {
     unsafe impl aya::Pod for super::SetStateLayout {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Filter {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TwRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TwConfig {}
 }

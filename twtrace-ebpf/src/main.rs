@@ -12,15 +12,18 @@
 
 use aya_ebpf::{
     EbpfContext, Global,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::{debug, warn};
 use twtrace_common::{
-    AF_INET, AF_INET6, DEFAULT_MAX_SOCKETS, FLAG_IN_STATE_UNKNOWN, Filter, IPPROTO_TCP,
-    MAX_FILTER_ENTRIES, SetStateLayout, SockRecord, TransitionEvent, counter, tcp_state,
+    AF_INET, AF_INET6, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TW, FLAG_IN_STATE_UNKNOWN, Filter,
+    HANDOVER_WINDOW_NS, IPPROTO_TCP, MAX_FILTER_ENTRIES, SetStateLayout, SockRecord,
+    TransitionEvent, TwConfig, TwRecord, TwScratch, counter, kind, tcp_state,
 };
 
 /// 256 KiB measured zero drops for a 20 000-connection burst; the loader
@@ -43,8 +46,19 @@ static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_FILTER_ENTR
 #[map]
 static FILTER_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
 
+/// Live TIME_WAIT mini-sockets, keyed by their timer's address. The loader
+/// sizes it from `net.ipv4.tcp_max_tw_buckets`.
+#[map]
+static TWS: LruHashMap<u64, TwRecord> = LruHashMap::with_max_entries(DEFAULT_MAX_TW, 0);
+
+#[map]
+static TW_SCRATCH: PerCpuArray<TwScratch> = PerCpuArray::with_max_entries(1, 0);
+
 #[unsafe(no_mangle)]
 static FILTER: Global<Filter> = Global::new(Filter::NONE);
+
+#[unsafe(no_mangle)]
+static TW_CONFIG: Global<TwConfig> = Global::new(TwConfig::DISABLED);
 
 #[unsafe(no_mangle)]
 static SET_STATE_LAYOUT: Global<SetStateLayout> = Global::new(SetStateLayout::DEFAULT);
@@ -84,6 +98,45 @@ fn in_owner_context(old: u8, new: u8) -> bool {
     )
 }
 
+/// The fields of one `inet_sock_set_state` record that twtrace uses.
+struct SetState {
+    sock_id: u64,
+    old_state: u8,
+    new_state: u8,
+    sport: u16,
+    dport: u16,
+    family: u16,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+fn read_set_state(
+    ctx: &TracePointContext,
+    layout: &SetStateLayout,
+    family: u16,
+) -> Result<SetState, i64> {
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    if family == AF_INET6 {
+        saddr = read(ctx, layout.saddr_v6)?;
+        daddr = read(ctx, layout.daddr_v6)?;
+    } else {
+        saddr[..4].copy_from_slice(&read::<[u8; 4]>(ctx, layout.saddr)?);
+        daddr[..4].copy_from_slice(&read::<[u8; 4]>(ctx, layout.daddr)?);
+    }
+    Ok(SetState {
+        sock_id: read(ctx, layout.skaddr)?,
+        // The kernel's states fit in a byte; the record stores them as i32.
+        old_state: read::<i32>(ctx, layout.oldstate)? as u8,
+        new_state: read::<i32>(ctx, layout.newstate)? as u8,
+        sport: read(ctx, layout.sport)?,
+        dport: read(ctx, layout.dport)?,
+        family,
+        saddr,
+        daddr,
+    })
+}
+
 fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     let layout = SET_STATE_LAYOUT.load();
     let protocol: u16 = read(ctx, layout.protocol)?;
@@ -92,13 +145,15 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let filter = FILTER.load();
     let family: u16 = read(ctx, layout.family)?;
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(());
+    }
     if filter.family != 0 && family != filter.family {
         return Ok(());
     }
-    let sock_id: u64 = read(ctx, layout.skaddr)?;
-    // The kernel's states fit in a byte; the record stores them as i32.
-    let old_state = read::<i32>(ctx, layout.oldstate)? as u8;
-    let new_state = read::<i32>(ctx, layout.newstate)? as u8;
+    let s = read_set_state(ctx, &layout, family)?;
+    let sock_id = s.sock_id;
+    let (old_state, new_state) = (s.old_state, s.new_state);
     // SAFETY: a plain helper call with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
 
@@ -107,7 +162,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     // runs on; but it is a close() by the owner.
     if old_state == new_state {
         if let Some(existing) = SOCKS.get_ptr_mut(sock_id) {
-            // SAFETY: see below; a pointer from a successful lookup.
+            // SAFETY: a pointer from a successful lookup; see below.
             set_owner_to_current(unsafe { &mut *existing });
         }
         return Ok(());
@@ -125,6 +180,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     };
     let mut in_state_ns = 0;
     let mut flags = FLAG_IN_STATE_UNKNOWN;
+    let owner_context = in_owner_context(old_state, new_state);
     match SOCKS.get_ptr_mut(sock_id) {
         Some(existing) if !born => {
             // SAFETY: the pointer comes from a successful lookup and the map
@@ -136,16 +192,16 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
                 flags = 0;
             }
             existing.since_ns = now;
-            if in_owner_context(old_state, new_state) {
+            if owner_context {
                 set_owner_to_current(existing);
             }
             record = *existing;
         }
         _ => {
-            record.since_ns = now;
-            if in_owner_context(old_state, new_state) {
+            if owner_context {
                 set_owner_to_current(&mut record);
             }
+            record.since_ns = now;
             if new_state != tcp_state::CLOSE && SOCKS.insert(sock_id, record, 0).is_err() {
                 bump(counter::SOCK_UPDATE_FAILED);
             }
@@ -155,65 +211,416 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         // The address will be reused for another socket: end the record here.
         let _ = SOCKS.remove(sock_id);
     }
+    let emit = passes_filters(&filter, record.pid, s.sport, s.dport);
+
+    if new_state == tcp_state::CLOSE
+        && (old_state == tcp_state::FIN_WAIT2 || old_state == tcp_state::CLOSING)
+        && take_over_by_mini_socket(ctx, &s, &record, in_state_ns, flags, now, emit)
+    {
+        // The full socket's CLOSE is only a hand-over: the connection lives
+        // on in the mini-socket, so it is no close.
+        return Ok(());
+    }
 
     if filter.all_states == 0 && !is_connection_teardown(old_state, new_state) {
         return Ok(());
     }
-    if filter.pids_enabled != 0 && FILTER_PIDS.get_ptr(record.pid).is_none() {
+    if !emit {
         return Ok(());
     }
-    let sport: u16 = read(ctx, layout.sport)?;
-    let dport: u16 = read(ctx, layout.dport)?;
+    let event = TransitionEvent {
+        saddr: s.saddr,
+        daddr: s.daddr,
+        ts_ns: now,
+        in_state_ns,
+        sock_id,
+        tw_id: 0,
+        tw_birth_ns: 0,
+        tw_birth_jiffies: 0,
+        tw_expires: 0,
+        tw_bucket_expiry: 0,
+        pid: record.pid,
+        flags,
+        sport: s.sport,
+        dport: s.dport,
+        family,
+        old_state,
+        new_state,
+        kind: kind::SOCK,
+        end_substate: 0,
+        pad: [0; 6],
+        comm: record.comm,
+    };
+    submit(ctx, &event);
+    Ok(())
+}
+
+fn passes_filters(filter: &Filter, pid: u32, sport: u16, dport: u16) -> bool {
+    if filter.pids_enabled != 0 && FILTER_PIDS.get_ptr(pid).is_none() {
+        return false;
+    }
     if filter.ports_enabled != 0
         && FILTER_PORTS.get_ptr(sport).is_none()
         && FILTER_PORTS.get_ptr(dport).is_none()
     {
-        return Ok(());
+        return false;
     }
+    true
+}
 
-    let Some(mut entry) = EVENTS.reserve::<TransitionEvent>(0) else {
-        bump(counter::RINGBUF_FULL);
-        warn!(ctx, "ring buffer full: transition dropped");
+fn submit<C: EbpfContext>(ctx: &C, event: &TransitionEvent) {
+    match EVENTS.reserve::<TransitionEvent>(0) {
+        Some(mut entry) => {
+            entry.write(*event);
+            entry.submit(0);
+        }
+        None => {
+            bump(counter::RINGBUF_FULL);
+            warn!(ctx, "ring buffer full: transition dropped");
+        }
+    }
+}
+
+/// If `tcp_time_wait()` just armed a mini-socket's timer on this CPU, the
+/// full socket's `X -> CLOSE` is its hand-over: record the mini-socket
+/// and report its birth. Returns whether that was the case.
+fn take_over_by_mini_socket(
+    ctx: &TracePointContext,
+    s: &SetState,
+    sock: &SockRecord,
+    in_state_ns: u64,
+    flags: u32,
+    now: u64,
+    emit: bool,
+) -> bool {
+    let Some(scratch) = TW_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a per-CPU slot; tracing programs do not nest on one CPU.
+    let scratch = unsafe { &mut *scratch };
+    let timer = scratch.pending_timer;
+    if timer == 0 || now.saturating_sub(scratch.pending_ns) > HANDOVER_WINDOW_NS {
+        return false;
+    }
+    scratch.pending_timer = 0;
+    let substate = scratch.pending_substate;
+    // An orphaned FIN_WAIT2 goes on in the mini-socket: its time in
+    // FIN_WAIT2 keeps counting from the full socket's FIN_WAIT2.
+    let since_ns = if substate == tcp_state::TIME_WAIT {
+        now
+    } else if flags & FLAG_IN_STATE_UNKNOWN == 0 {
+        now - in_state_ns
+    } else {
+        0
+    };
+    let record = TwRecord {
+        saddr: s.saddr,
+        daddr: s.daddr,
+        sock_id: s.sock_id,
+        since_ns,
+        birth_ns: scratch.pending_ns,
+        birth_jiffies: scratch.pending_jiffies,
+        pid: sock.pid,
+        sport: s.sport,
+        dport: s.dport,
+        family: s.family,
+        substate,
+        emit: u8::from(emit),
+        flags: if since_ns == 0 {
+            FLAG_IN_STATE_UNKNOWN
+        } else {
+            0
+        },
+        comm: sock.comm,
+    };
+    if TWS.insert(timer, record, 0).is_err() {
+        bump(counter::TW_UPDATE_FAILED);
+    }
+    if emit {
+        let event = TransitionEvent {
+            saddr: s.saddr,
+            daddr: s.daddr,
+            ts_ns: now,
+            in_state_ns,
+            sock_id: s.sock_id,
+            tw_id: timer,
+            tw_birth_ns: scratch.pending_ns,
+            tw_birth_jiffies: scratch.pending_jiffies,
+            tw_expires: scratch.pending_expires,
+            tw_bucket_expiry: scratch.pending_bucket_expiry,
+            pid: sock.pid,
+            flags,
+            sport: s.sport,
+            dport: s.dport,
+            family: s.family,
+            old_state: s.old_state,
+            new_state: substate,
+            kind: kind::TW_BIRTH,
+            end_substate: 0,
+            pad: [0; 6],
+            comm: sock.comm,
+        };
+        submit(ctx, &event);
+    }
+    true
+}
+
+/// `timer:timer_start` fires for every timer in the system; only those
+/// whose callback is `tw_timer_handler` belong to mini-sockets.
+#[tracepoint]
+pub fn timer_start(ctx: TracePointContext) -> u32 {
+    if try_timer_start(&ctx).is_err() {
+        bump(counter::READ_FAILED);
+    }
+    0
+}
+
+fn try_timer_start(ctx: &TracePointContext) -> Result<(), i64> {
+    let cfg = TW_CONFIG.load();
+    if cfg.handler == 0 || read::<u64>(ctx, cfg.start_function)? != cfg.handler {
+        return Ok(());
+    }
+    let timer: u64 = read(ctx, cfg.start_timer)?;
+    let expires: u64 = read(ctx, cfg.start_expires)?;
+    let jiffies: u64 = read(ctx, cfg.start_now)?;
+    let bucket_expiry: u64 = if cfg.start_bucket_expiry == 0 {
+        0
+    } else {
+        read(ctx, cfg.start_bucket_expiry)?
+    };
+    // SAFETY: a plain helper call with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let substate = read_substate(&cfg, timer);
+    let Some(scratch) = TW_SCRATCH.get_ptr_mut(0) else {
         return Ok(());
     };
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
-    let filled = if family == AF_INET6 {
-        read::<[u8; 16]>(ctx, layout.saddr_v6).and_then(|s| {
-            saddr = s;
-            daddr = read(ctx, layout.daddr_v6)?;
-            Ok(())
-        })
-    } else if family == AF_INET {
-        read::<[u8; 4]>(ctx, layout.saddr).and_then(|s| {
-            saddr[..4].copy_from_slice(&s);
-            daddr[..4].copy_from_slice(&read::<[u8; 4]>(ctx, layout.daddr)?);
-            Ok(())
-        })
-    } else {
-        Ok(())
-    };
-    if let Err(e) = filled {
-        entry.discard(0);
-        return Err(e);
+    // SAFETY: a per-CPU slot; tracing programs do not nest on one CPU.
+    let scratch = unsafe { &mut *scratch };
+
+    // A pending timer is re-armed by detaching it (traced as a cancel) and
+    // enqueueing it again, back to back on this CPU.
+    if scratch.cancel_timer == timer {
+        scratch.cancel_timer = 0;
+        if let Some(record) = TWS.get_ptr_mut(timer) {
+            // SAFETY: a pointer from a successful lookup; the mini-socket's
+            // timer events are serialised by the timer base lock.
+            let record = unsafe { &mut *record };
+            let old = record.substate;
+            let in_state_ns = if record.since_ns == 0 {
+                0
+            } else {
+                now.saturating_sub(record.since_ns)
+            };
+            let flags = if record.since_ns == 0 {
+                FLAG_IN_STATE_UNKNOWN
+            } else {
+                0
+            };
+            if old != substate {
+                record.substate = substate;
+                record.since_ns = now;
+                record.flags = 0;
+            }
+            if record.emit != 0 {
+                let event = tw_event(
+                    record,
+                    timer,
+                    now,
+                    kind::TW_REARM,
+                    old,
+                    substate,
+                    in_state_ns,
+                    flags,
+                    expires,
+                    bucket_expiry,
+                    substate,
+                );
+                submit(ctx, &event);
+            }
+        }
+        return Ok(());
     }
-    entry.write(TransitionEvent {
-        saddr,
-        daddr,
+    // First arming: tcp_time_wait() hands the connection over next.
+    scratch.pending_timer = timer;
+    scratch.pending_ns = now;
+    scratch.pending_jiffies = jiffies;
+    scratch.pending_expires = expires;
+    scratch.pending_bucket_expiry = bucket_expiry;
+    scratch.pending_substate = substate;
+    Ok(())
+}
+
+#[tracepoint]
+pub fn timer_cancel(ctx: TracePointContext) -> u32 {
+    if try_timer_cancel(&ctx).is_err() {
+        bump(counter::READ_FAILED);
+    }
+    0
+}
+
+fn try_timer_cancel(ctx: &TracePointContext) -> Result<(), i64> {
+    let cfg = TW_CONFIG.load();
+    if cfg.handler == 0 {
+        return Ok(());
+    }
+    let timer: u64 = read(ctx, cfg.cancel_timer)?;
+    // Cheaper than a map lookup for the many unrelated timers.
+    if cfg.has_btf != 0 {
+        // SAFETY: bpf_probe_read_kernel faults safely on a bad address.
+        let function = unsafe {
+            bpf_probe_read_kernel((timer + u64::from(cfg.timer_function_off)) as *const u64)
+        };
+        if function != Ok(cfg.handler) {
+            return Ok(());
+        }
+    }
+    let Some(scratch) = TW_SCRATCH.get_ptr_mut(0) else {
+        return Ok(());
+    };
+    // SAFETY: a per-CPU slot; tracing programs do not nest on one CPU.
+    let scratch = unsafe { &mut *scratch };
+    let Some(record) = TWS.get_ptr(timer) else {
+        return Ok(());
+    };
+    // The previous cancel on this CPU was not followed by a re-arm or an
+    // expiry: that mini-socket is gone, and so is its record.
+    if scratch.cancel_timer != 0 && scratch.cancel_timer != timer {
+        let _ = TWS.remove(scratch.cancel_timer);
+    }
+    scratch.cancel_timer = timer;
+    // SAFETY: a pointer from a successful lookup.
+    let record = unsafe { *record };
+    if record.emit != 0 {
+        emit_end(ctx, &cfg, &record, timer, kind::TW_CANCEL);
+    }
+    Ok(())
+}
+
+#[tracepoint]
+pub fn timer_expire_entry(ctx: TracePointContext) -> u32 {
+    if try_timer_expire_entry(&ctx).is_err() {
+        bump(counter::READ_FAILED);
+    }
+    0
+}
+
+fn try_timer_expire_entry(ctx: &TracePointContext) -> Result<(), i64> {
+    let cfg = TW_CONFIG.load();
+    if cfg.handler == 0 || read::<u64>(ctx, cfg.expire_function)? != cfg.handler {
+        return Ok(());
+    }
+    let timer: u64 = read(ctx, cfg.expire_timer)?;
+    if let Some(scratch) = TW_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot; tracing programs do not nest on one CPU.
+        let scratch = unsafe { &mut *scratch };
+        if scratch.cancel_timer == timer {
+            scratch.cancel_timer = 0;
+        }
+    }
+    let Some(record) = TWS.get_ptr(timer) else {
+        bump(counter::TW_UNTRACKED_END);
+        return Ok(());
+    };
+    // SAFETY: a pointer from a successful lookup.
+    let record = unsafe { *record };
+    if record.emit != 0 {
+        emit_end(ctx, &cfg, &record, timer, kind::TW_EXPIRE);
+    }
+    let _ = TWS.remove(timer);
+    Ok(())
+}
+
+fn emit_end<C: EbpfContext>(
+    ctx: &C,
+    cfg: &TwConfig,
+    record: &TwRecord,
+    timer: u64,
+    event_kind: u8,
+) {
+    // SAFETY: a plain helper call with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (in_state_ns, flags) = if record.since_ns == 0 {
+        (0, FLAG_IN_STATE_UNKNOWN)
+    } else {
+        (now.saturating_sub(record.since_ns), 0)
+    };
+    // The timer's expiry as of now: a re-arm the kernel did not trace
+    // (same wheel bucket) still updated it.
+    let expires = if cfg.has_btf == 0 {
+        0
+    } else {
+        // SAFETY: bpf_probe_read_kernel faults safely on a bad address.
+        unsafe { bpf_probe_read_kernel((timer + u64::from(cfg.timer_expires_off)) as *const u64) }
+            .unwrap_or(0)
+    };
+    let end_substate = read_substate(cfg, timer);
+    let event = tw_event(
+        record,
+        timer,
+        now,
+        event_kind,
+        record.substate,
+        tcp_state::CLOSE,
+        in_state_ns,
+        flags,
+        expires,
+        0,
+        end_substate,
+    );
+    submit(ctx, &event);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tw_event(
+    record: &TwRecord,
+    timer: u64,
+    now: u64,
+    event_kind: u8,
+    old_state: u8,
+    new_state: u8,
+    in_state_ns: u64,
+    flags: u32,
+    expires: u64,
+    bucket_expiry: u64,
+    end_substate: u8,
+) -> TransitionEvent {
+    TransitionEvent {
+        saddr: record.saddr,
+        daddr: record.daddr,
         ts_ns: now,
         in_state_ns,
-        sock_id,
+        sock_id: record.sock_id,
+        tw_id: timer,
+        tw_birth_ns: record.birth_ns,
+        tw_birth_jiffies: record.birth_jiffies,
+        tw_expires: expires,
+        tw_bucket_expiry: bucket_expiry,
         pid: record.pid,
         flags,
-        sport,
-        dport,
-        family,
+        sport: record.sport,
+        dport: record.dport,
+        family: record.family,
         old_state,
         new_state,
+        kind: event_kind,
+        end_substate,
+        pad: [0; 6],
         comm: record.comm,
-    });
-    entry.submit(0);
-    Ok(())
+    }
+}
+
+/// The mini-socket's `tw_substate`, read through its embedded timer. Without
+/// BTF twtrace cannot tell, and treats every mini-socket as TIME_WAIT.
+fn read_substate(cfg: &TwConfig, timer: u64) -> u8 {
+    if cfg.has_btf == 0 {
+        return tcp_state::TIME_WAIT;
+    }
+    let at = timer.wrapping_add_signed(i64::from(cfg.substate_from_timer));
+    // SAFETY: bpf_probe_read_kernel faults safely on a bad address.
+    match unsafe { bpf_probe_read_kernel(at as *const u8) } {
+        Ok(tcp_state::FIN_WAIT2) => tcp_state::FIN_WAIT2,
+        _ => tcp_state::TIME_WAIT,
+    }
 }
 
 /// A move into a teardown state, except a listener closing: that ends no

@@ -28,6 +28,9 @@ pub enum Command {
     /// Print every TCP teardown transition, with its owner and time in the
     /// previous state.
     Trace(TraceArgs),
+    /// Trace for a while, then print per-state time distributions and who
+    /// closed first, overall and per process.
+    Summary(SummaryArgs),
 }
 
 /// Which sockets to trace; applied in the kernel.
@@ -93,6 +96,23 @@ pub struct TraceArgs {
     /// Every state change, not only those into teardown states.
     #[arg(long)]
     pub all_states: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SummaryArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
+
+    /// Output format (`json`: one document).
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+
+    /// How long to trace (e.g. 30s); without it, until Ctrl-C.
+    #[arg(short, long, value_parser = parse_duration, allow_hyphen_values = true)]
+    pub duration: Option<Duration>,
 }
 
 /// Parses `500ms`, `5s`, `2m`, `1h`, `1.5s`. Rejects zero, negatives and
@@ -185,7 +205,9 @@ mod tests {
             "twtrace", "trace", "--pid", "1", "--pid", "2", "--port", "80",
         ])
         .unwrap();
-        let Command::Trace(args) = cli.command;
+        let Command::Trace(args) = cli.command else {
+            panic!("parsed as another command");
+        };
         assert_eq!(args.filter.pids, [1, 2]);
         assert_eq!(args.filter.ports, [80]);
         assert!(Cli::try_parse_from(["twtrace", "trace", "--port", "0"]).is_err());

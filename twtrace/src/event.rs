@@ -9,7 +9,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use twtrace_common::{AF_INET, AF_INET6, FLAG_IN_STATE_UNKNOWN, TransitionEvent, tcp_state};
+use twtrace_common::{AF_INET, AF_INET6, FLAG_IN_STATE_UNKNOWN, TransitionEvent, kind, tcp_state};
 
 /// A TCP state, named as the kernel names it, without the `TCP_` prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -83,7 +83,62 @@ pub struct Owner {
     pub comm: String,
 }
 
-/// One decoded state change.
+/// How a TIME_WAIT mini-socket ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TwEnd {
+    /// Its timer ran out.
+    Expired,
+    /// Ended early: port reuse, a new SYN taking it over, RST, or its
+    /// network namespace going away.
+    Cancelled,
+}
+
+impl TwEnd {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What kind of kernel observation an event is (see `twtrace_common::kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Sock,
+    TwBirth,
+    TwRearm,
+    TwCancel,
+    TwExpire,
+}
+
+/// The mini-socket's timer facts carried by `TW_*` events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TwFacts {
+    /// The timer's kernel address: identifies the mini-socket while it lives.
+    pub id: u64,
+    pub birth_ns: u64,
+    pub birth_jiffies: u64,
+    /// The timer's expiry in jiffies as of the event (0: unknown).
+    pub expires: u64,
+    /// When the timer wheel will fire it, in jiffies (0: not reported).
+    pub bucket_expiry: u64,
+    /// The substate read from the mini-socket at its end.
+    pub end_substate: TcpState,
+}
+
+/// One decoded ring-buffer record: a full-socket transition, or a fact
+/// about a TIME_WAIT mini-socket that the teardown model turns into
+/// transitions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelEvent {
+    pub kind: EventKind,
+    pub transition: Transition,
+    pub tw: Option<TwFacts>,
+}
+
+/// One state change, as twtrace reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
     /// `CLOCK_MONOTONIC` nanoseconds, as the kernel stamped it.
@@ -97,6 +152,8 @@ pub struct Transition {
     pub new: TcpState,
     /// Time spent in `old`; `None` when twtrace did not see the socket enter it.
     pub in_state_ns: Option<u64>,
+    /// For a mini-socket's `TIME_WAIT`/`FIN_WAIT2` `-> CLOSE`: how it ended.
+    pub end: Option<TwEnd>,
 }
 
 impl Transition {
@@ -111,6 +168,7 @@ pub enum DecodeError {
     WrongSize { got: usize, want: usize },
     UnknownFamily(u16),
     UnknownState(u8),
+    UnknownKind(u8),
 }
 
 impl fmt::Display for DecodeError {
@@ -121,6 +179,7 @@ impl fmt::Display for DecodeError {
             }
             Self::UnknownFamily(family) => write!(f, "unknown address family {family}"),
             Self::UnknownState(state) => write!(f, "unknown TCP state {state}"),
+            Self::UnknownKind(kind) => write!(f, "unknown event kind {kind}"),
         }
     }
 }
@@ -142,7 +201,7 @@ pub fn decode_raw(bytes: &[u8]) -> Result<TransitionEvent, DecodeError> {
 }
 
 /// Decodes and validates one ring-buffer record.
-pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
+pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
     let raw = decode_raw(bytes)?;
     let (src_ip, dst_ip) = match raw.family {
         AF_INET => (IpAddr::V4(ipv4(&raw.saddr)), IpAddr::V4(ipv4(&raw.daddr))),
@@ -157,15 +216,42 @@ pub fn decode(bytes: &[u8]) -> Result<Transition, DecodeError> {
         pid: raw.pid,
         comm: comm_to_string(&raw.comm),
     });
-    Ok(Transition {
-        ts_ns: raw.ts_ns,
-        sock_id: raw.sock_id,
-        owner,
-        src: SocketAddr::new(src_ip, raw.sport),
-        dst: SocketAddr::new(dst_ip, raw.dport),
-        old: state(raw.old_state)?,
-        new: state(raw.new_state)?,
-        in_state_ns: (raw.flags & FLAG_IN_STATE_UNKNOWN == 0).then_some(raw.in_state_ns),
+    let event_kind = match raw.kind {
+        kind::SOCK => EventKind::Sock,
+        kind::TW_BIRTH => EventKind::TwBirth,
+        kind::TW_REARM => EventKind::TwRearm,
+        kind::TW_CANCEL => EventKind::TwCancel,
+        kind::TW_EXPIRE => EventKind::TwExpire,
+        other => return Err(DecodeError::UnknownKind(other)),
+    };
+    let tw = match event_kind {
+        EventKind::Sock => None,
+        _ => Some(TwFacts {
+            id: raw.tw_id,
+            birth_ns: raw.tw_birth_ns,
+            birth_jiffies: raw.tw_birth_jiffies,
+            expires: raw.tw_expires,
+            bucket_expiry: raw.tw_bucket_expiry,
+            end_substate: match raw.end_substate {
+                0 => TcpState::TimeWait,
+                value => state(value)?,
+            },
+        }),
+    };
+    Ok(KernelEvent {
+        kind: event_kind,
+        transition: Transition {
+            ts_ns: raw.ts_ns,
+            sock_id: raw.sock_id,
+            owner,
+            src: SocketAddr::new(src_ip, raw.sport),
+            dst: SocketAddr::new(dst_ip, raw.dport),
+            old: state(raw.old_state)?,
+            new: state(raw.new_state)?,
+            in_state_ns: (raw.flags & FLAG_IN_STATE_UNKNOWN == 0).then_some(raw.in_state_ns),
+            end: None,
+        },
+        tw,
     })
 }
 
@@ -197,6 +283,11 @@ pub(crate) mod tests {
             ts_ns: 5_000_000_000,
             in_state_ns: 1_500,
             sock_id: 0xffff_8880_1234_5678,
+            tw_id: 0,
+            tw_birth_ns: 0,
+            tw_birth_jiffies: 0,
+            tw_expires: 0,
+            tw_bucket_expiry: 0,
             pid: 4242,
             flags: 0,
             sport: 40_000,
@@ -204,6 +295,9 @@ pub(crate) mod tests {
             family: AF_INET,
             old_state: tcp_state::ESTABLISHED,
             new_state: tcp_state::FIN_WAIT1,
+            kind: kind::SOCK,
+            end_substate: 0,
+            pad: [0; 6],
             comm,
         }
     }
@@ -222,7 +316,9 @@ pub(crate) mod tests {
 
     #[test]
     fn decodes_ipv4_transition_with_owner() {
-        let t = decode(&bytes_of(&raw_event())).unwrap();
+        let event = decode(&bytes_of(&raw_event())).unwrap();
+        assert_eq!((event.kind, event.tw), (EventKind::Sock, None));
+        let t = event.transition;
         assert_eq!(t.src, "127.0.0.1:40000".parse().unwrap());
         assert_eq!(t.dst, "127.0.0.2:6379".parse().unwrap());
         assert_eq!((t.old, t.new), (TcpState::Established, TcpState::FinWait1));
@@ -246,7 +342,7 @@ pub(crate) mod tests {
         raw.pid = 0;
         raw.comm = [0; 16];
         raw.flags = FLAG_IN_STATE_UNKNOWN;
-        let t = decode(&bytes_of(&raw)).unwrap();
+        let t = decode(&bytes_of(&raw)).unwrap().transition;
         assert_eq!(t.src, "[::1]:40000".parse().unwrap());
         assert_eq!(t.dst, "[2001:db8::1]:6379".parse().unwrap());
         assert_eq!(t.owner, None);
@@ -259,7 +355,7 @@ pub(crate) mod tests {
         let bytes = bytes_of(&raw_event());
         assert_eq!(
             decode(&bytes[..10]),
-            Err(DecodeError::WrongSize { got: 10, want: 88 })
+            Err(DecodeError::WrongSize { got: 10, want: 136 })
         );
         let mut long = bytes.clone();
         long.push(0);
@@ -270,13 +366,46 @@ pub(crate) mod tests {
         let mut raw = raw_event();
         raw.new_state = 0;
         assert_eq!(decode(&bytes_of(&raw)), Err(DecodeError::UnknownState(0)));
+        let mut raw = raw_event();
+        raw.kind = 9;
+        assert_eq!(decode(&bytes_of(&raw)), Err(DecodeError::UnknownKind(9)));
+    }
+
+    #[test]
+    fn decodes_time_wait_facts() {
+        let mut raw = raw_event();
+        raw.kind = kind::TW_EXPIRE;
+        raw.old_state = tcp_state::TIME_WAIT;
+        raw.new_state = tcp_state::CLOSE;
+        raw.tw_id = 0xffff_8880_0000_0100;
+        raw.tw_birth_ns = 1;
+        raw.tw_birth_jiffies = 2;
+        raw.tw_expires = 3;
+        raw.tw_bucket_expiry = 4;
+        raw.end_substate = tcp_state::FIN_WAIT2;
+        let event = decode(&bytes_of(&raw)).unwrap();
+        assert_eq!(event.kind, EventKind::TwExpire);
+        assert_eq!(
+            event.tw,
+            Some(TwFacts {
+                id: 0xffff_8880_0000_0100,
+                birth_ns: 1,
+                birth_jiffies: 2,
+                expires: 3,
+                bucket_expiry: 4,
+                end_substate: TcpState::FinWait2,
+            })
+        );
     }
 
     #[test]
     fn decodes_from_unaligned_buffer() {
         let mut buf = vec![0u8; 1];
         buf.extend(bytes_of(&raw_event()));
-        assert_eq!(decode(&buf[1..]).unwrap().sock_id, 0xffff_8880_1234_5678);
+        assert_eq!(
+            decode(&buf[1..]).unwrap().transition.sock_id,
+            0xffff_8880_1234_5678
+        );
     }
 
     #[test]

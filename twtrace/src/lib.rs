@@ -4,10 +4,13 @@
 //! The library holds everything but argument handling, so the CLI, the
 //! kernel tests and the benchmarks share one loader and one decoder.
 
+pub mod btf;
 pub mod cli;
 pub mod commands;
 pub mod event;
+pub mod histogram;
 pub mod loader;
+pub mod model;
 pub mod output;
 pub mod sys;
 pub mod tracefs;

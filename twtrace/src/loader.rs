@@ -11,12 +11,13 @@ use aya::{
 };
 use tokio::io::{Interest, unix::AsyncFd};
 use twtrace_common::{
-    AF_INET, AF_INET6, DEFAULT_MAX_SOCKETS, Filter, MAX_FILTER_ENTRIES, SetStateLayout, counter,
-    names,
+    AF_INET, AF_INET6, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TW, Filter, MAX_FILTER_ENTRIES,
+    SetStateLayout, TwConfig, counter, names,
 };
 
 use crate::{
-    event::{self, Transition},
+    btf::Btf,
+    event::{self, KernelEvent},
     sys, tracefs,
 };
 
@@ -76,6 +77,11 @@ pub struct LossReport {
     pub recursion_misses: u64,
     /// Records the userspace decoder rejected.
     pub decode_errors: u64,
+    /// TIME_WAIT mini-sockets that ended without twtrace holding their
+    /// record: alive before twtrace started, or evicted from its LRU map.
+    pub tw_untracked_ends: u64,
+    /// Mini-socket records the kernel could not store.
+    pub tw_update_failed: u64,
 }
 
 impl LossReport {
@@ -90,6 +96,12 @@ impl LossReport {
 /// everything (the kernel frees programs and maps with their last fd).
 pub struct Tracer {
     ebpf: Ebpf,
+    /// TIME_WAIT mini-sockets alive when tracing began (`/proc/net/sockstat`):
+    /// their ends are expected to be untracked.
+    tw_alive_at_start: u64,
+    /// Capacity of the kernel's mini-socket map.
+    tw_capacity: u32,
+    tw_enabled: bool,
     events: AsyncFd<RingBuf<MapData>>,
     programs: Vec<&'static str>,
     warnings: Vec<String>,
@@ -122,12 +134,34 @@ impl Tracer {
             None | Some(log::LevelFilter::Off) => 0,
             Some(level) => level as u8,
         };
+        let mut warnings = Vec::new();
+        let tw_config = match time_wait_config(&tracefs) {
+            Ok((config, partial)) => {
+                warnings.extend(partial);
+                config
+            }
+            Err(error) => {
+                warnings.push(format!(
+                    "TIME_WAIT tracking unavailable ({error:#}): no TIME_WAIT transitions or lifetimes; the full socket's hand-over to it shows as a close"
+                ));
+                TwConfig::DISABLED
+            }
+        };
+        // Each network namespace holds up to tcp_max_tw_buckets mini-sockets;
+        // the map holds at least that many, as the LRU evicts beyond it.
+        let tw_capacity = sys::read_sysctl_u64("/proc/sys/net/ipv4/tcp_max_tw_buckets")
+            .ok()
+            .and_then(|n| u32::try_from(n).ok())
+            .map_or(DEFAULT_MAX_TW, |n| n.clamp(1024, 4 << 20));
+        let tw_alive_at_start = sys::time_wait_sockets_now().unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
             .override_global(names::GLOBAL_FILTER, &filter, true)
             .override_global(names::GLOBAL_SET_STATE_LAYOUT, &layout, true)
+            .override_global(names::GLOBAL_TW_CONFIG, &tw_config, true)
             .override_global(aya_log::LEVEL, &log_level, false)
             .map_max_entries(names::EVENTS, options.ring_bytes)
             .map_max_entries(names::SOCKS, options.max_sockets)
+            .map_max_entries(names::TWS, tw_capacity)
             .load(EBPF_OBJECT)
             .context("loading twtrace's eBPF programs into the kernel (see `dmesg` and run with -v for the verifier log)")?;
 
@@ -139,7 +173,6 @@ impl Tracer {
             _ => None,
         };
 
-        let mut warnings = Vec::new();
         let mut programs = Vec::new();
         let set_state: &mut TracePoint = ebpf
             .program_mut(names::PROG_SET_STATE)
@@ -167,6 +200,25 @@ impl Tracer {
             }
         }
 
+        let mut tw_enabled = tw_config.handler != 0;
+        if tw_enabled {
+            for (program, event) in [
+                (names::PROG_TIMER_START, "timer_start"),
+                (names::PROG_TIMER_EXPIRE, "timer_expire_entry"),
+                (names::PROG_TIMER_CANCEL, "timer_cancel"),
+            ] {
+                match attach_tracepoint(&mut ebpf, program, "timer", event) {
+                    Ok(()) => programs.push(program),
+                    Err(error) => {
+                        tw_enabled = false;
+                        warnings.push(format!(
+                            "tracepoint timer:{event} unavailable ({error:#}): TIME_WAIT lifetimes are incomplete"
+                        ));
+                    }
+                }
+            }
+        }
+
         let ring = RingBuf::try_from(
             ebpf.take_map(names::EVENTS)
                 .context("the eBPF object lacks its EVENTS map")?,
@@ -178,6 +230,9 @@ impl Tracer {
             .context("registering the ring buffer with tokio")?;
         Ok(Self {
             ebpf,
+            tw_alive_at_start,
+            tw_capacity,
+            tw_enabled,
             events,
             programs,
             warnings,
@@ -192,9 +247,21 @@ impl Tracer {
         &self.warnings
     }
 
+    /// Whether TIME_WAIT mini-sockets are followed on this kernel.
+    #[must_use]
+    pub fn time_wait_enabled(&self) -> bool {
+        self.tw_enabled
+    }
+
+    /// Capacity of the kernel's TIME_WAIT map.
+    #[must_use]
+    pub fn time_wait_capacity(&self) -> u32 {
+        self.tw_capacity
+    }
+
     /// Waits until the kernel has streamed something, then appends every
-    /// transition available to `out`.
-    pub async fn next_batch(&mut self, out: &mut Vec<Transition>) -> anyhow::Result<()> {
+    /// event available to `out`.
+    pub async fn next_batch(&mut self, out: &mut Vec<KernelEvent>) -> anyhow::Result<()> {
         let mut guard = self
             .events
             .readable_mut()
@@ -207,7 +274,7 @@ impl Tracer {
     }
 
     /// Appends what is in the ring buffer now, without waiting.
-    pub fn drain(&mut self, out: &mut Vec<Transition>) {
+    pub fn drain(&mut self, out: &mut Vec<KernelEvent>) {
         self.decode_errors += drain_ring(self.events.get_mut(), out);
     }
 
@@ -232,6 +299,8 @@ impl Tracer {
             sock_update_failed: sum(counter::SOCK_UPDATE_FAILED)?,
             recursion_misses,
             decode_errors: self.decode_errors,
+            tw_untracked_ends: sum(counter::TW_UNTRACKED_END)?,
+            tw_update_failed: sum(counter::TW_UPDATE_FAILED)?,
         })
     }
 
@@ -242,6 +311,15 @@ impl Tracer {
             .program(name)
             .with_context(|| format!("no program {name}"))?;
         sys::prog_stats(&program.fd()?.as_fd())
+    }
+
+    /// Mini-socket records evicted from the kernel's LRU map (an estimate:
+    /// untracked ends beyond those alive when tracing began).
+    pub fn tw_evictions(&self) -> anyhow::Result<u64> {
+        Ok(self
+            .loss()?
+            .tw_untracked_ends
+            .saturating_sub(self.tw_alive_at_start))
     }
 
     /// Names of the attached programs.
@@ -304,6 +382,74 @@ fn fill_filter_map<K: aya::Pod>(ebpf: &mut Ebpf, name: &str, keys: &[K]) -> anyh
     Ok(())
 }
 
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &str,
+    category: &str,
+    event: &str,
+) -> anyhow::Result<()> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(name)
+        .with_context(|| format!("the eBPF object lacks {name}"))?
+        .try_into()?;
+    program.load()?;
+    program.attach(category, event)?;
+    Ok(())
+}
+
+/// Finds what following TIME_WAIT mini-sockets needs on this kernel.
+/// Returns warnings for what is only partly available.
+fn time_wait_config(tracefs: &std::path::Path) -> anyhow::Result<(TwConfig, Vec<String>)> {
+    let handler = sys::kallsyms_lookup("tw_timer_handler")?.context(
+        "symbol tw_timer_handler not in /proc/kallsyms (or its address is hidden: run as root)",
+    )?;
+    let start = tracefs::read_format(tracefs, "timer", "timer_start")?;
+    let expire = tracefs::read_format(tracefs, "timer", "timer_expire_entry")?;
+    let cancel = tracefs::read_format(tracefs, "timer", "timer_cancel")?;
+    let mut warnings = Vec::new();
+    let mut config = TwConfig {
+        handler,
+        start_timer: start.offset("timer:timer_start", "timer", 8)?,
+        start_function: start.offset("timer:timer_start", "function", 8)?,
+        start_expires: start.offset("timer:timer_start", "expires", 8)?,
+        start_now: start.offset("timer:timer_start", "now", 8)?,
+        // Older kernels lack it; the expiry test then bounds by a bucket guess.
+        start_bucket_expiry: start
+            .offset("timer:timer_start", "bucket_expiry", 8)
+            .unwrap_or(0),
+        expire_timer: expire.offset("timer:timer_expire_entry", "timer", 8)?,
+        expire_function: expire.offset("timer:timer_expire_entry", "function", 8)?,
+        cancel_timer: cancel.offset("timer:timer_cancel", "timer", 8)?,
+        ..TwConfig::DISABLED
+    };
+    match btf_offsets() {
+        Ok((function, expires, substate_from_timer)) => {
+            config.timer_function_off = function;
+            config.timer_expires_off = expires;
+            config.substate_from_timer = substate_from_timer;
+            config.has_btf = 1;
+        }
+        Err(error) => warnings.push(format!(
+            "kernel BTF unusable ({error:#}): orphaned FIN_WAIT2 mini-sockets are reported as TIME_WAIT"
+        )),
+    }
+    Ok((config, warnings))
+}
+
+fn btf_offsets() -> anyhow::Result<(u16, u16, i16)> {
+    let btf = Btf::from_sys_fs()?;
+    let function = btf.member_offset("timer_list", "function")?;
+    let expires = btf.member_offset("timer_list", "expires")?;
+    let substate = btf.member_offset("inet_timewait_sock", "tw_substate")?;
+    let timer = btf.member_offset("inet_timewait_sock", "tw_timer")?;
+    let relative = i64::from(substate) - i64::from(timer);
+    Ok((
+        u16::try_from(function)?,
+        u16::try_from(expires)?,
+        i16::try_from(relative)?,
+    ))
+}
+
 fn attach_raw(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
     let program: &mut RawTracePoint = ebpf
         .program_mut(name)
@@ -335,7 +481,7 @@ fn spawn_kernel_logger(ebpf: &mut Ebpf) -> anyhow::Result<tokio::task::JoinHandl
 
 /// Drains the ring buffer into `out`; returns how many records were
 /// rejected by the decoder.
-fn drain_ring(ring: &mut RingBuf<MapData>, out: &mut Vec<Transition>) -> u64 {
+fn drain_ring(ring: &mut RingBuf<MapData>, out: &mut Vec<KernelEvent>) -> u64 {
     let mut rejected = 0;
     while let Some(item) = ring.next() {
         match event::decode(&item) {

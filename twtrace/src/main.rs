@@ -39,6 +39,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Trace(args) => twtrace::commands::trace::run(args, kernel_log).await,
+            Command::Summary(args) => twtrace::commands::summary::run(args, kernel_log).await,
         }
     });
     match result {

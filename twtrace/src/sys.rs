@@ -72,6 +72,20 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0)
 }
 
+/// The kernel's tick rate (CONFIG_HZ): the coarse clocks advance once per
+/// jiffy, so their resolution is one jiffy.
+#[must_use]
+pub fn kernel_hz() -> Option<u64> {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `res` is a valid, writable timespec.
+    let rc = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &raw mut res) };
+    let tick_ns = u64::try_from(res.tv_nsec).ok()?;
+    (rc == 0 && res.tv_sec == 0 && tick_ns > 0).then(|| (1_000_000_000 + tick_ns / 2) / tick_ns)
+}
+
 fn clock_ns(clock: libc::clockid_t) -> i128 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -173,11 +187,89 @@ mod tests {
     }
 
     #[test]
+    fn kernel_hz_is_a_real_tick_rate() {
+        let hz = kernel_hz().expect("coarse clock resolution");
+        assert!([100, 250, 300, 1000].contains(&hz), "HZ={hz}");
+    }
+
+    #[test]
     fn clocks_are_consistent() {
         let a = monotonic_ns();
         let b = monotonic_ns();
         assert!(b >= a && a > 0);
         // Realtime is years past the monotonic clock's boot-time origin.
         assert!(realtime_minus_monotonic_ns() > 1_000_000_000 * 3600 * 24 * 365);
+    }
+}
+
+/// Address of a kernel symbol from /proc/kallsyms. `None` when the symbol
+/// is missing or its address is hidden (kptr_restrict, not root).
+pub fn kallsyms_lookup(symbol: &str) -> anyhow::Result<Option<u64>> {
+    let text = fs::read_to_string("/proc/kallsyms").context("reading /proc/kallsyms")?;
+    Ok(parse_kallsyms(&text, symbol))
+}
+
+fn parse_kallsyms(text: &str, symbol: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let mut parts = line.split_whitespace();
+        let (addr, _kind, name) = (parts.next()?, parts.next()?, parts.next()?);
+        (name == symbol)
+            .then(|| u64::from_str_radix(addr, 16).ok())
+            .flatten()
+            .filter(|&addr| addr != 0)
+    })
+}
+
+/// A whole number from a /proc/sys file.
+pub fn read_sysctl_u64(path: &str) -> anyhow::Result<u64> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{path} holds {text:?}, not a number"))
+}
+
+#[cfg(test)]
+mod kallsyms_tests {
+    use super::parse_kallsyms;
+
+    #[test]
+    fn finds_exact_symbol_and_ignores_hidden_addresses() {
+        let text = "ffffffff82003430 t tw_timer_handler\nffffffff82003440 t tw_timer_handler_x\n";
+        assert_eq!(
+            parse_kallsyms(text, "tw_timer_handler"),
+            Some(0xffff_ffff_8200_3430)
+        );
+        assert_eq!(parse_kallsyms(text, "nope"), None);
+        let hidden = "0000000000000000 t tw_timer_handler\n";
+        assert_eq!(parse_kallsyms(hidden, "tw_timer_handler"), None);
+    }
+}
+
+/// TIME_WAIT mini-sockets in this network namespace now, IPv4 and IPv6
+/// together (`tw` in /proc/net/sockstat counts both).
+pub fn time_wait_sockets_now() -> anyhow::Result<u64> {
+    let text = fs::read_to_string("/proc/net/sockstat").context("reading /proc/net/sockstat")?;
+    parse_sockstat_tw(&text).context("no TCP tw count in /proc/net/sockstat")
+}
+
+fn parse_sockstat_tw(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("TCP:"))?;
+    let mut words = line.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "tw" {
+            return words.next()?.parse().ok();
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod sockstat_tests {
+    #[test]
+    fn reads_tw_from_the_tcp_line() {
+        let text =
+            "sockets: used 180\nTCP: inuse 5 orphan 0 tw 1234 alloc 9 mem 1\nUDP: inuse 1 mem 0\n";
+        assert_eq!(super::parse_sockstat_tw(text), Some(1234));
+        assert_eq!(super::parse_sockstat_tw("UDP: inuse 1\n"), None);
     }
 }

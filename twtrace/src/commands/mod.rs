@@ -1,3 +1,5 @@
 //! One module per subcommand.
 
+pub mod session;
+pub mod summary;
 pub mod trace;

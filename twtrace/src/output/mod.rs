@@ -1,3 +1,4 @@
 //! Everything twtrace prints.
 
 pub mod stream;
+pub mod summary;

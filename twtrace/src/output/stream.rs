@@ -4,20 +4,12 @@ use std::io::{self, Write};
 
 use serde::Serialize;
 
-use crate::{event::Transition, loader::LossReport, units};
+use crate::{event::Transition, units};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     Text,
     Json,
-}
-
-/// What `trace` reports when it stops.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StreamSummary {
-    pub events: u64,
-    pub duration_ns: u64,
-    pub loss: LossReport,
 }
 
 #[derive(Serialize)]
@@ -32,20 +24,9 @@ struct TransitionLine<'a> {
     old_state: &'static str,
     new_state: &'static str,
     in_state_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    end: Option<&'static str>,
     sock: String,
-}
-
-#[derive(Serialize)]
-struct SummaryLine {
-    r#type: &'static str,
-    events: u64,
-    duration_ns: u64,
-    lost: u64,
-    lost_ringbuf_full: u64,
-    lost_recursion_misses: u64,
-    lost_unreadable: u64,
-    lost_undecodable: u64,
-    sock_records_not_stored: u64,
 }
 
 /// Writes transitions to `out` (buffered by the caller's choice of writer).
@@ -103,40 +84,8 @@ impl<W: Write> StreamWriter<W> {
                     old_state: t.old.name(),
                     new_state: t.new.name(),
                     in_state_ns: t.in_state_ns,
+                    end: t.end.map(crate::event::TwEnd::name),
                     sock: format!("{:#x}", t.sock_id),
-                };
-                serde_json::to_writer(&mut self.out, &line)?;
-                self.out.write_all(b"\n")
-            }
-        }
-    }
-
-    pub fn summary(&mut self, s: &StreamSummary) -> io::Result<()> {
-        let loss = &s.loss;
-        match self.format {
-            Format::Text => writeln!(
-                self.out,
-                "# {} transitions in {}, {} lost (ring buffer full {}, recursion misses {}, unreadable {}, undecodable {}); {} socket records not stored",
-                s.events,
-                units::duration(s.duration_ns),
-                loss.events_lost(),
-                loss.ringbuf_full,
-                loss.recursion_misses,
-                loss.read_failed,
-                loss.decode_errors,
-                loss.sock_update_failed,
-            ),
-            Format::Json => {
-                let line = SummaryLine {
-                    r#type: "summary",
-                    events: s.events,
-                    duration_ns: s.duration_ns,
-                    lost: loss.events_lost(),
-                    lost_ringbuf_full: loss.ringbuf_full,
-                    lost_recursion_misses: loss.recursion_misses,
-                    lost_unreadable: loss.read_failed,
-                    lost_undecodable: loss.decode_errors,
-                    sock_records_not_stored: loss.sock_update_failed,
                 };
                 serde_json::to_writer(&mut self.out, &line)?;
                 self.out.write_all(b"\n")
@@ -146,6 +95,11 @@ impl<W: Write> StreamWriter<W> {
 
     pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+
+    /// The underlying writer, for what follows the stream (the summary).
+    pub fn inner(&mut self) -> &mut W {
+        &mut self.out
     }
 }
 
@@ -167,6 +121,7 @@ mod tests {
             old: TcpState::CloseWait,
             new: TcpState::LastAck,
             in_state_ns: Some(200_000_000),
+            end: None,
         }
     }
 
@@ -233,29 +188,17 @@ mod tests {
     }
 
     #[test]
-    fn summary_counts_every_kind_of_loss() {
-        let s = StreamSummary {
-            events: 10,
-            duration_ns: 5_000_000_000,
-            loss: LossReport {
-                ringbuf_full: 1,
-                read_failed: 2,
-                sock_update_failed: 3,
-                recursion_misses: 4,
-                decode_errors: 5,
-            },
-        };
-        let json = written(Format::Json, |w| w.summary(&s).unwrap());
+    fn time_wait_end_is_named() {
+        let mut t = transition();
+        t.old = TcpState::TimeWait;
+        t.new = TcpState::Close;
+        t.end = Some(crate::event::TwEnd::Cancelled);
+        let json = written(Format::Json, |w| w.transition(&t).unwrap());
         let v: serde_json::Value = serde_json::from_str(json.trim_end()).unwrap();
-        assert_eq!(v["type"], "summary");
-        assert_eq!(v["events"], 10);
-        assert_eq!(v["lost"], 12);
-        assert_eq!(v["lost_ringbuf_full"], 1);
-        assert_eq!(v["lost_recursion_misses"], 4);
-        let text = written(Format::Text, |w| w.summary(&s).unwrap());
-        assert!(
-            text.starts_with("# 10 transitions in 5.00s, 12 lost"),
-            "{text}"
-        );
+        assert_eq!(v["end"], "cancelled");
+        let text = written(Format::Text, |w| w.transition(&t).unwrap());
+        assert!(text.trim_end().ends_with("200ms (cancelled)"), "{text}");
+        let plain = written(Format::Json, |w| w.transition(&transition()).unwrap());
+        assert!(!plain.contains("\"end\""), "{plain}");
     }
 }

@@ -1,0 +1,270 @@
+//! Time-in-state distributions, overall and per owner process, and who
+//! closed first. Pure: fed transitions, read as snapshots.
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::event::{TcpState, Transition};
+
+/// 1 µs .. 10 min at 3 significant digits, in nanoseconds.
+const LOWEST_NS: u64 = 1_000;
+const HIGHEST_NS: u64 = 600_000_000_000;
+const SIGFIG: u8 = 3;
+
+/// The states whose duration twtrace measures, in teardown order.
+pub const TEARDOWN_STATES: [TcpState; 6] = [
+    TcpState::FinWait1,
+    TcpState::FinWait2,
+    TcpState::Closing,
+    TcpState::TimeWait,
+    TcpState::CloseWait,
+    TcpState::LastAck,
+];
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(LOWEST_NS, HIGHEST_NS, SIGFIG).expect("constant bounds are valid")
+}
+
+/// One histogram per teardown state.
+#[derive(Clone, Debug)]
+pub struct StateHistograms {
+    by_state: BTreeMap<TcpState, Histogram<u64>>,
+}
+
+impl Default for StateHistograms {
+    fn default() -> Self {
+        Self {
+            by_state: TEARDOWN_STATES
+                .iter()
+                .map(|&s| (s, new_histogram()))
+                .collect(),
+        }
+    }
+}
+
+impl StateHistograms {
+    /// Records `ns` spent in `state`; other states are ignored. Values
+    /// past 10 min are clamped to it rather than lost.
+    pub fn record(&mut self, state: TcpState, ns: u64) {
+        if let Some(h) = self.by_state.get_mut(&state) {
+            h.saturating_record(ns.clamp(LOWEST_NS, HIGHEST_NS));
+        }
+    }
+
+    #[must_use]
+    pub fn get(&self, state: TcpState) -> Option<&Histogram<u64>> {
+        self.by_state.get(&state)
+    }
+
+    /// Per-state statistics, only for states with data.
+    #[must_use]
+    pub fn stats(&self) -> Vec<StateStats> {
+        TEARDOWN_STATES
+            .iter()
+            .filter_map(|&state| {
+                let h = &self.by_state[&state];
+                (!h.is_empty()).then(|| StateStats::of(state, h))
+            })
+            .collect()
+    }
+}
+
+/// Count and percentiles of one state's durations, in nanoseconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StateStats {
+    pub state: &'static str,
+    pub count: u64,
+    pub min_ns: u64,
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+    pub max_ns: u64,
+}
+
+impl StateStats {
+    fn of(state: TcpState, h: &Histogram<u64>) -> Self {
+        // HDR reports each value as the highest equivalent value of its
+        // bucket; within 0.1 % at 3 significant digits.
+        Self {
+            state: state.name(),
+            count: h.len(),
+            min_ns: h.min(),
+            p50_ns: h.value_at_quantile(0.50),
+            p90_ns: h.value_at_quantile(0.90),
+            p99_ns: h.value_at_quantile(0.99),
+            p999_ns: h.value_at_quantile(0.999),
+            max_ns: h.max(),
+        }
+    }
+}
+
+/// The process a socket belonged to; pid 0 for "not known".
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OwnerKey {
+    pub pid: u32,
+    pub comm: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct OwnerStats {
+    /// Connections this process closed first (its socket went
+    /// ESTABLISHED -> FIN_WAIT1, including simultaneous closes).
+    pub active_closes: u64,
+    /// Connections the peer closed first (ESTABLISHED -> CLOSE_WAIT).
+    pub passive_closes: u64,
+    pub states: StateHistograms,
+}
+
+/// Everything `summary` reports.
+#[derive(Clone, Debug, Default)]
+pub struct TeardownStats {
+    pub overall: StateHistograms,
+    pub active_closes: u64,
+    pub passive_closes: u64,
+    pub owners: BTreeMap<OwnerKey, OwnerStats>,
+}
+
+impl TeardownStats {
+    pub fn record(&mut self, t: &Transition) {
+        let key = t.owner.as_ref().map_or_else(
+            || OwnerKey {
+                pid: 0,
+                comm: "-".into(),
+            },
+            |o| OwnerKey {
+                pid: o.pid,
+                comm: o.comm.clone(),
+            },
+        );
+        let owner = self.owners.entry(key).or_default();
+        match (t.old, t.new) {
+            (TcpState::Established, TcpState::FinWait1) => {
+                self.active_closes += 1;
+                owner.active_closes += 1;
+            }
+            (TcpState::Established, TcpState::CloseWait) => {
+                self.passive_closes += 1;
+                owner.passive_closes += 1;
+            }
+            _ => {}
+        }
+        if let Some(ns) = t.in_state_ns {
+            self.overall.record(t.old, ns);
+            owner.states.record(t.old, ns);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Owner;
+
+    const MS: u64 = 1_000_000;
+
+    fn t(pid: u32, old: TcpState, new: TcpState, ns: Option<u64>) -> Transition {
+        Transition {
+            ts_ns: 0,
+            sock_id: 1,
+            owner: (pid != 0).then(|| Owner {
+                pid,
+                comm: format!("p{pid}"),
+            }),
+            src: "127.0.0.1:1".parse().unwrap(),
+            dst: "127.0.0.1:2".parse().unwrap(),
+            old,
+            new,
+            in_state_ns: ns,
+            end: None,
+        }
+    }
+
+    /// Relative error allowed by 3 significant digits.
+    fn close(actual: u64, expected: u64) -> bool {
+        actual.abs_diff(expected) * 1000 <= expected
+    }
+
+    #[test]
+    fn percentiles_of_one_to_a_thousand_milliseconds() {
+        let mut h = StateHistograms::default();
+        for ms in 1..=1000 {
+            h.record(TcpState::TimeWait, ms * MS);
+        }
+        let stats = h.stats();
+        assert_eq!(stats.len(), 1);
+        let s = &stats[0];
+        assert_eq!((s.state, s.count), ("TIME_WAIT", 1000));
+        for (got, want) in [
+            (s.min_ns, MS),
+            (s.p50_ns, 500 * MS),
+            (s.p90_ns, 900 * MS),
+            (s.p99_ns, 990 * MS),
+            (s.p999_ns, 999 * MS),
+            (s.max_ns, 1000 * MS),
+        ] {
+            assert!(close(got, want), "got {got}, want {want}");
+        }
+    }
+
+    #[test]
+    fn a_single_value_is_every_percentile() {
+        let mut h = StateHistograms::default();
+        h.record(TcpState::CloseWait, 200 * MS);
+        let s = &h.stats()[0];
+        for v in [s.min_ns, s.p50_ns, s.p99_ns, s.max_ns] {
+            assert!(close(v, 200 * MS), "{v}");
+        }
+    }
+
+    #[test]
+    fn out_of_range_values_are_clamped_not_lost() {
+        let mut h = StateHistograms::default();
+        h.record(TcpState::LastAck, 10);
+        h.record(TcpState::LastAck, 3_600_000_000_000);
+        let s = &h.stats()[0];
+        assert_eq!(s.count, 2);
+        assert!(close(s.min_ns, LOWEST_NS));
+        assert!(close(s.max_ns, HIGHEST_NS));
+    }
+
+    #[test]
+    fn non_teardown_states_are_not_recorded() {
+        let mut h = StateHistograms::default();
+        h.record(TcpState::Established, MS);
+        assert!(h.stats().is_empty());
+    }
+
+    #[test]
+    fn active_and_passive_closes_per_owner() {
+        let mut stats = TeardownStats::default();
+        stats.record(&t(1, TcpState::Established, TcpState::FinWait1, Some(MS)));
+        stats.record(&t(1, TcpState::FinWait1, TcpState::FinWait2, Some(2 * MS)));
+        stats.record(&t(2, TcpState::Established, TcpState::CloseWait, Some(MS)));
+        stats.record(&t(
+            2,
+            TcpState::CloseWait,
+            TcpState::LastAck,
+            Some(200 * MS),
+        ));
+        stats.record(&t(0, TcpState::TimeWait, TcpState::Close, None));
+        assert_eq!((stats.active_closes, stats.passive_closes), (1, 1));
+        let owner = |pid| {
+            stats
+                .owners
+                .iter()
+                .find(|(k, _)| k.pid == pid)
+                .map(|(_, v)| v)
+                .unwrap()
+        };
+        assert_eq!((owner(1).active_closes, owner(1).passive_closes), (1, 0));
+        assert_eq!((owner(2).active_closes, owner(2).passive_closes), (0, 1));
+        assert_eq!(owner(0).states.stats(), []);
+        let p2 = owner(2).states.stats();
+        assert_eq!(p2.len(), 1);
+        assert_eq!(p2[0].state, "CLOSE_WAIT");
+        assert_eq!(stats.overall.stats().len(), 2);
+    }
+}

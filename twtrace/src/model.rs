@@ -1,0 +1,425 @@
+//! The teardown model: turns what the kernel observed into the transitions
+//! users see. Pure — no kernel, no clock of its own — so every rule here is
+//! unit-tested.
+//!
+//! Two things need more than one kernel event:
+//! * A cancelled mini-socket timer is either the end of the mini-socket or
+//!   the first half of a re-arm (the kernel detaches a pending timer before
+//!   enqueueing it again) or of an expiry. The follow-up comes at once, on
+//!   the same CPU; a cancel that nothing follows within `CANCEL_GRACE_NS`
+//!   is an early end.
+//! * An orphaned FIN_WAIT2 mini-socket moves to TIME_WAIT when the peer's
+//!   FIN arrives by re-arming its timer, which the kernel does not trace
+//!   when the new expiry lands in the same timer-wheel bucket. The expiry
+//!   is still updated, so the move happened at `expires - TCP_TIMEWAIT_LEN`.
+
+use std::collections::HashMap;
+
+use crate::event::{EventKind, KernelEvent, TcpState, Transition, TwEnd};
+
+/// How long a cancel waits for a re-arm or expiry of the same timer. The
+/// kernel emits those microseconds later; this leaves room for a busy CPU.
+pub const CANCEL_GRACE_NS: u64 = 20_000_000;
+
+/// `TCP_TIMEWAIT_LEN`: compiled into the kernel.
+pub const TIME_WAIT_SECS: u64 = 60;
+
+#[derive(Debug)]
+pub struct TeardownModel {
+    /// Kernel ticks per second, to turn timer jiffies into nanoseconds.
+    hz: Option<u64>,
+    pending_cancels: HashMap<u64, KernelEvent>,
+}
+
+impl TeardownModel {
+    #[must_use]
+    pub fn new(hz: Option<u64>) -> Self {
+        Self {
+            hz,
+            pending_cancels: HashMap::new(),
+        }
+    }
+
+    /// Mini-sockets whose cancel is not yet known to be an end.
+    #[must_use]
+    pub fn pending(&self) -> usize {
+        self.pending_cancels.len()
+    }
+
+    /// Feeds one kernel event; appends the transitions it completes.
+    pub fn push(&mut self, event: KernelEvent, out: &mut Vec<Transition>) {
+        match event.kind {
+            EventKind::Sock => out.push(event.transition),
+            EventKind::TwBirth => {
+                // An orphaned socket still waiting for the peer's FIN stays
+                // in FIN_WAIT2, now in the mini-socket: nothing changed.
+                if event.transition.new == TcpState::TimeWait {
+                    out.push(event.transition);
+                }
+            }
+            EventKind::TwRearm => {
+                if let Some(tw) = event.tw {
+                    self.pending_cancels.remove(&tw.id);
+                }
+                if event.transition.old != event.transition.new {
+                    out.push(event.transition);
+                }
+            }
+            EventKind::TwCancel => {
+                if let Some(tw) = event.tw {
+                    // A second cancel replaces the first: the first was
+                    // followed by something, as the kernel re-cancelled.
+                    self.pending_cancels.insert(tw.id, event);
+                }
+            }
+            EventKind::TwExpire => {
+                if let Some(tw) = event.tw {
+                    self.pending_cancels.remove(&tw.id);
+                }
+                self.end(event, TwEnd::Expired, out);
+            }
+        }
+    }
+
+    /// Ends the mini-sockets whose cancel nothing followed, given the
+    /// kernel's clock (CLOCK_MONOTONIC) now.
+    pub fn flush(&mut self, now_ns: u64, out: &mut Vec<Transition>) {
+        let due: Vec<u64> = self
+            .pending_cancels
+            .iter()
+            .filter(|(_, e)| e.transition.ts_ns.saturating_add(CANCEL_GRACE_NS) <= now_ns)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut ended: Vec<KernelEvent> = due
+            .iter()
+            .filter_map(|id| self.pending_cancels.remove(id))
+            .collect();
+        ended.sort_by_key(|e| e.transition.ts_ns);
+        for event in ended {
+            self.end(event, TwEnd::Cancelled, out);
+        }
+    }
+
+    /// Ends every pending cancel (tracing stops, nothing more will come).
+    pub fn finish(&mut self, out: &mut Vec<Transition>) {
+        self.flush(u64::MAX, out);
+    }
+
+    fn end(&self, event: KernelEvent, end: TwEnd, out: &mut Vec<Transition>) {
+        let mut last = event.transition;
+        last.end = Some(end);
+        let Some(tw) = event.tw else {
+            out.push(last);
+            return;
+        };
+        if last.old == TcpState::FinWait2 && tw.end_substate == TcpState::TimeWait {
+            // The peer's FIN arrived and the kernel re-armed the timer
+            // without tracing it: recover when from the timer's expiry.
+            let since = last.in_state_ns.map(|ns| last.ts_ns.saturating_sub(ns));
+            let moved = self.time_wait_began(&tw, last.ts_ns, since);
+            let mut into_tw = last.clone();
+            into_tw.end = None;
+            into_tw.new = TcpState::TimeWait;
+            into_tw.ts_ns = moved.unwrap_or(last.ts_ns);
+            into_tw.in_state_ns = moved.zip(since).map(|(m, s)| m.saturating_sub(s));
+            last.old = TcpState::TimeWait;
+            last.in_state_ns = moved.map(|m| last.ts_ns.saturating_sub(m));
+            out.push(into_tw);
+        }
+        out.push(last);
+    }
+
+    /// Kernel time at which the mini-socket's TIME_WAIT began, from its
+    /// timer: armed for `TIME_WAIT_SECS` then, so it began at
+    /// `expires - TIME_WAIT_SECS * HZ` jiffies, mapped to nanoseconds through
+    /// the birth anchor. Clamped to what is possible: after the FIN_WAIT2
+    /// began and no later than the end.
+    fn time_wait_began(
+        &self,
+        tw: &crate::event::TwFacts,
+        end_ns: u64,
+        since_ns: Option<u64>,
+    ) -> Option<u64> {
+        let hz = self.hz?;
+        if tw.expires == 0 || tw.birth_ns == 0 {
+            return None;
+        }
+        let began_jiffies = i128::from(tw.expires) - i128::from(TIME_WAIT_SECS * hz);
+        let delta_jiffies = began_jiffies - i128::from(tw.birth_jiffies);
+        let ns = i128::from(tw.birth_ns) + delta_jiffies * 1_000_000_000 / i128::from(hz);
+        let lower = i128::from(since_ns.unwrap_or(tw.birth_ns));
+        let ns = ns.clamp(lower, i128::from(end_ns));
+        u64::try_from(ns).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Owner, TwFacts};
+
+    const HZ: u64 = 250;
+    const MS: u64 = 1_000_000;
+
+    fn transition(old: TcpState, new: TcpState, ts_ns: u64, in_state_ns: u64) -> Transition {
+        Transition {
+            ts_ns,
+            sock_id: 0x100,
+            owner: Some(Owner {
+                pid: 7,
+                comm: "client".into(),
+            }),
+            src: "127.0.0.1:40000".parse().unwrap(),
+            dst: "127.0.0.1:80".parse().unwrap(),
+            old,
+            new,
+            in_state_ns: Some(in_state_ns),
+            end: None,
+        }
+    }
+
+    fn tw_event(
+        kind: EventKind,
+        t: Transition,
+        expires: u64,
+        end_substate: TcpState,
+    ) -> KernelEvent {
+        KernelEvent {
+            kind,
+            transition: t,
+            tw: Some(TwFacts {
+                id: 0xabc,
+                // Born at 1 s kernel time, jiffy 1000.
+                birth_ns: 1_000 * MS,
+                birth_jiffies: 1000,
+                expires,
+                bucket_expiry: 0,
+                end_substate,
+            }),
+        }
+    }
+
+    fn run(events: Vec<KernelEvent>, flush_at: u64) -> Vec<Transition> {
+        let mut model = TeardownModel::new(Some(HZ));
+        let mut out = Vec::new();
+        for e in events {
+            model.push(e, &mut out);
+        }
+        model.flush(flush_at, &mut out);
+        out
+    }
+
+    fn steps(out: &[Transition]) -> Vec<(TcpState, TcpState, Option<TwEnd>)> {
+        out.iter().map(|t| (t.old, t.new, t.end)).collect()
+    }
+
+    #[test]
+    fn time_wait_birth_and_expiry() {
+        let birth = transition(TcpState::FinWait2, TcpState::TimeWait, 1_000 * MS, 5 * MS);
+        let cancel = transition(
+            TcpState::TimeWait,
+            TcpState::Close,
+            61_000 * MS,
+            60_000 * MS,
+        );
+        let expire = transition(
+            TcpState::TimeWait,
+            TcpState::Close,
+            61_000 * MS,
+            60_000 * MS,
+        );
+        let out = run(
+            vec![
+                tw_event(
+                    EventKind::TwBirth,
+                    birth,
+                    1000 + 60 * HZ,
+                    TcpState::TimeWait,
+                ),
+                // The kernel detaches a timer before running it.
+                tw_event(EventKind::TwCancel, cancel, 0, TcpState::TimeWait),
+                tw_event(
+                    EventKind::TwExpire,
+                    expire,
+                    1000 + 60 * HZ,
+                    TcpState::TimeWait,
+                ),
+            ],
+            u64::MAX,
+        );
+        assert_eq!(
+            steps(&out),
+            [
+                (TcpState::FinWait2, TcpState::TimeWait, None),
+                (TcpState::TimeWait, TcpState::Close, Some(TwEnd::Expired)),
+            ]
+        );
+        assert_eq!(out[1].in_state_ns, Some(60_000 * MS));
+    }
+
+    #[test]
+    fn cancel_alone_is_an_early_end_after_the_grace_period() {
+        let cancel = transition(TcpState::TimeWait, TcpState::Close, 3_000 * MS, 2_000 * MS);
+        let mut model = TeardownModel::new(Some(HZ));
+        let mut out = Vec::new();
+        model.push(
+            tw_event(EventKind::TwCancel, cancel, 0, TcpState::TimeWait),
+            &mut out,
+        );
+        model.flush(3_000 * MS + CANCEL_GRACE_NS - 1, &mut out);
+        assert!(out.is_empty(), "too early: {out:?}");
+        assert_eq!(model.pending(), 1);
+        model.flush(3_000 * MS + CANCEL_GRACE_NS, &mut out);
+        assert_eq!(
+            steps(&out),
+            [(TcpState::TimeWait, TcpState::Close, Some(TwEnd::Cancelled))]
+        );
+        assert_eq!(out[0].in_state_ns, Some(2_000 * MS));
+        assert_eq!(model.pending(), 0);
+    }
+
+    #[test]
+    fn cancel_followed_by_rearm_is_no_end() {
+        let cancel = transition(TcpState::TimeWait, TcpState::Close, 2_000 * MS, MS);
+        let rearm = transition(TcpState::TimeWait, TcpState::TimeWait, 2_000 * MS, MS);
+        let out = run(
+            vec![
+                tw_event(EventKind::TwCancel, cancel, 0, TcpState::TimeWait),
+                tw_event(
+                    EventKind::TwRearm,
+                    rearm,
+                    1000 + 61 * HZ,
+                    TcpState::TimeWait,
+                ),
+            ],
+            u64::MAX,
+        );
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn orphaned_fin_wait2_is_not_time_wait_and_its_traced_move_is_a_transition() {
+        let birth = transition(TcpState::FinWait2, TcpState::FinWait2, 1_000 * MS, 10_000);
+        let rearm = transition(TcpState::FinWait2, TcpState::TimeWait, 1_300 * MS, 300 * MS);
+        let expire = transition(
+            TcpState::TimeWait,
+            TcpState::Close,
+            61_300 * MS,
+            60_000 * MS,
+        );
+        let out = run(
+            vec![
+                tw_event(
+                    EventKind::TwBirth,
+                    birth,
+                    1000 + 60 * HZ,
+                    TcpState::FinWait2,
+                ),
+                tw_event(
+                    EventKind::TwRearm,
+                    rearm,
+                    1075 + 60 * HZ,
+                    TcpState::TimeWait,
+                ),
+                tw_event(
+                    EventKind::TwExpire,
+                    expire,
+                    1075 + 60 * HZ,
+                    TcpState::TimeWait,
+                ),
+            ],
+            u64::MAX,
+        );
+        assert_eq!(
+            steps(&out),
+            [
+                (TcpState::FinWait2, TcpState::TimeWait, None),
+                (TcpState::TimeWait, TcpState::Close, Some(TwEnd::Expired)),
+            ]
+        );
+        assert_eq!(out[0].in_state_ns, Some(300 * MS));
+    }
+
+    #[test]
+    fn untraced_move_to_time_wait_is_recovered_from_the_timer() {
+        // FIN_WAIT2 began at 0.99 s; born at 1 s (jiffy 1000); the peer's FIN
+        // came 300 ms (75 jiffies) later; the re-arm was not traced. The
+        // mini-socket is cancelled at 5 s, still holding TIME_WAIT.
+        let cancel = transition(TcpState::FinWait2, TcpState::Close, 5_000 * MS, 4_010 * MS);
+        let out = run(
+            vec![tw_event(
+                EventKind::TwCancel,
+                cancel,
+                1075 + 60 * HZ,
+                TcpState::TimeWait,
+            )],
+            u64::MAX,
+        );
+        assert_eq!(
+            steps(&out),
+            [
+                (TcpState::FinWait2, TcpState::TimeWait, None),
+                (TcpState::TimeWait, TcpState::Close, Some(TwEnd::Cancelled)),
+            ]
+        );
+        assert_eq!(out[0].ts_ns, 1_300 * MS);
+        assert_eq!(out[0].in_state_ns, Some(310 * MS));
+        assert_eq!(out[1].in_state_ns, Some(3_700 * MS));
+    }
+
+    #[test]
+    fn fin_wait2_mini_socket_that_times_out_ends_in_fin_wait2() {
+        let expire = transition(
+            TcpState::FinWait2,
+            TcpState::Close,
+            61_000 * MS,
+            60_000 * MS,
+        );
+        let out = run(
+            vec![tw_event(
+                EventKind::TwExpire,
+                expire,
+                1000 + 60 * HZ,
+                TcpState::FinWait2,
+            )],
+            0,
+        );
+        assert_eq!(
+            steps(&out),
+            [(TcpState::FinWait2, TcpState::Close, Some(TwEnd::Expired))]
+        );
+    }
+
+    #[test]
+    fn without_hz_the_move_is_reported_with_unknown_times() {
+        let cancel = transition(TcpState::FinWait2, TcpState::Close, 5_000 * MS, 4_000 * MS);
+        let mut model = TeardownModel::new(None);
+        let mut out = Vec::new();
+        model.push(
+            tw_event(
+                EventKind::TwCancel,
+                cancel,
+                1075 + 60 * HZ,
+                TcpState::TimeWait,
+            ),
+            &mut out,
+        );
+        model.finish(&mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!((out[0].in_state_ns, out[1].in_state_ns), (None, None));
+    }
+
+    #[test]
+    fn socket_transitions_pass_through() {
+        let t = transition(TcpState::Established, TcpState::FinWait1, 5, 4);
+        let out = run(
+            vec![KernelEvent {
+                kind: EventKind::Sock,
+                transition: t.clone(),
+                tw: None,
+            }],
+            0,
+        );
+        assert_eq!(out, [t]);
+    }
+}

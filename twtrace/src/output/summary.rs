@@ -1,0 +1,270 @@
+//! The end-of-run report: per-state distributions, who closed first, and
+//! what was lost. Shared by `summary` and the end of `trace`.
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+
+use crate::{
+    histogram::{StateStats, TeardownStats},
+    loader::LossReport,
+    units,
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessReport {
+    pub pid: u32,
+    pub comm: String,
+    pub active_closes: u64,
+    pub passive_closes: u64,
+    pub states: Vec<StateStats>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Lost {
+    /// Transitions that never reached twtrace (sum of the next four).
+    pub events: u64,
+    pub ringbuf_full: u64,
+    pub recursion_misses: u64,
+    pub unreadable: u64,
+    pub undecodable: u64,
+    /// Socket records the kernel could not store (owner or time unknown).
+    pub sock_records_not_stored: u64,
+    /// TIME_WAIT records evicted from the kernel's LRU map (estimate).
+    pub tw_evictions: u64,
+    pub tw_records_not_stored: u64,
+}
+
+/// One JSON document (or a text block) summarising a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct SummaryReport {
+    pub r#type: &'static str,
+    /// Transitions reported.
+    pub events: u64,
+    pub duration_ns: u64,
+    pub time_wait_tracking: bool,
+    pub active_closes: u64,
+    pub passive_closes: u64,
+    pub lost: Lost,
+    pub states: Vec<StateStats>,
+    pub processes: Vec<ProcessReport>,
+}
+
+impl SummaryReport {
+    #[must_use]
+    pub fn new(
+        stats: &TeardownStats,
+        events: u64,
+        duration_ns: u64,
+        loss: &LossReport,
+        tw_evictions: u64,
+        time_wait_tracking: bool,
+    ) -> Self {
+        let mut processes: Vec<ProcessReport> = stats
+            .owners
+            .iter()
+            .map(|(owner, s)| ProcessReport {
+                pid: owner.pid,
+                comm: owner.comm.clone(),
+                active_closes: s.active_closes,
+                passive_closes: s.passive_closes,
+                states: s.states.stats(),
+            })
+            .filter(|p| p.active_closes + p.passive_closes > 0 || !p.states.is_empty())
+            .collect();
+        // Who closes first, first.
+        processes.sort_by(|a, b| {
+            b.active_closes
+                .cmp(&a.active_closes)
+                .then(b.passive_closes.cmp(&a.passive_closes))
+                .then(a.pid.cmp(&b.pid))
+        });
+        Self {
+            r#type: "summary",
+            events,
+            duration_ns,
+            time_wait_tracking,
+            active_closes: stats.active_closes,
+            passive_closes: stats.passive_closes,
+            lost: Lost {
+                events: loss.events_lost(),
+                ringbuf_full: loss.ringbuf_full,
+                recursion_misses: loss.recursion_misses,
+                unreadable: loss.read_failed,
+                undecodable: loss.decode_errors,
+                sock_records_not_stored: loss.sock_update_failed,
+                tw_evictions,
+                tw_records_not_stored: loss.tw_update_failed,
+            },
+            states: stats.overall.stats(),
+            processes,
+        }
+    }
+
+    /// One line of JSON (the last line of `trace -o json`).
+    pub fn write_json_line(&self, out: &mut impl Write) -> io::Result<()> {
+        serde_json::to_writer(&mut *out, self)?;
+        out.write_all(b"\n")
+    }
+
+    pub fn write_json_pretty(&self, out: &mut impl Write) -> io::Result<()> {
+        serde_json::to_writer_pretty(&mut *out, self)?;
+        out.write_all(b"\n")
+    }
+
+    pub fn write_text(&self, out: &mut impl Write) -> io::Result<()> {
+        writeln!(out, "TIME IN STATE (all processes)")?;
+        write_state_header(out, "")?;
+        for s in &self.states {
+            write_state_row(out, "", s)?;
+        }
+        if self.states.is_empty() {
+            writeln!(out, "  (no teardown seen)")?;
+        }
+        writeln!(out)?;
+        writeln!(
+            out,
+            "CLOSES BY PROCESS ({} active, {} passive)",
+            self.active_closes, self.passive_closes
+        )?;
+        writeln!(
+            out,
+            "{:<8} {:<16} {:>8} {:>8}",
+            "PID", "COMM", "ACTIVE", "PASSIVE"
+        )?;
+        for p in &self.processes {
+            writeln!(
+                out,
+                "{:<8} {:<16} {:>8} {:>8}",
+                p.pid, p.comm, p.active_closes, p.passive_closes
+            )?;
+        }
+        writeln!(out)?;
+        writeln!(out, "TIME IN STATE BY PROCESS")?;
+        write_state_header(out, &format!("{:<8} {:<16} ", "PID", "COMM"))?;
+        for p in &self.processes {
+            let prefix = format!("{:<8} {:<16} ", p.pid, p.comm);
+            for s in &p.states {
+                write_state_row(out, &prefix, s)?;
+            }
+        }
+        writeln!(out)?;
+        let lost = &self.lost;
+        writeln!(
+            out,
+            "{} transitions in {}; lost {} (ring buffer full {}, recursion misses {}, unreadable {}, undecodable {}); socket records not stored {}; TIME_WAIT records evicted {}, not stored {}{}",
+            self.events,
+            units::duration(self.duration_ns),
+            lost.events,
+            lost.ringbuf_full,
+            lost.recursion_misses,
+            lost.unreadable,
+            lost.undecodable,
+            lost.sock_records_not_stored,
+            lost.tw_evictions,
+            lost.tw_records_not_stored,
+            if self.time_wait_tracking {
+                ""
+            } else {
+                "; TIME_WAIT not tracked on this kernel"
+            },
+        )
+    }
+}
+
+fn write_state_header(out: &mut impl Write, prefix: &str) -> io::Result<()> {
+    writeln!(
+        out,
+        "{prefix}{:<11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "STATE", "COUNT", "MIN", "P50", "P90", "P99", "P99.9", "MAX"
+    )
+}
+
+fn write_state_row(out: &mut impl Write, prefix: &str, s: &StateStats) -> io::Result<()> {
+    writeln!(
+        out,
+        "{prefix}{:<11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        s.state,
+        s.count,
+        units::duration(s.min_ns),
+        units::duration(s.p50_ns),
+        units::duration(s.p90_ns),
+        units::duration(s.p99_ns),
+        units::duration(s.p999_ns),
+        units::duration(s.max_ns),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Owner, TcpState, Transition};
+
+    fn report() -> SummaryReport {
+        let mut stats = TeardownStats::default();
+        for (pid, old, new, ms) in [
+            (10, TcpState::Established, TcpState::FinWait1, 1),
+            (10, TcpState::FinWait1, TcpState::FinWait2, 2),
+            (10, TcpState::TimeWait, TcpState::Close, 60_000),
+            (20, TcpState::Established, TcpState::CloseWait, 1),
+            (20, TcpState::CloseWait, TcpState::LastAck, 200),
+        ] {
+            stats.record(&Transition {
+                ts_ns: 0,
+                sock_id: 0,
+                owner: Some(Owner {
+                    pid,
+                    comm: format!("p{pid}"),
+                }),
+                src: "127.0.0.1:1".parse().unwrap(),
+                dst: "127.0.0.1:2".parse().unwrap(),
+                old,
+                new,
+                in_state_ns: Some(ms * 1_000_000),
+                end: None,
+            });
+        }
+        SummaryReport::new(&stats, 5, 30_000_000_000, &LossReport::default(), 0, true)
+    }
+
+    #[test]
+    fn json_has_states_processes_and_losses() {
+        let mut buf = Vec::new();
+        report().write_json_pretty(&mut buf).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(v["type"], "summary");
+        assert_eq!(v["active_closes"], 1);
+        assert_eq!(v["passive_closes"], 1);
+        assert_eq!(v["lost"]["events"], 0);
+        let states: Vec<&str> = v["states"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["state"].as_str().unwrap())
+            .collect();
+        assert_eq!(states, ["FIN_WAIT1", "TIME_WAIT", "CLOSE_WAIT"]);
+        let tw = &v["states"][1];
+        for key in [
+            "count", "min_ns", "p50_ns", "p90_ns", "p99_ns", "p999_ns", "max_ns",
+        ] {
+            assert!(tw[key].is_u64(), "{key}");
+        }
+        // The active closer is listed first.
+        assert_eq!(v["processes"][0]["pid"], 10);
+        assert_eq!(v["processes"][0]["active_closes"], 1);
+        assert_eq!(v["processes"][1]["passive_closes"], 1);
+    }
+
+    #[test]
+    fn text_has_readable_units() {
+        let mut buf = Vec::new();
+        report().write_text(&mut buf).unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        let tw_row = text
+            .lines()
+            .find(|l| l.starts_with("TIME_WAIT"))
+            .expect(&text);
+        assert!(tw_row.contains("1m00s"), "{tw_row}");
+        assert!(text.contains("5 transitions in 30.0s; lost 0"), "{text}");
+    }
+}
