@@ -176,8 +176,14 @@ pub struct TwConfig {
     pub timer_expires_off: u16,
     /// `offsetof(tw_substate) - offsetof(tw_timer)`; negative in practice.
     pub substate_from_timer: i16,
+    /// Where the mini-socket's local port (`skc_num`, host order) and
+    /// remote port (`skc_dport`, network order) sit relative to `tw_timer`:
+    /// they tell a re-armed timer from a new mini-socket that reuses the
+    /// address of one just freed.
+    pub sport_from_timer: i16,
+    pub dport_from_timer: i16,
     pub has_btf: u8,
-    pub pad: [u8; 9],
+    pub pad: [u8; 5],
 }
 
 impl TwConfig {
@@ -194,8 +200,10 @@ impl TwConfig {
         timer_function_off: 0,
         timer_expires_off: 0,
         substate_from_timer: 0,
+        sport_from_timer: 0,
+        dport_from_timer: 0,
         has_btf: 0,
-        pad: [0; 9],
+        pad: [0; 5],
     };
 }
 
@@ -315,7 +323,7 @@ pub const DEFAULT_MAX_SOCKETS: u32 = 131_072;
 pub const DEFAULT_MAX_TW: u32 = 262_144;
 /// How soon after a tw timer's first arming the full socket's hand-over
 /// must follow on the same CPU (it is the next thing `tcp_time_wait` does).
-pub const HANDOVER_WINDOW_NS: u64 = 1_000_000;
+pub const HANDOVER_WINDOW_NS: u64 = 10_000_000;
 /// Capacity of the pid and port filter maps.
 pub const MAX_FILTER_ENTRIES: u32 = 64;
 

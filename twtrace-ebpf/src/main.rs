@@ -401,7 +401,10 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i64> {
     // enqueueing it again, back to back on this CPU.
     if scratch.cancel_timer == timer {
         scratch.cancel_timer = 0;
-        if let Some(record) = TWS.get_ptr_mut(timer) {
+        if let Some(record) = TWS.get_ptr_mut(timer).filter(|r| {
+            // SAFETY: a pointer from a successful lookup.
+            same_mini_socket(&cfg, timer, unsafe { &**r })
+        }) {
             // SAFETY: a pointer from a successful lookup; the mini-socket's
             // timer events are serialised by the timer base lock.
             let record = unsafe { &mut *record };
@@ -482,14 +485,17 @@ fn try_timer_cancel(ctx: &TracePointContext) -> Result<(), i64> {
     let Some(record) = TWS.get_ptr(timer) else {
         return Ok(());
     };
+    // SAFETY: a pointer from a successful lookup.
+    let record = unsafe { *record };
+    if !same_mini_socket(&cfg, timer, &record) {
+        return Ok(());
+    }
     // The previous cancel on this CPU was not followed by a re-arm or an
     // expiry: that mini-socket is gone, and so is its record.
     if scratch.cancel_timer != 0 && scratch.cancel_timer != timer {
         let _ = TWS.remove(scratch.cancel_timer);
     }
     scratch.cancel_timer = timer;
-    // SAFETY: a pointer from a successful lookup.
-    let record = unsafe { *record };
     if record.emit != 0 {
         emit_end(ctx, &cfg, &record, timer, kind::TW_CANCEL);
     }
@@ -517,12 +523,12 @@ fn try_timer_expire_entry(ctx: &TracePointContext) -> Result<(), i64> {
             scratch.cancel_timer = 0;
         }
     }
-    let Some(record) = TWS.get_ptr(timer) else {
+    // SAFETY: a pointer from a successful lookup.
+    let record = TWS.get_ptr(timer).map(|r| unsafe { *r });
+    let Some(record) = record.filter(|r| same_mini_socket(&cfg, timer, r)) else {
         bump(counter::TW_UNTRACKED_END);
         return Ok(());
     };
-    // SAFETY: a pointer from a successful lookup.
-    let record = unsafe { *record };
     if record.emit != 0 {
         emit_end(ctx, &cfg, &record, timer, kind::TW_EXPIRE);
     }
@@ -570,7 +576,10 @@ fn emit_end<C: EbpfContext>(
     submit(ctx, &event);
 }
 
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one flat constructor for the event; a builder would cost stack in BPF"
+)]
 fn tw_event(
     record: &TwRecord,
     timer: u64,
@@ -607,6 +616,21 @@ fn tw_event(
         pad: [0; 6],
         comm: record.comm,
     }
+}
+
+/// Whether the record for `timer` describes the mini-socket that owns that
+/// timer now: a freed mini-socket's address is soon reused by a new one,
+/// and a record left by an early end must not be taken for it.
+fn same_mini_socket(cfg: &TwConfig, timer: u64, record: &TwRecord) -> bool {
+    if cfg.has_btf == 0 {
+        return true;
+    }
+    let at = |off: i16| timer.wrapping_add_signed(i64::from(off));
+    // SAFETY: bpf_probe_read_kernel faults safely on a bad address.
+    let sport = unsafe { bpf_probe_read_kernel(at(cfg.sport_from_timer) as *const u16) };
+    // SAFETY: as above.
+    let dport = unsafe { bpf_probe_read_kernel(at(cfg.dport_from_timer) as *const u16) };
+    sport == Ok(record.sport) && dport.map(u16::from_be) == Ok(record.dport)
 }
 
 /// The mini-socket's `tw_substate`, read through its embedded timer. Without

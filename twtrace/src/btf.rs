@@ -149,7 +149,9 @@ impl Btf {
         for m in &composite.members {
             let bits = base_bits + m.bit_offset;
             if m.name_off == 0 {
-                if let Some(found) = self.find(self.resolve(m.type_id), member, bits) {
+                // Anonymous members are structs or unions directly: BTF
+                // puts no modifiers on them.
+                if let Some(found) = self.find(m.type_id, member, bits) {
                     return Some(found);
                 }
             } else if string_at(&self.strings, m.name_off) == member {
@@ -157,12 +159,6 @@ impl Btf {
             }
         }
         None
-    }
-
-    /// Anonymous members are structs or unions directly; modifiers are not
-    /// followed because BTF does not put them on anonymous members.
-    fn resolve(&self, id: u32) -> u32 {
-        id
     }
 }
 
@@ -196,13 +192,8 @@ mod tests {
         let mut data = Vec::new();
         data.extend_from_slice(&MAGIC.to_le_bytes());
         data.extend_from_slice(&[1, 0]);
-        for w in [
-            24u32,
-            0,
-            types.len() as u32,
-            types.len() as u32,
-            strings.len() as u32,
-        ] {
+        let len = |v: &Vec<u8>| u32::try_from(v.len()).unwrap();
+        for w in [24u32, 0, len(&types), len(&types), len(&strings)] {
             data.extend_from_slice(&w.to_le_bytes());
         }
         data.extend(types);

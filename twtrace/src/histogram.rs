@@ -226,7 +226,9 @@ mod tests {
         h.record(TcpState::LastAck, 3_600_000_000_000);
         let s = &h.stats()[0];
         assert_eq!(s.count, 2);
-        assert!(close(s.min_ns, LOWEST_NS));
+        // Below 1 µs the histogram does not resolve: the minimum reads as
+        // its lowest bucket, never above 1 µs.
+        assert!(s.min_ns <= LOWEST_NS, "{}", s.min_ns);
         assert!(close(s.max_ns, HIGHEST_NS));
     }
 

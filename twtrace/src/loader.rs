@@ -173,51 +173,7 @@ impl Tracer {
             _ => None,
         };
 
-        let mut programs = Vec::new();
-        let set_state: &mut TracePoint = ebpf
-            .program_mut(names::PROG_SET_STATE)
-            .context("the eBPF object lacks inet_sock_set_state")?
-            .try_into()?;
-        set_state
-            .load()
-            .context("the kernel refused the inet_sock_set_state program")?;
-        set_state
-            .attach("sock", "inet_sock_set_state")
-            .context("attaching to the sock:inet_sock_set_state tracepoint")?;
-        programs.push(names::PROG_SET_STATE);
-
-        // Owners of accepted sockets are learnt at their first send or
-        // receive; without these hooks they are learnt only at close().
-        for name in [names::PROG_SENDMSG, names::PROG_RCV_SPACE] {
-            match attach_raw(&mut ebpf, name) {
-                Ok(()) => programs.push(name),
-                Err(error) => {
-                    let message = format!(
-                        "tracepoint tcp:{name} unavailable ({error:#}): owners of accepted sockets are learnt later, at close()"
-                    );
-                    warnings.push(message);
-                }
-            }
-        }
-
-        let mut tw_enabled = tw_config.handler != 0;
-        if tw_enabled {
-            for (program, event) in [
-                (names::PROG_TIMER_START, "timer_start"),
-                (names::PROG_TIMER_EXPIRE, "timer_expire_entry"),
-                (names::PROG_TIMER_CANCEL, "timer_cancel"),
-            ] {
-                match attach_tracepoint(&mut ebpf, program, "timer", event) {
-                    Ok(()) => programs.push(program),
-                    Err(error) => {
-                        tw_enabled = false;
-                        warnings.push(format!(
-                            "tracepoint timer:{event} unavailable ({error:#}): TIME_WAIT lifetimes are incomplete"
-                        ));
-                    }
-                }
-            }
-        }
+        let (programs, tw_enabled) = attach_all(&mut ebpf, tw_config.handler != 0, &mut warnings)?;
 
         let ring = RingBuf::try_from(
             ebpf.take_map(names::EVENTS)
@@ -382,6 +338,59 @@ fn fill_filter_map<K: aya::Pod>(ebpf: &mut Ebpf, name: &str, keys: &[K]) -> anyh
     Ok(())
 }
 
+/// Attaches every program; the first is required, the rest degrade one
+/// feature each with a warning. Returns the attached programs and whether
+/// TIME_WAIT tracking is on.
+fn attach_all(
+    ebpf: &mut Ebpf,
+    want_time_wait: bool,
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<(Vec<&'static str>, bool)> {
+    let mut programs = Vec::new();
+    let set_state: &mut TracePoint = ebpf
+        .program_mut(names::PROG_SET_STATE)
+        .context("the eBPF object lacks inet_sock_set_state")?
+        .try_into()?;
+    set_state
+        .load()
+        .context("the kernel refused the inet_sock_set_state program")?;
+    set_state
+        .attach("sock", "inet_sock_set_state")
+        .context("attaching to the sock:inet_sock_set_state tracepoint")?;
+    programs.push(names::PROG_SET_STATE);
+
+    // Owners of accepted sockets are learnt at their first send or
+    // receive; without these hooks they are learnt only at close().
+    for name in [names::PROG_SENDMSG, names::PROG_RCV_SPACE] {
+        match attach_raw(ebpf, name) {
+            Ok(()) => programs.push(name),
+            Err(error) => warnings.push(format!(
+                "tracepoint tcp:{name} unavailable ({error:#}): owners of accepted sockets are learnt later, at close()"
+            )),
+        }
+    }
+
+    let mut tw_enabled = want_time_wait;
+    if tw_enabled {
+        for (program, event) in [
+            (names::PROG_TIMER_START, "timer_start"),
+            (names::PROG_TIMER_EXPIRE, "timer_expire_entry"),
+            (names::PROG_TIMER_CANCEL, "timer_cancel"),
+        ] {
+            match attach_tracepoint(ebpf, program, "timer", event) {
+                Ok(()) => programs.push(program),
+                Err(error) => {
+                    tw_enabled = false;
+                    warnings.push(format!(
+                        "tracepoint timer:{event} unavailable ({error:#}): TIME_WAIT lifetimes are incomplete"
+                    ));
+                }
+            }
+        }
+    }
+    Ok((programs, tw_enabled))
+}
+
 fn attach_tracepoint(
     ebpf: &mut Ebpf,
     name: &str,
@@ -423,10 +432,12 @@ fn time_wait_config(tracefs: &std::path::Path) -> anyhow::Result<(TwConfig, Vec<
         ..TwConfig::DISABLED
     };
     match btf_offsets() {
-        Ok((function, expires, substate_from_timer)) => {
-            config.timer_function_off = function;
-            config.timer_expires_off = expires;
-            config.substate_from_timer = substate_from_timer;
+        Ok(offsets) => {
+            config.timer_function_off = offsets.timer_function;
+            config.timer_expires_off = offsets.timer_expires;
+            config.substate_from_timer = offsets.substate_from_timer;
+            config.sport_from_timer = offsets.sport_from_timer;
+            config.dport_from_timer = offsets.dport_from_timer;
             config.has_btf = 1;
         }
         Err(error) => warnings.push(format!(
@@ -436,18 +447,27 @@ fn time_wait_config(tracefs: &std::path::Path) -> anyhow::Result<(TwConfig, Vec<
     Ok((config, warnings))
 }
 
-fn btf_offsets() -> anyhow::Result<(u16, u16, i16)> {
+struct BtfOffsets {
+    timer_function: u16,
+    timer_expires: u16,
+    substate_from_timer: i16,
+    sport_from_timer: i16,
+    dport_from_timer: i16,
+}
+
+fn btf_offsets() -> anyhow::Result<BtfOffsets> {
     let btf = Btf::from_sys_fs()?;
-    let function = btf.member_offset("timer_list", "function")?;
-    let expires = btf.member_offset("timer_list", "expires")?;
-    let substate = btf.member_offset("inet_timewait_sock", "tw_substate")?;
     let timer = btf.member_offset("inet_timewait_sock", "tw_timer")?;
-    let relative = i64::from(substate) - i64::from(timer);
-    Ok((
-        u16::try_from(function)?,
-        u16::try_from(expires)?,
-        i16::try_from(relative)?,
-    ))
+    // The mini-socket starts with the same `struct sock_common` as a socket.
+    let common = btf.member_offset("inet_timewait_sock", "__tw_common")?;
+    let from_timer = |offset: u32| i16::try_from(i64::from(offset) - i64::from(timer));
+    Ok(BtfOffsets {
+        timer_function: u16::try_from(btf.member_offset("timer_list", "function")?)?,
+        timer_expires: u16::try_from(btf.member_offset("timer_list", "expires")?)?,
+        substate_from_timer: from_timer(btf.member_offset("inet_timewait_sock", "tw_substate")?)?,
+        sport_from_timer: from_timer(common + btf.member_offset("sock_common", "skc_num")?)?,
+        dport_from_timer: from_timer(common + btf.member_offset("sock_common", "skc_dport")?)?,
+    })
 }
 
 fn attach_raw(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {

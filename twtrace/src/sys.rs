@@ -72,7 +72,7 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0)
 }
 
-/// The kernel's tick rate (CONFIG_HZ): the coarse clocks advance once per
+/// The kernel's tick rate (`CONFIG_HZ`): the coarse clocks advance once per
 /// jiffy, so their resolution is one jiffy.
 #[must_use]
 pub fn kernel_hz() -> Option<u64> {
@@ -203,7 +203,7 @@ mod tests {
 }
 
 /// Address of a kernel symbol from /proc/kallsyms. `None` when the symbol
-/// is missing or its address is hidden (kptr_restrict, not root).
+/// is missing or its address is hidden (`kptr_restrict`, not root).
 pub fn kallsyms_lookup(symbol: &str) -> anyhow::Result<Option<u64>> {
     let text = fs::read_to_string("/proc/kallsyms").context("reading /proc/kallsyms")?;
     Ok(parse_kallsyms(&text, symbol))

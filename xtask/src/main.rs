@@ -122,7 +122,7 @@ fn test(tools: &setup::Tools) -> anyhow::Result<()> {
     )?;
     // Release: loading from a debug build takes ~3x longer, and the kernel
     // tests load the program once per test.
-    let totals = run_tests(cargo().args(["test", "--release", "--locked"]))?;
+    let totals = run_tests(cargo().args(["test", "--release", "--locked", "--no-fail-fast"]))?;
     // One closing line for the whole suite: cargo's own last line belongs
     // to whichever test binary happened to run last.
     println!(

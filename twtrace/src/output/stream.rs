@@ -64,13 +64,15 @@ impl<W: Write> StreamWriter<W> {
         match self.format {
             Format::Text => writeln!(
                 self.out,
-                "{} {pid:<7} {comm:<16} {:<22} {:<22} {:<28} {}",
+                "{} {pid:<7} {comm:<16} {:<22} {:<22} {:<28} {}{}",
                 units::time_of_day(wall_ns),
                 t.src.to_string(),
                 t.dst.to_string(),
                 format!("{} -> {}", t.old, t.new),
                 t.in_state_ns
                     .map_or_else(|| "?".to_owned(), units::duration),
+                t.end
+                    .map_or(String::new(), |end| format!(" ({})", end.name())),
             ),
             Format::Json => {
                 let line = TransitionLine {

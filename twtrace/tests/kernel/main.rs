@@ -2,18 +2,29 @@
 //! connections whose teardown the test controls, and assert what the
 //! kernel reports — transitions, owners and durations.
 //!
+//! Each connection lives in a network namespace the test creates; deleting
+//! it ends the TIME_WAIT sockets early, so the whole teardown is seen
+//! without waiting 60 s (one test does wait, for a real expiry).
+//!
 //! Run as root (`cargo xtask test` does). Without root every test is
 //! reported as ignored, with the reason.
 
 mod peer;
 mod support;
 
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+use std::{
+    net::SocketAddr,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use libtest_mimic::{Arguments, Failed, Trial};
-use peer::{Ending, Peer};
-use support::{ACTIVE_CLOSE, PASSIVE_CLOSE, of_socket, steps, trace_while};
-use twtrace::{event::TcpState, loader::TracerOptions};
+use peer::{Ending, Netns, Peer};
+use support::{ACTIVE_CLOSE, PASSIVE_CLOSE, of_socket, steps, trace_until, trace_while};
+use twtrace::{
+    event::{EventKind, TcpState, Transition, TwEnd},
+    loader::TracerOptions,
+};
 
 fn main() -> ExitCode {
     if let Some(code) = peer::run_if_peer() {
@@ -24,15 +35,9 @@ fn main() -> ExitCode {
     if let Some(reason) = &skip {
         eprintln!("kernel tests skipped: {reason}");
     }
-    let tests: [(&str, fn()); 11] = [
-        (
-            "active_closer_sees_fin_wait_then_close_ipv4",
-            active_close_ipv4,
-        ),
-        (
-            "active_closer_sees_fin_wait_then_close_ipv6",
-            active_close_ipv6,
-        ),
+    let tests: [(&str, fn()); 16] = [
+        ("active_closer_is_seen_whole_ipv4", active_close_ipv4),
+        ("active_closer_is_seen_whole_ipv6", active_close_ipv6),
         ("owner_is_the_process_not_the_cpu_task", owners_per_process),
         (
             "close_wait_lasts_as_long_as_the_peer_waits",
@@ -53,10 +58,27 @@ fn main() -> ExitCode {
         ),
         ("cli_trace_json_streams_and_summarises", cli_trace_json),
         (
+            "cli_summary_json_has_per_state_histograms",
+            cli_summary_json,
+        ),
+        (
             "unprivileged_user_is_told_what_is_missing",
             unprivileged_user,
         ),
         ("tracefs_is_mounted_when_missing", tracefs_missing),
+        (
+            "netns_deletion_cancels_every_time_wait",
+            netns_deletion_cancels,
+        ),
+        (
+            "orphaned_fin_wait2_then_time_wait_at_peer_fin",
+            orphaned_fin_wait2,
+        ),
+        ("three_closers_own_their_time_waits", three_closers),
+        (
+            "time_wait_expires_after_60s_when_the_wheel_fires",
+            time_wait_expiry,
+        ),
     ];
     let trials = tests
         .into_iter()
@@ -71,72 +93,92 @@ fn main() -> ExitCode {
     libtest_mimic::run(&args, trials).exit_code()
 }
 
-/// A client and a server process on `bind`; the client closes first and
-/// the server closes `wait_ms` after seeing its FIN.
+/// A client and a server process in a namespace of their own.
 struct Exchange {
-    client: Peer,
-    server: Peer,
+    netns: Netns,
+    client: Option<Peer>,
+    server: Option<Peer>,
+    client_pid: u32,
+    server_pid: u32,
     server_addr: SocketAddr,
 }
 
 impl Exchange {
     fn new(bind: &str, client_ending: Ending, server_ending: Ending) -> Self {
-        let server = Peer::server(bind, server_ending);
+        let netns = Netns::new();
+        let server = Peer::server(&netns, bind, server_ending);
         let server_addr = server.addr.expect("server address");
-        let client = Peer::client(server_addr, client_ending);
+        let client = Peer::client(&netns, server_addr, client_ending);
         Self {
-            client,
-            server,
+            client_pid: client.pid,
+            server_pid: server.pid,
+            client: Some(client),
+            server: Some(server),
+            netns,
             server_addr,
         }
     }
 
+    /// Ports repeat across namespaces and pids do not: filter on both, so
+    /// tests running in parallel never see each other's sockets.
     fn options(&self) -> TracerOptions {
         TracerOptions {
             ports: vec![self.server_addr.port()],
+            pids: vec![self.client_pid, self.server_pid],
             ..TracerOptions::default()
         }
     }
+
+    /// Lets the client connect, waits for both ends to finish, then deletes
+    /// the namespace, which ends the TIME_WAIT socket early.
+    fn run_then_end(&mut self) {
+        self.client.as_mut().expect("client").go();
+        self.client.take().expect("client").finish();
+        self.server.take().expect("server").finish();
+        std::thread::sleep(Duration::from_millis(50));
+        self.netns.delete();
+    }
+}
+
+/// True once the client's mini-socket and the server's socket have ended.
+fn whole_teardown(seen: &[Transition]) -> bool {
+    seen.iter().any(|t| t.end.is_some())
+        && seen
+            .iter()
+            .any(|t| t.old == TcpState::LastAck && t.new == TcpState::Close)
 }
 
 /// The client's local address: the one socket that talks to the server
 /// port from elsewhere.
-fn client_local(seen: &[twtrace::event::Transition], server: SocketAddr) -> SocketAddr {
-    seen.iter().find(|t| t.dst == server).map_or_else(
-        || panic!("no client socket seen: {:?}", support::by_socket(seen)),
-        |t| t.src,
-    )
+fn client_local(seen: &[Transition], server: SocketAddr) -> SocketAddr {
+    match seen.iter().find(|t| t.dst == server) {
+        Some(t) => t.src,
+        None => panic!("no client socket seen: {:?}", support::by_socket(seen)),
+    }
 }
 
-fn active_close(bind: &str) -> Vec<twtrace::event::Transition> {
+fn active_close(bind: &str) -> Vec<Transition> {
     let mut ex = Exchange::new(
         bind,
         Ending::CloseFirst,
         Ending::CloseAfterPeer { wait_ms: 0 },
     );
-    let seen = trace_while(&ex.options(), || ex.client.go(), support::two_closed);
+    let seen = trace_while(&ex.options(), || ex.run_then_end(), whole_teardown);
     let client = client_local(&seen, ex.server_addr);
+    let all = support::by_socket(&seen);
     assert_eq!(
         steps(&of_socket(&seen, client)),
         ACTIVE_CLOSE,
-        "client socket; all: {:?}",
-        support::by_socket(&seen)
+        "client; all: {all:?}"
     );
     assert_eq!(
         steps(&of_socket(&seen, ex.server_addr)),
         PASSIVE_CLOSE,
-        "server socket; all: {:?}",
-        support::by_socket(&seen)
+        "server; all: {all:?}"
     );
-    assert_eq!(
-        seen.len(),
-        6,
-        "nothing else: {:?}",
-        support::by_socket(&seen)
-    );
-    let Exchange { client, server, .. } = ex;
-    client.finish();
-    server.finish();
+    assert_eq!(seen.len(), 7, "nothing else: {all:?}");
+    let last = of_socket(&seen, client)[3];
+    assert_eq!(last.end, Some(TwEnd::Cancelled));
     seen
 }
 
@@ -157,7 +199,7 @@ fn owners_per_process() {
         Ending::CloseFirst,
         Ending::CloseAfterPeer { wait_ms: 50 },
     );
-    let seen = trace_while(&ex.options(), || ex.client.go(), support::two_closed);
+    let seen = trace_while(&ex.options(), || ex.run_then_end(), whole_teardown);
     let client = client_local(&seen, ex.server_addr);
     let owner_pids = |local| {
         of_socket(&seen, local)
@@ -165,14 +207,11 @@ fn owners_per_process() {
             .map(|t| t.owner.as_ref().map(|o| o.pid))
             .collect::<Vec<_>>()
     };
-    // Includes FIN_WAIT1→FIN_WAIT2, FIN_WAIT2→CLOSE, ESTABLISHED→CLOSE_WAIT
+    // Includes FIN_WAIT1→FIN_WAIT2, the TIME_WAIT ones, ESTABLISHED→CLOSE_WAIT
     // and LAST_ACK→CLOSE, which run in softirq (often in the *other*
-    // process's context on loopback).
-    assert_eq!(owner_pids(client), [Some(ex.client.pid); 3]);
-    assert_eq!(owner_pids(ex.server_addr), [Some(ex.server.pid); 3]);
-    let Exchange { client, server, .. } = ex;
-    client.finish();
-    server.finish();
+    // process's context on loopback) or in the namespace's cleanup worker.
+    assert_eq!(owner_pids(client), [Some(ex.client_pid); 4]);
+    assert_eq!(owner_pids(ex.server_addr), [Some(ex.server_pid); 3]);
 }
 
 fn close_wait_duration() {
@@ -181,7 +220,7 @@ fn close_wait_duration() {
         Ending::CloseFirst,
         Ending::CloseAfterPeer { wait_ms: 200 },
     );
-    let seen = trace_while(&ex.options(), || ex.client.go(), support::two_closed);
+    let seen = trace_while(&ex.options(), || ex.run_then_end(), whole_teardown);
     let server = of_socket(&seen, ex.server_addr);
     let close_wait = server
         .iter()
@@ -192,9 +231,6 @@ fn close_wait_duration() {
         (200_000_000..1_000_000_000).contains(&ns),
         "CLOSE_WAIT lasted {ns} ns"
     );
-    let Exchange { client, server, .. } = ex;
-    client.finish();
-    server.finish();
 }
 
 fn fin_wait2_after_shutdown() {
@@ -203,17 +239,16 @@ fn fin_wait2_after_shutdown() {
         Ending::ShutdownFirst,
         Ending::CloseAfterPeer { wait_ms: 200 },
     );
-    let seen = trace_while(&ex.options(), || ex.client.go(), support::two_closed);
+    let seen = trace_while(&ex.options(), || ex.run_then_end(), whole_teardown);
     let client = of_socket(&seen, client_local(&seen, ex.server_addr));
     assert_eq!(steps(&client), ACTIVE_CLOSE);
+    // Not orphaned: the full socket itself waits in FIN_WAIT2, then hands
+    // over straight to TIME_WAIT when the peer's FIN comes.
     let ns = client[2].in_state_ns.expect("time in FIN_WAIT2 measured");
     assert!(
         (200_000_000..1_000_000_000).contains(&ns),
         "FIN_WAIT2 lasted {ns} ns"
     );
-    let Exchange { client, server, .. } = ex;
-    client.finish();
-    server.finish();
 }
 
 /// `shutdown()` then `close()` makes the kernel set `FIN_WAIT1` twice; twtrace
@@ -226,13 +261,10 @@ fn close_after_shutdown() {
         // client's close() lands while it is still in FIN_WAIT1.
         Ending::SleepThenClose { wait_ms: 100 },
     );
-    let seen = trace_while(&ex.options(), || ex.client.go(), support::two_closed);
+    let seen = trace_while(&ex.options(), || ex.run_then_end(), whole_teardown);
     let client = client_local(&seen, ex.server_addr);
     assert_eq!(steps(&of_socket(&seen, client)), ACTIVE_CLOSE);
     assert_eq!(steps(&of_socket(&seen, ex.server_addr)), PASSIVE_CLOSE);
-    let Exchange { client, server, .. } = ex;
-    client.finish();
-    server.finish();
 }
 
 fn pid_filter(keep_client: bool) {
@@ -242,38 +274,34 @@ fn pid_filter(keep_client: bool) {
         Ending::CloseAfterPeer { wait_ms: 0 },
     );
     let kept_pid = if keep_client {
-        ex.client.pid
+        ex.client_pid
     } else {
-        ex.server.pid
+        ex.server_pid
     };
     let options = TracerOptions {
         pids: vec![kept_pid],
         ..ex.options()
     };
-    let seen = trace_while(
-        &options,
-        || ex.client.go(),
-        |seen| seen.iter().any(|t| t.new == TcpState::Close),
-    );
-    assert_eq!(seen.len(), 3, "{:?}", support::by_socket(&seen));
+    let done = move |seen: &[Transition]| {
+        if keep_client {
+            seen.iter().any(|t| t.end.is_some())
+        } else {
+            seen.iter().any(|t| t.new == TcpState::Close)
+        }
+    };
+    let seen = trace_while(&options, || ex.run_then_end(), done);
     assert!(
         seen.iter()
             .all(|t| t.owner.as_ref().map(|o| o.pid) == Some(kept_pid))
     );
-    let expected = if keep_client {
-        ACTIVE_CLOSE
-    } else {
-        PASSIVE_CLOSE
-    };
-    assert_eq!(steps(&seen.iter().collect::<Vec<_>>()), expected);
+    let all: Vec<&Transition> = seen.iter().collect();
     if keep_client {
+        assert_eq!(steps(&all), ACTIVE_CLOSE);
         assert!(seen.iter().all(|t| t.dst == ex.server_addr));
     } else {
+        assert_eq!(steps(&all), PASSIVE_CLOSE);
         assert!(seen.iter().all(|t| t.src == ex.server_addr));
     }
-    let Exchange { client, server, .. } = ex;
-    client.finish();
-    server.finish();
 }
 
 fn pid_filter_client() {
@@ -284,8 +312,9 @@ fn pid_filter_server() {
     pid_filter(false);
 }
 
-/// The real binary, as a user runs it: JSON Lines, then a summary object.
-fn cli_trace_json() {
+/// Runs the real binary with `args` around one exchange whose namespace is
+/// deleted at the end; returns its stdout.
+fn run_cli_around_exchange(args: &[&str]) -> (String, Exchange) {
     let mut ex = Exchange::new(
         "127.0.0.1:0",
         Ending::CloseFirst,
@@ -293,30 +322,43 @@ fn cli_trace_json() {
     );
     let port = ex.server_addr.port().to_string();
     let twtrace = std::process::Command::new(env!("CARGO_BIN_EXE_twtrace"))
-        .args(["trace", "-o", "json", "--duration", "3s", "--port", &port])
+        .args(args)
+        .args(["--duration", "8s", "--port", &port])
+        .args(["--pid", &ex.client_pid.to_string()])
+        .args(["--pid", &ex.server_pid.to_string()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("starting twtrace");
     // Attach takes well under a second from a release build.
     std::thread::sleep(Duration::from_millis(1500));
-    ex.client.go();
+    ex.run_then_end();
     let out = twtrace.wait_with_output().expect("twtrace output");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .expect("utf-8")
+    (String::from_utf8(out.stdout).expect("utf-8"), ex)
+}
+
+/// The real binary, as a user runs it: JSON Lines, then a summary object.
+fn cli_trace_json() {
+    let (stdout, ex) = run_cli_around_exchange(&["trace", "-o", "json"]);
+    let lines: Vec<serde_json::Value> = stdout
         .lines()
         .map(|l| serde_json::from_str(l).expect("each line is JSON"))
         .collect();
     let (summary, transitions) = lines.split_last().expect("some output");
     assert_eq!(summary["type"], "summary");
-    assert_eq!(summary["events"], 6);
-    assert_eq!(summary["lost"], 0);
-    assert_eq!(transitions.len(), 6);
+    assert_eq!(summary["events"], 7);
+    assert_eq!(
+        summary["lost"]["events"], summary["lost"]["recursion_misses"],
+        "only recursion misses are tolerated (see support::trace_until): {summary}"
+    );
+    assert_eq!(summary["active_closes"], 1);
+    assert_eq!(summary["passive_closes"], 1);
+    assert_eq!(transitions.len(), 7);
     for t in transitions {
         assert_eq!(t["type"], "transition");
         assert_eq!(t["family"], "ipv4");
@@ -328,27 +370,62 @@ fn cli_trace_json() {
         assert!(t["pid"].as_u64().is_some_and(|pid| pid > 0), "{t}");
         assert!(t["in_state_ns"].is_u64(), "{t}");
     }
-    let names: Vec<(&str, &str)> = transitions
+    let client: Vec<(&str, &str, Option<&str>)> = transitions
         .iter()
         .filter(|t| t["dst"] == ex.server_addr.to_string())
         .map(|t| {
             (
                 t["old_state"].as_str().unwrap(),
                 t["new_state"].as_str().unwrap(),
+                t["end"].as_str(),
             )
         })
         .collect();
     assert_eq!(
-        names,
+        client,
         [
-            ("ESTABLISHED", "FIN_WAIT1"),
-            ("FIN_WAIT1", "FIN_WAIT2"),
-            ("FIN_WAIT2", "CLOSE")
+            ("ESTABLISHED", "FIN_WAIT1", None),
+            ("FIN_WAIT1", "FIN_WAIT2", None),
+            ("FIN_WAIT2", "TIME_WAIT", None),
+            ("TIME_WAIT", "CLOSE", Some("cancelled")),
         ]
     );
-    let Exchange { client, server, .. } = ex;
-    client.finish();
-    server.finish();
+}
+
+fn cli_summary_json() {
+    let (stdout, ex) = run_cli_around_exchange(&["summary", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON document");
+    assert_eq!(v["type"], "summary");
+    let states: Vec<&str> = v["states"]
+        .as_array()
+        .expect("states")
+        .iter()
+        .map(|s| s["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        [
+            "FIN_WAIT1",
+            "FIN_WAIT2",
+            "TIME_WAIT",
+            "CLOSE_WAIT",
+            "LAST_ACK"
+        ]
+    );
+    for s in v["states"].as_array().unwrap() {
+        assert_eq!(s["count"], 1, "{s}");
+        assert!(s["min_ns"].as_u64() <= s["max_ns"].as_u64());
+    }
+    let processes = v["processes"].as_array().expect("processes");
+    let by_pid = |pid: u32| {
+        processes
+            .iter()
+            .find(|p| p["pid"] == pid)
+            .unwrap_or_else(|| panic!("pid {pid} missing: {v}"))
+    };
+    assert_eq!(by_pid(ex.client_pid)["active_closes"], 1);
+    assert_eq!(by_pid(ex.client_pid)["passive_closes"], 0);
+    assert_eq!(by_pid(ex.server_pid)["passive_closes"], 1);
 }
 
 /// As `nobody`, with no capabilities: one line naming them, exit 1.
@@ -389,7 +466,241 @@ fn tracefs_missing() {
     assert!(out.status.success(), "{err}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.lines().last().is_some_and(|l| l.starts_with("# ")),
+        stdout
+            .lines()
+            .last()
+            .is_some_and(|l| l.contains("transitions in")),
         "{stdout}"
+    );
+}
+
+/// Deleting a namespace destroys its TIME_WAIT sockets: one early end per
+/// socket, each having lived less than the time the test waited.
+fn netns_deletion_cancels() {
+    const SOCKETS: usize = 20;
+    let mut netns = Netns::new();
+    let mut maker = Peer::time_wait_maker(&netns, SOCKETS);
+    let options = TracerOptions {
+        pids: vec![maker.pid],
+        ..TracerOptions::default()
+    };
+    let mut made_at = None;
+    let traced = trace_until(
+        &options,
+        Duration::from_secs(15),
+        || {
+            maker.go();
+            maker.wait_done();
+            std::thread::sleep(Duration::from_millis(300));
+            made_at = Some(Instant::now());
+            netns.delete();
+        },
+        |seen| support::mini_sockets_ended(seen, SOCKETS),
+    );
+    let waited = made_at.expect("made").elapsed();
+    let ends: Vec<&Transition> = traced
+        .transitions
+        .iter()
+        .filter(|t| t.end.is_some())
+        .collect();
+    assert_eq!(
+        ends.len(),
+        SOCKETS,
+        "{:?}",
+        support::by_socket(&traced.transitions)
+    );
+    for end in &ends {
+        assert_eq!(
+            (end.old, end.new),
+            (TcpState::TimeWait, TcpState::Close),
+            "{end:?}"
+        );
+        assert_eq!(support::ended(end), Some(TwEnd::Cancelled));
+        assert_eq!(end.owner.as_ref().map(|o| o.pid), Some(maker.pid));
+        let lived = Duration::from_nanos(end.in_state_ns.expect("lifetime measured"));
+        // Born before `made_at` (+300 ms), ended before `waited` after it.
+        assert!(
+            lived < waited + Duration::from_millis(400) && lived >= Duration::from_millis(300),
+            "lived {lived:?}, waited {waited:?}"
+        );
+    }
+    // One end per socket: every client socket of the maker, once.
+    let mut socks: Vec<SocketAddr> = ends.iter().map(|t| t.src).collect();
+    socks.sort();
+    socks.dedup();
+    assert_eq!(socks.len(), SOCKETS);
+}
+
+/// `close()` while the peer keeps its side open 300 ms: the mini-socket
+/// waits in FIN_WAIT2 for 300 ms, then TIME_WAIT begins when the peer's
+/// FIN arrives — recovered from the timer even if its re-arm is untraced.
+fn orphaned_fin_wait2() {
+    let mut ex = Exchange::new(
+        "127.0.0.1:0",
+        Ending::CloseFirst,
+        Ending::CloseAfterPeer { wait_ms: 300 },
+    );
+    let seen = trace_while(&ex.options(), || ex.run_then_end(), whole_teardown);
+    let client_addr = client_local(&seen, ex.server_addr);
+    let client = of_socket(&seen, client_addr);
+    assert_eq!(
+        steps(&client),
+        ACTIVE_CLOSE,
+        "{:?}",
+        support::by_socket(&seen)
+    );
+    let tick_ns = 1_000_000_000 / twtrace::sys::kernel_hz().expect("HZ");
+    let fin_wait2 = client[2].in_state_ns.expect("FIN_WAIT2 measured");
+    assert!(
+        fin_wait2 + tick_ns >= 300_000_000 && fin_wait2 < 300_000_000 + 100_000_000,
+        "FIN_WAIT2 lasted {fin_wait2} ns"
+    );
+    // TIME_WAIT began when the peer sent its FIN: its CLOSE_WAIT -> LAST_ACK.
+    let peer_fin = of_socket(&seen, ex.server_addr)
+        .iter()
+        .find(|t| t.new == TcpState::LastAck)
+        .expect("server LAST_ACK")
+        .ts_ns;
+    let began = client[2].ts_ns;
+    assert!(
+        began.abs_diff(peer_fin) <= 2 * tick_ns,
+        "TIME_WAIT began {began}, peer FIN {peer_fin}"
+    );
+    assert_eq!(
+        client[3].ts_ns - client[3].in_state_ns.expect("TW measured"),
+        began
+    );
+}
+
+/// Three processes close connections concurrently to one server: each
+/// TIME_WAIT belongs to the process that closed first, none to pid 0.
+fn three_closers() {
+    const PER_CLIENT: usize = 10;
+    let netns = Netns::new();
+    let mut makers: Vec<Peer> = (0..3)
+        .map(|_| Peer::time_wait_maker(&netns, PER_CLIENT))
+        .collect();
+    let pids: Vec<u32> = makers.iter().map(|m| m.pid).collect();
+    let options = TracerOptions {
+        pids: pids.clone(),
+        ..TracerOptions::default()
+    };
+    let traced = trace_until(
+        &options,
+        Duration::from_secs(10),
+        || {
+            for m in &mut makers {
+                m.go();
+            }
+            for m in &mut makers {
+                m.wait_done();
+            }
+        },
+        // Each maker's sockets reach TIME_WAIT (births or traced moves) or
+        // at least hand over; the namespace is deleted after.
+        |seen| seen.iter().filter(|t| t.new == TcpState::LastAck).count() >= 3 * PER_CLIENT,
+    );
+    drop(netns);
+    let births: Vec<_> = traced
+        .raw
+        .iter()
+        .filter(|e| e.kind == EventKind::TwBirth)
+        .collect();
+    // Every client socket handed over to a mini-socket; servers never.
+    assert_eq!(
+        births.len(),
+        3 * PER_CLIENT,
+        "{:?}",
+        support::by_socket(&traced.transitions)
+    );
+    for pid in &pids {
+        let own = births
+            .iter()
+            .filter(|e| e.transition.owner.as_ref().map(|o| o.pid) == Some(*pid))
+            .count();
+        assert_eq!(own, PER_CLIENT, "pid {pid}");
+    }
+    // Who closed first: each maker's client sockets went FIN_WAIT1.
+    for t in &traced.transitions {
+        assert!(t.owner.is_some(), "{t:?}");
+    }
+}
+
+/// A TIME_WAIT socket left alone lives 60 s and ends when the timer wheel
+/// fires its bucket — and leaves `ss` at that moment.
+fn time_wait_expiry() {
+    let mut ex = Exchange::new(
+        "127.0.0.1:0",
+        Ending::ShutdownFirst,
+        Ending::CloseAfterPeer { wait_ms: 0 },
+    );
+    let netns_name = ex.netns.name.clone();
+    let time_waits = |netns: &str| {
+        let ss = std::process::Command::new("ip")
+            .args(["netns", "exec", netns, "ss", "-Htan", "state", "time-wait"])
+            .output()
+            .expect("ss");
+        String::from_utf8_lossy(&ss.stdout).into_owned()
+    };
+    let before_expiry = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let traced = trace_until(
+        &ex.options(),
+        Duration::from_secs(75),
+        || {
+            ex.client.as_mut().expect("client").go();
+            ex.client.take().expect("client").finish();
+            ex.server.take().expect("server").finish();
+            let (name, slot) = (netns_name.clone(), before_expiry.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(58));
+                *slot.lock().expect("slot") = time_waits(&name);
+            });
+        },
+        |seen| seen.iter().any(|t| t.end.is_some()),
+    );
+    let birth = traced
+        .raw
+        .iter()
+        .find(|e| e.kind == EventKind::TwBirth)
+        .expect("a TIME_WAIT birth");
+    let tw = birth.tw.expect("timer facts");
+    let end = traced
+        .transitions
+        .iter()
+        .find(|t| t.end.is_some())
+        .expect("an end");
+    assert_eq!(end.end, Some(TwEnd::Expired));
+    assert_eq!((end.old, end.new), (TcpState::TimeWait, TcpState::Close));
+    let lived = end.in_state_ns.expect("lifetime");
+    assert!(lived >= 60_000_000_000, "lived {lived} ns");
+    let hz = twtrace::sys::kernel_hz().expect("HZ");
+    let tick_ns = 1_000_000_000 / hz;
+    if tw.bucket_expiry != 0 {
+        // The wheel fires the bucket at `bucket_expiry`; allow one tick for
+        // the softirq to run.
+        let fires_ns = tw.birth_ns + (tw.bucket_expiry - tw.birth_jiffies) * tick_ns;
+        assert!(
+            end.ts_ns <= fires_ns + tick_ns,
+            "ended {} ns after the bucket fired",
+            end.ts_ns.saturating_sub(fires_ns)
+        );
+    }
+    // Gone from the kernel's socket table too.
+    let ss = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &netns_name,
+            "ss",
+            "-Htan",
+            "state",
+            "time-wait",
+        ])
+        .output()
+        .expect("ss");
+    let listing = String::from_utf8_lossy(&ss.stdout);
+    assert!(
+        !listing.contains(&end.src.to_string()),
+        "still in ss after expiry: {listing}"
     );
 }

@@ -69,10 +69,11 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// Starts a server listening on `bind` (port 0 picks one); it accepts one
-    /// connection, answers one request, then ends as `ending` says.
-    pub fn server(bind: &str, ending: Ending) -> Self {
-        let mut peer = spawn(&format!("server {bind} {}", ending.encode()));
+    /// Starts a server listening on `bind` (port 0 picks one) inside
+    /// `netns`; it accepts one connection, answers one request, then ends as
+    /// `ending` says.
+    pub fn server(netns: &Netns, bind: &str, ending: Ending) -> Self {
+        let mut peer = spawn(netns, &format!("server {bind} {}", ending.encode()));
         let stdout = peer.child.stdout.take().expect("peer stdout");
         let mut line = String::new();
         BufReader::new(stdout)
@@ -88,8 +89,25 @@ impl Peer {
 
     /// Starts a client that connects to `server` when `go` is called, sends
     /// one request, reads the answer, then ends as `ending` says.
-    pub fn client(server: SocketAddr, ending: Ending) -> Self {
-        spawn(&format!("client {server} {}", ending.encode()))
+    pub fn client(netns: &Netns, server: SocketAddr, ending: Ending) -> Self {
+        spawn(netns, &format!("client {server} {}", ending.encode()))
+    }
+
+    /// Starts a process that makes `count` loopback connections inside
+    /// `netns` once told to go, the client closing first each time, and
+    /// prints `done` when all are in TIME_WAIT.
+    pub fn time_wait_maker(netns: &Netns, count: usize) -> Self {
+        spawn(netns, &format!("maker {count} close"))
+    }
+
+    /// Waits for the peer to print `done`.
+    pub fn wait_done(&mut self) {
+        let stdout = self.child.stdout.as_mut().expect("peer stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("reading from the peer");
+        assert_eq!(line.trim(), "done", "peer said {line:?}");
     }
 
     /// Lets a client connect (it waits so the tracer can attach first).
@@ -114,8 +132,11 @@ impl Drop for Peer {
     }
 }
 
-fn spawn(role: &str) -> Peer {
-    let child = Command::new(std::env::current_exe().expect("test binary path"))
+fn spawn(netns: &Netns, role: &str) -> Peer {
+    // `ip netns exec` execs the command: the child's pid is the peer's.
+    let child = Command::new("ip")
+        .args(["netns", "exec", &netns.name])
+        .arg(std::env::current_exe().expect("test binary path"))
         .env(ENV, role)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -144,9 +165,32 @@ pub fn run_if_peer() -> Option<ExitCode> {
     match kind {
         "server" => serve(addr, ending),
         "client" => connect(addr.parse().expect("server address"), ending),
+        "maker" => make_time_waits(addr.parse().expect("count")),
         other => panic!("unknown peer kind {other}"),
     }
     Some(ExitCode::SUCCESS)
+}
+
+fn make_time_waits(count: usize) {
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).expect("waiting for go");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let server = listener.local_addr().expect("local addr");
+    for _ in 0..count {
+        let client = TcpStream::connect(server).expect("connect");
+        let (mut accepted, _) = listener.accept().expect("accept");
+        drop(client);
+        let mut rest = Vec::new();
+        accepted.read_to_end(&mut rest).expect("read to EOF");
+        quickack(&accepted);
+        drop(accepted);
+    }
+    // Let the last FINs and ACKs land, then report.
+    thread::sleep(Duration::from_millis(100));
+    println!("done");
+    std::io::stdout().flush().expect("flush");
+    // Stay alive until the test is done with us.
+    let _ = std::io::stdin().read_line(&mut go);
 }
 
 fn serve(bind: &str, ending: Ending) {
@@ -214,4 +258,50 @@ fn end(mut stream: TcpStream, ending: Ending) {
         }
     }
     drop(stream);
+}
+
+/// A network namespace of the test's own, with loopback up. Deleting it
+/// destroys its TIME_WAIT sockets (an early end twtrace must see).
+pub struct Netns {
+    pub name: String,
+    deleted: bool,
+}
+
+impl Netns {
+    pub fn new() -> Self {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("twtrace-test-{}-{n}", std::process::id());
+        run_ip(&["netns", "add", &name]);
+        run_ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Self {
+            name,
+            deleted: false,
+        }
+    }
+
+    pub fn delete(&mut self) {
+        if !self.deleted {
+            self.deleted = true;
+            run_ip(&["netns", "del", &self.name]);
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if !self.deleted {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .status();
+        }
+    }
+}
+
+fn run_ip(args: &[&str]) {
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("running ip (iproute2)");
+    assert!(status.success(), "ip {args:?}: {status}");
 }
