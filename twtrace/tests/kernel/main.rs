@@ -312,39 +312,95 @@ fn pid_filter_server() {
     pid_filter(false);
 }
 
-/// Runs the real binary with `args` around one exchange whose namespace is
-/// deleted at the end; returns its stdout.
-fn run_cli_around_exchange(args: &[&str]) -> (String, Exchange) {
-    let mut ex = Exchange::new(
-        "127.0.0.1:0",
-        Ending::CloseFirst,
-        Ending::CloseAfterPeer { wait_ms: 0 },
-    );
-    let port = ex.server_addr.port().to_string();
-    let twtrace = std::process::Command::new(env!("CARGO_BIN_EXE_twtrace"))
+/// Starts the real binary with `args`, filtered to the exchange's sockets.
+fn spawn_twtrace(args: &[&str], ex: &Exchange) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_twtrace"))
         .args(args)
-        .args(["--duration", "8s", "--port", &port])
+        .args(["--port", &ex.server_addr.port().to_string()])
         .args(["--pid", &ex.client_pid.to_string()])
         .args(["--pid", &ex.server_pid.to_string()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("starting twtrace");
-    // Attach takes well under a second from a release build.
-    std::thread::sleep(Duration::from_millis(1500));
-    ex.run_then_end();
-    let out = twtrace.wait_with_output().expect("twtrace output");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        .expect("starting twtrace")
+}
+
+/// Waits for twtrace's "tracing" line on stderr: it is attached.
+fn wait_attached(child: &mut std::process::Child) {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    for line in lines.by_ref() {
+        let line = line.expect("stderr line");
+        assert!(!line.contains("error"), "{line}");
+        if line.contains("tracing TCP teardown") {
+            break;
+        }
+    }
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+}
+
+fn interrupt(child: &std::process::Child) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+}
+
+/// Runs `twtrace trace -o json` (and `also`, if given) around one exchange
+/// whose namespace is deleted at the end; stops them with SIGINT once the
+/// stream shows the mini-socket's end (namespace clean-up runs in a kernel
+/// worker, sometimes seconds later). Returns both outputs.
+fn run_cli_around_exchange(also: Option<&[&str]>) -> (String, Option<String>, Exchange) {
+    use std::io::BufRead;
+    let mut ex = Exchange::new(
+        "127.0.0.1:0",
+        Ending::CloseFirst,
+        Ending::CloseAfterPeer { wait_ms: 0 },
     );
-    (String::from_utf8(out.stdout).expect("utf-8"), ex)
+    let mut watcher = spawn_twtrace(&["trace", "-o", "json"], &ex);
+    let mut other = also.map(|args| spawn_twtrace(args, &ex));
+    wait_attached(&mut watcher);
+    if let Some(child) = other.as_mut() {
+        wait_attached(child);
+    }
+    ex.run_then_end();
+    let stdout = watcher.stdout.take().expect("stdout");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if lines_tx.send(line.expect("stdout line")).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stream = Vec::new();
+    while let Ok(line) = lines_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let ended = line.contains("\"end\":");
+        stream.push(line);
+        if ended {
+            break;
+        }
+    }
+    interrupt(&watcher);
+    if let Some(child) = &other {
+        interrupt(child);
+    }
+    stream.extend(lines_rx.iter());
+    let status = watcher.wait().expect("twtrace exit");
+    assert!(status.success(), "{status}");
+    let other_out = other.map(|child| {
+        let out = child.wait_with_output().expect("twtrace output");
+        assert!(out.status.success(), "{}", out.status);
+        String::from_utf8(out.stdout).expect("utf-8")
+    });
+    (stream.join("\n"), other_out, ex)
 }
 
 /// The real binary, as a user runs it: JSON Lines, then a summary object.
 fn cli_trace_json() {
-    let (stdout, ex) = run_cli_around_exchange(&["trace", "-o", "json"]);
+    let (stdout, _, ex) = run_cli_around_exchange(None);
     let lines: Vec<serde_json::Value> = stdout
         .lines()
         .map(|l| serde_json::from_str(l).expect("each line is JSON"))
@@ -393,8 +449,9 @@ fn cli_trace_json() {
 }
 
 fn cli_summary_json() {
-    let (stdout, ex) = run_cli_around_exchange(&["summary", "-o", "json"]);
-    let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON document");
+    let (_, summary, ex) = run_cli_around_exchange(Some(&["summary", "-o", "json"]));
+    let summary = summary.expect("summary output");
+    let v: serde_json::Value = serde_json::from_str(&summary).expect("one JSON document");
     assert_eq!(v["type"], "summary");
     let states: Vec<&str> = v["states"]
         .as_array()
