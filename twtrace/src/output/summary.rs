@@ -132,7 +132,7 @@ impl SummaryReport {
             "{:<8} {:<16} {:>8} {:>8}",
             "PID", "COMM", "ACTIVE", "PASSIVE"
         )?;
-        for p in &self.processes {
+        for p in self.processes.iter().take(TEXT_PROCESSES) {
             writeln!(
                 out,
                 "{:<8} {:<16} {:>8} {:>8}",
@@ -142,11 +142,18 @@ impl SummaryReport {
         writeln!(out)?;
         writeln!(out, "TIME IN STATE BY PROCESS")?;
         write_state_header(out, &format!("{:<8} {:<16} ", "PID", "COMM"))?;
-        for p in &self.processes {
+        for p in self.processes.iter().take(TEXT_PROCESSES) {
             let prefix = format!("{:<8} {:<16} ", p.pid, p.comm);
             for s in &p.states {
                 write_state_row(out, &prefix, s)?;
             }
+        }
+        if self.processes.len() > TEXT_PROCESSES {
+            writeln!(
+                out,
+                "  ({} more processes; -o json lists all)",
+                self.processes.len() - TEXT_PROCESSES
+            )?;
         }
         writeln!(out)?;
         let lost = &self.lost;
@@ -171,6 +178,9 @@ impl SummaryReport {
         )
     }
 }
+
+/// Processes shown in text; busiest closers first, JSON has them all.
+const TEXT_PROCESSES: usize = 20;
 
 fn write_state_header(out: &mut impl Write, prefix: &str) -> io::Result<()> {
     writeln!(
