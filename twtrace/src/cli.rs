@@ -77,8 +77,9 @@ pub struct CapacityArgs {
     pub max_sockets: u32,
 }
 
+/// What every tracing command takes.
 #[derive(Debug, Args)]
-pub struct TraceArgs {
+pub struct RunArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
 
@@ -89,9 +90,15 @@ pub struct TraceArgs {
     #[arg(short, long, value_enum, default_value_t = Format::Text)]
     pub output: Format,
 
-    /// Stop after this long (e.g. 500ms, 5s, 2m, 1h).
+    /// Stop after this long (e.g. 500ms, 5s, 2m, 1h); otherwise at Ctrl-C.
     #[arg(short, long, value_parser = parse_duration, allow_hyphen_values = true)]
     pub duration: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
 
     /// Every state change, not only those into teardown states.
     #[arg(long)]
@@ -101,18 +108,7 @@ pub struct TraceArgs {
 #[derive(Debug, Args)]
 pub struct SummaryArgs {
     #[command(flatten)]
-    pub filter: FilterArgs,
-
-    #[command(flatten)]
-    pub capacity: CapacityArgs,
-
-    /// Output format (`json`: one document).
-    #[arg(short, long, value_enum, default_value_t = Format::Text)]
-    pub output: Format,
-
-    /// How long to trace (e.g. 30s); without it, until Ctrl-C.
-    #[arg(short, long, value_parser = parse_duration, allow_hyphen_values = true)]
-    pub duration: Option<Duration>,
+    pub run: RunArgs,
 }
 
 /// Parses `500ms`, `5s`, `2m`, `1h`, `1.5s`. Rejects zero, negatives and
@@ -208,8 +204,8 @@ mod tests {
         let Command::Trace(args) = cli.command else {
             panic!("parsed as another command");
         };
-        assert_eq!(args.filter.pids, [1, 2]);
-        assert_eq!(args.filter.ports, [80]);
+        assert_eq!(args.run.filter.pids, [1, 2]);
+        assert_eq!(args.run.filter.ports, [80]);
         assert!(Cli::try_parse_from(["twtrace", "trace", "--port", "0"]).is_err());
         assert!(Cli::try_parse_from(["twtrace", "trace", "--port", "70000"]).is_err());
         assert!(Cli::try_parse_from(["twtrace", "trace", "--pid", "0"]).is_err());

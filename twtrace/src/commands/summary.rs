@@ -10,12 +10,13 @@ use crate::{
 };
 
 pub async fn run(args: SummaryArgs, kernel_log: Option<log::LevelFilter>) -> anyhow::Result<()> {
-    session::check_pids_exist(&args.filter)?;
-    let options = session::tracer_options(&args.filter, &args.capacity, false, kernel_log);
+    let run = &args.run;
+    session::check_pids_exist(&run.filter)?;
+    let options = session::tracer_options(&run.filter, &run.capacity, false, kernel_log);
     let mut stats = TeardownStats::default();
     let end = session::run(
         &options,
-        args.duration,
+        run.duration,
         |t| {
             stats.record(t);
             Ok(())
@@ -23,16 +24,9 @@ pub async fn run(args: SummaryArgs, kernel_log: Option<log::LevelFilter>) -> any
         || Ok(()),
     )
     .await?;
-    let report = SummaryReport::new(
-        &stats,
-        end.events,
-        end.duration_ns,
-        &end.loss,
-        end.tw_evictions,
-        end.time_wait_tracking,
-    );
+    let report = SummaryReport::of_session(&stats, &end);
     let mut out = io::stdout().lock();
-    match args.output {
+    match run.output {
         Format::Json => report.write_json_pretty(&mut out)?,
         Format::Text => report.write_text(&mut out)?,
     }

@@ -14,12 +14,12 @@ use crate::{
 };
 
 pub async fn run(args: TraceArgs, kernel_log: Option<log::LevelFilter>) -> anyhow::Result<()> {
-    session::check_pids_exist(&args.filter)?;
-    let options =
-        session::tracer_options(&args.filter, &args.capacity, args.all_states, kernel_log);
+    let run = &args.run;
+    session::check_pids_exist(&run.filter)?;
+    let options = session::tracer_options(&run.filter, &run.capacity, args.all_states, kernel_log);
     let out = std::cell::RefCell::new(StreamWriter::new(
         BufWriter::with_capacity(64 * 1024, io::stdout().lock()),
-        args.output,
+        run.output,
         sys::realtime_minus_monotonic_ns(),
     ));
     out.borrow_mut().header()?;
@@ -27,7 +27,7 @@ pub async fn run(args: TraceArgs, kernel_log: Option<log::LevelFilter>) -> anyho
     let mut stats = TeardownStats::default();
     let end = session::run(
         &options,
-        args.duration,
+        run.duration,
         |t| {
             stats.record(t);
             out.borrow_mut().transition(t)
@@ -35,16 +35,9 @@ pub async fn run(args: TraceArgs, kernel_log: Option<log::LevelFilter>) -> anyho
         || out.borrow_mut().flush(),
     )
     .await?;
-    let report = SummaryReport::new(
-        &stats,
-        end.events,
-        end.duration_ns,
-        &end.loss,
-        end.tw_evictions,
-        end.time_wait_tracking,
-    );
+    let report = SummaryReport::of_session(&stats, &end);
     let mut out = out.into_inner();
-    match args.output {
+    match run.output {
         Format::Json => report.write_json_line(out.inner())?,
         Format::Text => {
             io::Write::write_all(out.inner(), b"\n")?;

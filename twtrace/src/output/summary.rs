@@ -6,6 +6,7 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 use crate::{
+    commands::session::SessionEnd,
     histogram::{StateStats, TeardownStats},
     loader::LossReport,
     units,
@@ -99,6 +100,19 @@ impl SummaryReport {
             states: stats.overall.stats(),
             processes,
         }
+    }
+
+    /// The report of one tracing run.
+    #[must_use]
+    pub fn of_session(stats: &TeardownStats, end: &SessionEnd) -> Self {
+        Self::new(
+            stats,
+            end.events,
+            end.duration_ns,
+            &end.loss,
+            end.tw_evictions,
+            end.time_wait_tracking,
+        )
     }
 
     /// One line of JSON (the last line of `trace -o json`).
