@@ -11,7 +11,8 @@ use crate::{loader::Family, output::stream::Format};
     name = "twtrace",
     version,
     about = "Who closes TCP connections first, and how long sockets sit in each teardown state",
-    long_about = None,
+    long_about = "Who closes TCP connections first, and how long sockets sit in each teardown state.\n\nWithout a command: the live view (`twtrace top`).",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     /// More diagnostics on stderr: -v warnings and info from the kernel
@@ -19,12 +20,18 @@ pub struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
 
+    /// Options of the live view, when no command is given.
+    #[command(flatten)]
+    pub top: TopArgs,
+
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Live view of who closes first, refreshed every second (the default).
+    Top(TopArgs),
     /// Print every TCP teardown transition, with its owner and time in the
     /// previous state.
     Trace(TraceArgs),
@@ -111,6 +118,32 @@ pub struct SummaryArgs {
     pub run: RunArgs,
 }
 
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
+
+    /// Refresh interval.
+    #[arg(short, long, default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub interval: Duration,
+
+    /// Print this many tables, then exit (plain-text mode).
+    #[arg(short = 'n', long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+
+    /// Stop after this long.
+    #[arg(short, long, value_parser = parse_duration, allow_hyphen_values = true)]
+    pub duration: Option<Duration>,
+
+    /// Plain text every interval even on a terminal, like `top -b`
+    /// (automatic when stdout is not a terminal).
+    #[arg(short, long)]
+    pub batch: bool,
+}
+
 /// Parses `500ms`, `5s`, `2m`, `1h`, `1.5s`. Rejects zero, negatives and
 /// bare numbers (is `5` seconds or milliseconds?).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -190,6 +223,19 @@ mod tests {
     }
 
     #[test]
+    fn no_command_is_the_live_view_with_its_filters() {
+        let cli = Cli::try_parse_from(["twtrace", "--pid", "42", "-n", "3"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.top.filter.pids, [42]);
+        assert_eq!(cli.top.count, Some(3));
+        assert_eq!(cli.top.interval, Duration::from_secs(1));
+        let explicit = Cli::try_parse_from(["twtrace", "top", "--interval", "500ms"]).unwrap();
+        assert!(
+            matches!(explicit.command, Some(Command::Top(ref a)) if a.interval == Duration::from_millis(500))
+        );
+    }
+
+    #[test]
     fn ipv4_and_ipv6_conflict() {
         let err = Cli::try_parse_from(["twtrace", "trace", "-4", "-6"]).unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
@@ -201,7 +247,7 @@ mod tests {
             "twtrace", "trace", "--pid", "1", "--pid", "2", "--port", "80",
         ])
         .unwrap();
-        let Command::Trace(args) = cli.command else {
+        let Some(Command::Trace(args)) = cli.command else {
             panic!("parsed as another command");
         };
         assert_eq!(args.run.filter.pids, [1, 2]);

@@ -13,5 +13,6 @@ pub mod loader;
 pub mod model;
 pub mod output;
 pub mod sys;
+pub mod top;
 pub mod tracefs;
 pub mod units;

@@ -38,8 +38,10 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Trace(args) => twtrace::commands::trace::run(args, kernel_log).await,
-            Command::Summary(args) => twtrace::commands::summary::run(args, kernel_log).await,
+            None => twtrace::commands::top::run(cli.top, kernel_log).await,
+            Some(Command::Top(args)) => twtrace::commands::top::run(args, kernel_log).await,
+            Some(Command::Trace(args)) => twtrace::commands::trace::run(args, kernel_log).await,
+            Some(Command::Summary(args)) => twtrace::commands::summary::run(args, kernel_log).await,
         }
     });
     match result {

@@ -273,3 +273,14 @@ mod sockstat_tests {
         assert_eq!(super::parse_sockstat_tw("UDP: inuse 1\n"), None);
     }
 }
+
+/// `net.ipv4.ip_local_port_range`: the ports `connect()` picks from.
+pub fn local_port_range() -> anyhow::Result<(u16, u16)> {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let mut parts = text.split_whitespace().map(str::parse::<u16>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(low)), Some(Ok(high))) => Ok((low, high)),
+        _ => anyhow::bail!("{path} holds {text:?}"),
+    }
+}

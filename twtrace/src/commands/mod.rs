@@ -2,4 +2,5 @@
 
 pub mod session;
 pub mod summary;
+pub mod top;
 pub mod trace;

@@ -1,7 +1,7 @@
 //! One tracing run: load, attach, feed every transition to a consumer until
 //! the duration ends or a signal arrives, then say what was lost.
 
-use std::{io, path::Path, time::Duration};
+use std::{io, ops::ControlFlow, path::Path, time::Duration};
 
 use anyhow::{Context, bail};
 use tokio::{
@@ -56,25 +56,54 @@ pub struct SessionEnd {
     pub time_wait_tracking: bool,
 }
 
-/// How often pending mini-socket cancels are checked: a little more than
-/// the model's grace period, so an early end shows within ~50 ms.
+/// How often pending mini-socket cancels are checked (so an early end
+/// shows within ~50 ms), and how often a live consumer is called back.
 const FLUSH_EVERY: Duration = Duration::from_millis(25);
+/// How often loss counters are read for live consumers.
+const STATUS_EVERY_NS: u64 = 1_000_000_000;
 
-/// Runs until `duration` passes or SIGINT/SIGTERM, calling `on_transition`
-/// for each transition and `on_batch_end` after each batch (to flush output).
+/// What a live consumer (the top view) shows besides transitions.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    pub loss: LossReport,
+    pub tw_evictions: u64,
+    pub time_wait_tracking: bool,
+    pub warnings: Vec<String>,
+}
+
+/// Whether to print the start line and warnings on stderr; the top view
+/// shows them itself, as nothing may write over it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Announce {
+    OnStderr,
+    Silently,
+}
+
+/// Runs until `duration` passes, SIGINT/SIGTERM, or `after_batch` says to
+/// stop; calls `on_transition` for each transition and `after_batch` after
+/// each batch and at least every 25 ms (to flush output, or draw).
 pub async fn run(
     options: &TracerOptions,
     duration: Option<Duration>,
+    announce: Announce,
     mut on_transition: impl FnMut(&Transition) -> io::Result<()>,
-    mut on_batch_end: impl FnMut() -> io::Result<()>,
+    mut after_batch: impl FnMut(&Status) -> io::Result<ControlFlow<()>>,
 ) -> anyhow::Result<SessionEnd> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut tracer = Tracer::start(options)?;
-    for warning in tracer.warnings() {
-        eprintln!("twtrace: warning: {warning}");
+    if announce == Announce::OnStderr {
+        for warning in tracer.warnings() {
+            eprintln!("twtrace: warning: {warning}");
+        }
+        eprintln!("twtrace: tracing TCP teardown; Ctrl-C to stop");
     }
-    eprintln!("twtrace: tracing TCP teardown; Ctrl-C to stop");
+    let mut status = Status {
+        time_wait_tracking: tracer.time_wait_enabled(),
+        warnings: tracer.warnings().to_vec(),
+        ..Status::default()
+    };
+    let mut status_read_ns = 0;
 
     let started_ns = sys::monotonic_ns();
     let deadline = duration.map(|d| Instant::now() + d);
@@ -95,9 +124,17 @@ pub async fn run(
         for event in raw.drain(..) {
             model.push(event, &mut transitions);
         }
-        model.flush(sys::monotonic_ns(), &mut transitions);
+        let now = sys::monotonic_ns();
+        model.flush(now, &mut transitions);
         events += deliver(&mut transitions, &mut on_transition)?;
-        on_batch_end()?;
+        if now.saturating_sub(status_read_ns) >= STATUS_EVERY_NS {
+            status.loss = tracer.loss()?;
+            status.tw_evictions = tracer.tw_evictions()?;
+            status_read_ns = now;
+        }
+        if after_batch(&status)?.is_break() {
+            break;
+        }
     }
     // What the kernel streamed before the stop is still reported.
     tracer.drain(&mut raw);
@@ -106,7 +143,8 @@ pub async fn run(
     }
     model.finish(&mut transitions);
     events += deliver(&mut transitions, &mut on_transition)?;
-    on_batch_end()?;
+    status.loss = tracer.loss()?;
+    let _ = after_batch(&status)?;
     Ok(SessionEnd {
         events,
         duration_ns: sys::monotonic_ns().saturating_sub(started_ns),

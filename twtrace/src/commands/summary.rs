@@ -1,6 +1,9 @@
 //! `twtrace summary`: histograms only, printed once at the end.
 
-use std::io::{self, Write};
+use std::{
+    io::{self, Write},
+    ops::ControlFlow,
+};
 
 use crate::{
     cli::SummaryArgs,
@@ -17,11 +20,12 @@ pub async fn run(args: SummaryArgs, kernel_log: Option<log::LevelFilter>) -> any
     let end = session::run(
         &options,
         run.duration,
+        session::Announce::OnStderr,
         |t| {
             stats.record(t);
             Ok(())
         },
-        || Ok(()),
+        |_| Ok(ControlFlow::Continue(())),
     )
     .await?;
     let report = SummaryReport::of_session(&stats, &end);

@@ -1,6 +1,9 @@
 //! `twtrace trace`: stream transitions until stopped, then summarise.
 
-use std::io::{self, BufWriter};
+use std::{
+    io::{self, BufWriter},
+    ops::ControlFlow,
+};
 
 use crate::{
     cli::TraceArgs,
@@ -28,11 +31,12 @@ pub async fn run(args: TraceArgs, kernel_log: Option<log::LevelFilter>) -> anyho
     let end = session::run(
         &options,
         run.duration,
+        session::Announce::OnStderr,
         |t| {
             stats.record(t);
             out.borrow_mut().transition(t)
         },
-        || out.borrow_mut().flush(),
+        |_| out.borrow_mut().flush().map(|()| ControlFlow::Continue(())),
     )
     .await?;
     let report = SummaryReport::of_session(&stats, &end);

@@ -1,0 +1,384 @@
+//! The live view's model: per-process counters, rates and distributions.
+//! Pure: fed transitions and told the time, it hands out snapshots that
+//! the view renders without any logic of its own.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+};
+
+use crate::{
+    event::{TcpState, Transition},
+    histogram::{OwnerKey, StateHistograms, StateStats},
+};
+
+/// Remote endpoints remembered per process; beyond it new ones are pooled.
+const MAX_REMOTES: usize = 256;
+
+#[derive(Debug, Default)]
+struct OwnerCounters {
+    active: u64,
+    passive: u64,
+    /// TIME_WAIT sockets this process holds now (born while traced).
+    time_wait_now: u64,
+    states: StateHistograms,
+    remotes: HashMap<Remote, u64>,
+    remotes_other: u64,
+}
+
+/// Who a process's connections talk to: the peer's address and, when the
+/// peer is the service side, its port (a server's clients each use a new
+/// ephemeral port, so they are pooled per address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Remote {
+    pub ip: IpAddr,
+    pub port: Option<u16>,
+}
+
+impl Remote {
+    fn of(t: &Transition) -> Self {
+        let service_side_is_remote = t.dst.port() < t.src.port();
+        Self {
+            ip: t.dst.ip(),
+            port: service_side_is_remote.then_some(t.dst.port()),
+        }
+    }
+}
+
+impl std::fmt::Display for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let addr = |port| SocketAddr::new(self.ip, port);
+        match self.port {
+            Some(port) => write!(f, "{}", addr(port)),
+            None => match self.ip {
+                IpAddr::V4(ip) => write!(f, "{ip}:*"),
+                IpAddr::V6(ip) => write!(f, "[{ip}]:*"),
+            },
+        }
+    }
+}
+
+/// Facts about the host that the command reads and the model only shows.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HostFacts {
+    /// TIME_WAIT sockets the kernel reports (`/proc/net/sockstat`).
+    pub kernel_time_wait: Option<u64>,
+    /// `net.ipv4.ip_local_port_range`.
+    pub port_range: Option<(u16, u16)>,
+    pub events_lost: u64,
+    pub tw_evictions: u64,
+    pub time_wait_tracking: bool,
+}
+
+/// One process's row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProcessRow {
+    pub pid: u32,
+    pub comm: String,
+    pub active_per_s: f64,
+    pub passive_per_s: f64,
+    pub time_wait_now: u64,
+    /// p50 and p99 (ns) of the states shown in the table; `None`: no data.
+    pub fin_wait2: Option<(u64, u64)>,
+    pub time_wait: Option<(u64, u64)>,
+    pub close_wait: Option<(u64, u64)>,
+    pub total_closes: u64,
+    /// For the detail view.
+    pub states: Vec<StateStats>,
+    pub remotes: Vec<(String, u64)>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Header {
+    pub closes_per_s: f64,
+    pub active_per_s: f64,
+    pub passive_per_s: f64,
+    pub time_wait_traced: u64,
+    pub host: HostFacts,
+    /// How long the model has been counting.
+    pub elapsed_ns: u64,
+}
+
+impl Header {
+    /// Usable ephemeral ports, from the configured range.
+    #[must_use]
+    pub fn port_range_size(&self) -> Option<u32> {
+        self.host
+            .port_range
+            .map(|(low, high)| u32::from(high.saturating_sub(low)) + 1)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TopSnapshot {
+    pub header: Header,
+    pub rows: Vec<ProcessRow>,
+}
+
+#[derive(Debug)]
+pub struct TopModel {
+    owners: HashMap<OwnerKey, OwnerCounters>,
+    started_ns: u64,
+    /// Counters at the previous snapshot, to turn totals into rates.
+    previous: HashMap<OwnerKey, (u64, u64)>,
+    previous_ns: u64,
+}
+
+/// `delta / seconds`, 0 when no time passed (a zero period must not divide).
+#[must_use]
+pub fn rate(delta: u64, period_ns: u64) -> f64 {
+    if period_ns == 0 {
+        return 0.0;
+    }
+    #[expect(clippy::cast_precision_loss, reason = "a displayed rate")]
+    let per_s = delta as f64 * 1e9 / period_ns as f64;
+    per_s
+}
+
+impl TopModel {
+    #[must_use]
+    pub fn new(now_ns: u64) -> Self {
+        Self {
+            owners: HashMap::new(),
+            started_ns: now_ns,
+            previous: HashMap::new(),
+            previous_ns: now_ns,
+        }
+    }
+
+    pub fn record(&mut self, t: &Transition) {
+        let key = t.owner.as_ref().map_or_else(
+            || OwnerKey {
+                pid: 0,
+                comm: "-".into(),
+            },
+            |o| OwnerKey {
+                pid: o.pid,
+                comm: o.comm.clone(),
+            },
+        );
+        let owner = self.owners.entry(key).or_default();
+        let closed = match (t.old, t.new) {
+            (TcpState::Established, TcpState::FinWait1) => {
+                owner.active += 1;
+                true
+            }
+            (TcpState::Established, TcpState::CloseWait) => {
+                owner.passive += 1;
+                true
+            }
+            _ => false,
+        };
+        if closed {
+            let remote = Remote::of(t);
+            if let Some(count) = owner.remotes.get_mut(&remote) {
+                *count += 1;
+            } else if owner.remotes.len() < MAX_REMOTES {
+                owner.remotes.insert(remote, 1);
+            } else {
+                owner.remotes_other += 1;
+            }
+        }
+        if t.new == TcpState::TimeWait {
+            owner.time_wait_now += 1;
+        }
+        if t.old == TcpState::TimeWait {
+            owner.time_wait_now = owner.time_wait_now.saturating_sub(1);
+        }
+        if let Some(ns) = t.in_state_ns {
+            owner.states.record(t.old, ns);
+        }
+    }
+
+    /// Rows and totals now; rates cover the time since the last snapshot.
+    pub fn snapshot(&mut self, now_ns: u64, host: HostFacts) -> TopSnapshot {
+        let period = now_ns.saturating_sub(self.previous_ns);
+        let mut header = Header {
+            host,
+            elapsed_ns: now_ns.saturating_sub(self.started_ns),
+            ..Header::default()
+        };
+        let mut rows = Vec::with_capacity(self.owners.len());
+        let mut delta_active = 0;
+        let mut delta_passive = 0;
+        for (key, c) in &self.owners {
+            let (prev_active, prev_passive) = self.previous.get(key).copied().unwrap_or_default();
+            let (da, dp) = (c.active - prev_active, c.passive - prev_passive);
+            delta_active += da;
+            delta_passive += dp;
+            header.time_wait_traced += c.time_wait_now;
+            let p50_p99 = |state| {
+                c.states
+                    .get(state)
+                    .filter(|h| !h.is_empty())
+                    .map(|h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99)))
+            };
+            let mut remotes: Vec<(String, u64)> =
+                c.remotes.iter().map(|(r, n)| (r.to_string(), *n)).collect();
+            remotes.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            remotes.truncate(10);
+            if c.remotes_other > 0 {
+                remotes.push(("(others)".into(), c.remotes_other));
+            }
+            rows.push(ProcessRow {
+                pid: key.pid,
+                comm: key.comm.clone(),
+                active_per_s: rate(da, period),
+                passive_per_s: rate(dp, period),
+                time_wait_now: c.time_wait_now,
+                fin_wait2: p50_p99(TcpState::FinWait2),
+                time_wait: p50_p99(TcpState::TimeWait),
+                close_wait: p50_p99(TcpState::CloseWait),
+                total_closes: c.active + c.passive,
+                states: c.states.stats(),
+                remotes,
+            });
+        }
+        header.active_per_s = rate(delta_active, period);
+        header.passive_per_s = rate(delta_passive, period);
+        header.closes_per_s = header.active_per_s + header.passive_per_s;
+        self.previous = self
+            .owners
+            .iter()
+            .map(|(k, c)| (k.clone(), (c.active, c.passive)))
+            .collect();
+        self.previous_ns = now_ns;
+        rows.sort_by(|a, b| a.pid.cmp(&b.pid).then_with(|| a.comm.cmp(&b.comm)));
+        TopSnapshot { header, rows }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Owner;
+
+    const S: u64 = 1_000_000_000;
+    const MS: u64 = 1_000_000;
+
+    fn t(pid: u32, src: &str, dst: &str, old: TcpState, new: TcpState, ns: u64) -> Transition {
+        Transition {
+            ts_ns: 0,
+            sock_id: 1,
+            owner: Some(Owner {
+                pid,
+                comm: format!("p{pid}"),
+            }),
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            old,
+            new,
+            in_state_ns: Some(ns),
+            end: None,
+        }
+    }
+
+    fn active(pid: u32, model: &mut TopModel) {
+        model.record(&t(
+            pid,
+            "127.0.0.1:40000",
+            "127.0.0.2:6379",
+            TcpState::Established,
+            TcpState::FinWait1,
+            MS,
+        ));
+    }
+
+    #[test]
+    fn rate_guards_a_zero_period() {
+        assert!((rate(10, 0)).abs() < f64::EPSILON);
+        assert!((rate(10, 2 * S) - 5.0).abs() < 1e-9);
+        assert!((rate(1, 500 * MS) - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn rates_cover_the_time_since_the_last_snapshot() {
+        let mut model = TopModel::new(0);
+        for _ in 0..10 {
+            active(1, &mut model);
+        }
+        let first = model.snapshot(2 * S, HostFacts::default());
+        assert!((first.rows[0].active_per_s - 5.0).abs() < 1e-9);
+        assert!((first.header.closes_per_s - 5.0).abs() < 1e-9);
+        // Nothing new: the rate falls to 0 but the total stays.
+        let second = model.snapshot(3 * S, HostFacts::default());
+        assert!(second.rows[0].active_per_s.abs() < f64::EPSILON);
+        assert_eq!(second.rows[0].total_closes, 10);
+        // A snapshot at the same instant divides by nothing.
+        active(1, &mut model);
+        let third = model.snapshot(3 * S, HostFacts::default());
+        assert!(third.rows[0].active_per_s.abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn time_wait_now_counts_births_minus_ends() {
+        let mut model = TopModel::new(0);
+        let (src, dst) = ("127.0.0.1:40000", "127.0.0.2:6379");
+        for _ in 0..3 {
+            model.record(&t(1, src, dst, TcpState::FinWait2, TcpState::TimeWait, MS));
+        }
+        model.record(&t(1, src, dst, TcpState::TimeWait, TcpState::Close, 60 * S));
+        // An end whose birth predates twtrace never goes below zero.
+        model.record(&t(2, src, dst, TcpState::TimeWait, TcpState::Close, 60 * S));
+        let snap = model.snapshot(S, HostFacts::default());
+        assert_eq!(snap.rows[0].time_wait_now, 2);
+        assert_eq!(snap.rows[1].time_wait_now, 0);
+        assert_eq!(snap.header.time_wait_traced, 2);
+        let (p50, p99) = snap.rows[0].time_wait.unwrap();
+        assert!(p50.abs_diff(60 * S) * 1000 <= 60 * S && p99 >= p50);
+    }
+
+    #[test]
+    fn percentiles_per_state_for_known_inputs() {
+        let mut model = TopModel::new(0);
+        for ms in 1..=100 {
+            model.record(&t(
+                1,
+                "127.0.0.1:6379",
+                "127.0.0.1:50000",
+                TcpState::CloseWait,
+                TcpState::LastAck,
+                ms * MS,
+            ));
+        }
+        let snap = model.snapshot(S, HostFacts::default());
+        let (p50, p99) = snap.rows[0].close_wait.unwrap();
+        assert!(p50.abs_diff(50 * MS) * 1000 <= 50 * MS, "{p50}");
+        assert!(p99.abs_diff(99 * MS) * 1000 <= 99 * MS, "{p99}");
+        assert_eq!(snap.rows[0].fin_wait2, None);
+    }
+
+    #[test]
+    fn remotes_are_services_or_pooled_clients() {
+        let mut model = TopModel::new(0);
+        // A client closing to a service: keyed by the service's port.
+        active(1, &mut model);
+        active(1, &mut model);
+        // A server whose clients close first: pooled per client address.
+        for port in [50000, 50001, 50002] {
+            model.record(&t(
+                2,
+                "127.0.0.1:6379",
+                &format!("127.0.0.3:{port}"),
+                TcpState::Established,
+                TcpState::CloseWait,
+                MS,
+            ));
+        }
+        let snap = model.snapshot(S, HostFacts::default());
+        assert_eq!(snap.rows[0].remotes, [("127.0.0.2:6379".to_string(), 2)]);
+        assert_eq!(snap.rows[1].remotes, [("127.0.0.3:*".to_string(), 3)]);
+    }
+
+    #[test]
+    fn port_range_size_is_inclusive() {
+        let header = Header {
+            host: HostFacts {
+                port_range: Some((32768, 60999)),
+                ..HostFacts::default()
+            },
+            ..Header::default()
+        };
+        assert_eq!(header.port_range_size(), Some(28232));
+    }
+}

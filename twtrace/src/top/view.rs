@@ -1,0 +1,627 @@
+//! The live view: renders a model snapshot, and turns keys into view
+//! state changes. No counting happens here.
+
+use std::fmt::Write as _;
+
+use ratatui::{
+    Frame,
+    crossterm::event::{KeyCode, KeyEvent, KeyModifiers},
+    layout::{Constraint, Layout, Rect},
+    style::{Modifier, Style},
+    text::Line,
+    widgets::{Block, Cell, Clear, Paragraph, Row, Table, TableState},
+};
+
+use crate::{
+    top::model::{ProcessRow, TopSnapshot},
+    units,
+};
+
+/// Table columns, in order; also the sort keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Column {
+    Pid,
+    Comm,
+    ActivePerS,
+    PassivePerS,
+    TimeWaitNow,
+    FinWait2P50,
+    FinWait2P99,
+    TimeWaitP50,
+    TimeWaitP99,
+    CloseWaitP50,
+    CloseWaitP99,
+    Total,
+}
+
+const COLUMNS: [(Column, &str, u16); 12] = [
+    (Column::Pid, "PID", 8),
+    (Column::Comm, "COMM", 16),
+    (Column::ActivePerS, "ACTIVE/s", 9),
+    (Column::PassivePerS, "PASSIVE/s", 9),
+    (Column::TimeWaitNow, "TW NOW", 7),
+    (Column::FinWait2P50, "FW2 p50", 8),
+    (Column::FinWait2P99, "FW2 p99", 8),
+    (Column::TimeWaitP50, "TW p50", 8),
+    (Column::TimeWaitP99, "TW p99", 8),
+    (Column::CloseWaitP50, "CW p50", 8),
+    (Column::CloseWaitP99, "CW p99", 8),
+    (Column::Total, "CLOSES", 8),
+];
+
+pub const FOOTER: &str =
+    "q quit  ↑↓/jk move  s sort  r reverse  / filter  Enter detail  p pause  ? help";
+
+/// What the user has chosen to see.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent toggles, each bound to its own key"
+)]
+pub struct ViewState {
+    pub sort: Column,
+    /// Descending by default (biggest first), except for PID and COMM.
+    pub reversed: bool,
+    pub selected: usize,
+    /// Applied filter: substring of comm, or prefix of pid.
+    pub filter: String,
+    /// Filter being typed, if the prompt is open.
+    pub editing: Option<String>,
+    pub paused: bool,
+    pub detail: bool,
+    pub help: bool,
+}
+
+impl Default for ViewState {
+    fn default() -> Self {
+        Self {
+            sort: Column::ActivePerS,
+            reversed: false,
+            selected: 0,
+            filter: String::new(),
+            editing: None,
+            paused: false,
+            detail: false,
+            help: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    Quit,
+}
+
+impl ViewState {
+    /// Applies one key. `rows` is how many rows are visible now.
+    pub fn handle_key(&mut self, key: KeyEvent, rows: usize) -> Action {
+        if key.code == KeyCode::Char('c') && key.modifiers.contains(KeyModifiers::CONTROL) {
+            return Action::Quit;
+        }
+        if let Some(text) = self.editing.as_mut() {
+            match key.code {
+                KeyCode::Enter => {
+                    self.filter = self.editing.take().unwrap_or_default();
+                    self.selected = 0;
+                }
+                KeyCode::Esc => self.editing = None,
+                KeyCode::Backspace => {
+                    text.pop();
+                }
+                KeyCode::Char(c) => text.push(c),
+                _ => {}
+            }
+            return Action::Continue;
+        }
+        match key.code {
+            KeyCode::Char('q') => return Action::Quit,
+            KeyCode::Esc => {
+                if self.help {
+                    self.help = false;
+                } else if self.detail {
+                    self.detail = false;
+                } else if !self.filter.is_empty() {
+                    self.filter.clear();
+                } else {
+                    return Action::Quit;
+                }
+            }
+            KeyCode::Up | KeyCode::Char('k') => self.selected = self.selected.saturating_sub(1),
+            KeyCode::Down | KeyCode::Char('j') => {
+                self.selected = (self.selected + 1).min(rows.saturating_sub(1));
+            }
+            KeyCode::Home | KeyCode::Char('g') => self.selected = 0,
+            KeyCode::End | KeyCode::Char('G') => self.selected = rows.saturating_sub(1),
+            KeyCode::Char('s' | '>') => self.sort = next_column(self.sort, 1),
+            KeyCode::Char('S' | '<') => self.sort = next_column(self.sort, COLUMNS.len() - 1),
+            KeyCode::Char('r') => self.reversed = !self.reversed,
+            KeyCode::Char('/') => self.editing = Some(self.filter.clone()),
+            KeyCode::Enter => self.detail = !self.detail && rows > 0,
+            KeyCode::Char('p' | ' ') => self.paused = !self.paused,
+            KeyCode::Char('?' | 'h') => self.help = !self.help,
+            _ => {}
+        }
+        Action::Continue
+    }
+}
+
+fn next_column(current: Column, step: usize) -> Column {
+    let at = COLUMNS
+        .iter()
+        .position(|(c, _, _)| *c == current)
+        .unwrap_or(0);
+    COLUMNS[(at + step) % COLUMNS.len()].0
+}
+
+fn matches(row: &ProcessRow, filter: &str) -> bool {
+    filter.is_empty() || row.comm.contains(filter) || row.pid.to_string().starts_with(filter)
+}
+
+/// The rows to show, filtered and sorted as `state` says.
+#[must_use]
+pub fn visible_rows<'a>(snapshot: &'a TopSnapshot, state: &ViewState) -> Vec<&'a ProcessRow> {
+    let mut rows: Vec<&ProcessRow> = snapshot
+        .rows
+        .iter()
+        .filter(|r| matches(r, &state.filter))
+        .collect();
+    let p = |v: Option<(u64, u64)>, i: usize| v.map(|(a, b)| if i == 0 { a } else { b });
+    rows.sort_by(|a, b| {
+        use std::cmp::Ordering;
+        let natural_ascending = matches!(state.sort, Column::Pid | Column::Comm);
+        let by = |x: &ProcessRow, y: &ProcessRow| -> Ordering {
+            match state.sort {
+                Column::Pid => x.pid.cmp(&y.pid),
+                Column::Comm => x.comm.cmp(&y.comm),
+                Column::ActivePerS => x.active_per_s.total_cmp(&y.active_per_s),
+                Column::PassivePerS => x.passive_per_s.total_cmp(&y.passive_per_s),
+                Column::TimeWaitNow => x.time_wait_now.cmp(&y.time_wait_now),
+                Column::FinWait2P50 => p(x.fin_wait2, 0).cmp(&p(y.fin_wait2, 0)),
+                Column::FinWait2P99 => p(x.fin_wait2, 1).cmp(&p(y.fin_wait2, 1)),
+                Column::TimeWaitP50 => p(x.time_wait, 0).cmp(&p(y.time_wait, 0)),
+                Column::TimeWaitP99 => p(x.time_wait, 1).cmp(&p(y.time_wait, 1)),
+                Column::CloseWaitP50 => p(x.close_wait, 0).cmp(&p(y.close_wait, 0)),
+                Column::CloseWaitP99 => p(x.close_wait, 1).cmp(&p(y.close_wait, 1)),
+                Column::Total => x.total_closes.cmp(&y.total_closes),
+            }
+        };
+        let primary = if natural_ascending {
+            by(a, b)
+        } else {
+            by(b, a)
+        };
+        let primary = if state.reversed {
+            primary.reverse()
+        } else {
+            primary
+        };
+        // Ties: most closes first, then pid, so the order is stable.
+        primary
+            .then_with(|| b.total_closes.cmp(&a.total_closes))
+            .then_with(|| a.pid.cmp(&b.pid))
+    });
+    rows
+}
+
+fn cells(row: &ProcessRow) -> [String; 12] {
+    let q = |v: Option<(u64, u64)>, i: usize| {
+        v.map_or_else(
+            || "-".to_owned(),
+            |(p50, p99)| units::duration(if i == 0 { p50 } else { p99 }),
+        )
+    };
+    [
+        row.pid.to_string(),
+        row.comm.clone(),
+        format!("{:.1}", row.active_per_s),
+        format!("{:.1}", row.passive_per_s),
+        row.time_wait_now.to_string(),
+        q(row.fin_wait2, 0),
+        q(row.fin_wait2, 1),
+        q(row.time_wait, 0),
+        q(row.time_wait, 1),
+        q(row.close_wait, 0),
+        q(row.close_wait, 1),
+        row.total_closes.to_string(),
+    ]
+}
+
+/// The header lines, shared by the live view and the plain-text mode.
+#[must_use]
+pub fn header_lines(snapshot: &TopSnapshot, state: &ViewState) -> [String; 2] {
+    let h = &snapshot.header;
+    let kernel_tw = h
+        .host
+        .kernel_time_wait
+        .map_or_else(|| "?".to_owned(), |n| n.to_string());
+    let ports = match (h.host.port_range, h.port_range_size()) {
+        (Some((low, high)), Some(size)) => format!("{size} ({low}-{high})"),
+        _ => "?".to_owned(),
+    };
+    let mut first = format!(
+        "closes/s {:.1} (active {:.1}, passive {:.1})   TIME_WAIT now: {} traced, {kernel_tw} in kernel   ephemeral ports {ports}",
+        h.closes_per_s, h.active_per_s, h.passive_per_s, h.time_wait_traced,
+    );
+    if !h.host.time_wait_tracking {
+        first.push_str("   (TIME_WAIT not tracked on this kernel)");
+    }
+    let mut second = format!(
+        "events lost {}   map evictions {}   up {}",
+        h.host.events_lost,
+        h.host.tw_evictions,
+        units::duration(h.elapsed_ns - h.elapsed_ns % 1_000_000_000),
+    );
+    if !state.filter.is_empty() {
+        let _ = write!(second, "   filter: {}", state.filter);
+    }
+    if state.paused {
+        second.push_str("   PAUSED (counting goes on)");
+    }
+    [first, second]
+}
+
+/// Plain text for non-terminals, like `top -b`: header, then the table.
+#[must_use]
+pub fn render_plain(snapshot: &TopSnapshot, state: &ViewState) -> String {
+    let mut out = String::new();
+    for line in header_lines(snapshot, state) {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    let widths: Vec<usize> = COLUMNS.iter().map(|(_, _, w)| usize::from(*w)).collect();
+    let row_text = |cells: &[String]| {
+        let mut line = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i == 1 {
+                let _ = write!(line, "{cell:<w$} ");
+            } else {
+                let _ = write!(line, "{cell:>w$} ");
+            }
+        }
+        line.trim_end().to_owned()
+    };
+    let titles: Vec<String> = COLUMNS.iter().map(|(_, t, _)| (*t).to_owned()).collect();
+    out.push_str(&row_text(&titles));
+    out.push('\n');
+    for row in visible_rows(snapshot, state) {
+        out.push_str(&row_text(&cells(row)));
+        out.push('\n');
+    }
+    out
+}
+
+/// Draws the whole screen.
+pub fn render(frame: &mut Frame, snapshot: &TopSnapshot, state: &ViewState) {
+    let [header, body, footer] = Layout::vertical([
+        Constraint::Length(2),
+        Constraint::Min(3),
+        Constraint::Length(1),
+    ])
+    .areas(frame.area());
+    let [h1, h2] = header_lines(snapshot, state);
+    frame.render_widget(Paragraph::new(vec![Line::from(h1), Line::from(h2)]), header);
+
+    let rows = visible_rows(snapshot, state);
+    let selected = state.selected.min(rows.len().saturating_sub(1));
+    if state.detail && !rows.is_empty() {
+        render_detail(frame, body, rows[selected]);
+    } else {
+        render_table(frame, body, &rows, selected, state);
+    }
+
+    let footer_text = match &state.editing {
+        Some(text) => format!("filter (comm or pid, Enter apply, Esc cancel): {text}_"),
+        None => FOOTER.to_owned(),
+    };
+    frame.render_widget(
+        Paragraph::new(footer_text).style(Style::new().add_modifier(Modifier::REVERSED)),
+        footer,
+    );
+    if state.help {
+        render_help(frame, body);
+    }
+}
+
+fn render_table(
+    frame: &mut Frame,
+    area: Rect,
+    rows: &[&ProcessRow],
+    selected: usize,
+    state: &ViewState,
+) {
+    let header = Row::new(COLUMNS.iter().map(|(column, title, _)| {
+        let marker = if *column == state.sort {
+            if state.reversed { "▲" } else { "▼" }
+        } else {
+            ""
+        };
+        Cell::from(format!("{title}{marker}"))
+    }))
+    .style(Style::new().add_modifier(Modifier::BOLD));
+    let body = rows.iter().map(|row| Row::new(cells(row).map(Cell::from)));
+    let widths = COLUMNS.map(|(_, _, w)| Constraint::Length(w));
+    let table = Table::new(body, widths)
+        .header(header)
+        .block(Block::bordered().title(" who closes first "))
+        .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED));
+    let mut table_state =
+        TableState::default().with_selected((!rows.is_empty()).then_some(selected));
+    frame.render_stateful_widget(table, area, &mut table_state);
+}
+
+fn render_detail(frame: &mut Frame, area: Rect, row: &ProcessRow) {
+    let [states_area, remotes_area] =
+        Layout::vertical([Constraint::Length(9), Constraint::Min(3)]).areas(area);
+    let header = Row::new(["STATE", "COUNT", "MIN", "P50", "P90", "P99", "P99.9", "MAX"])
+        .style(Style::new().add_modifier(Modifier::BOLD));
+    let body = row.states.iter().map(|s| {
+        Row::new([
+            s.state.to_owned(),
+            s.count.to_string(),
+            units::duration(s.min_ns),
+            units::duration(s.p50_ns),
+            units::duration(s.p90_ns),
+            units::duration(s.p99_ns),
+            units::duration(s.p999_ns),
+            units::duration(s.max_ns),
+        ])
+    });
+    let widths = [Constraint::Length(11)]
+        .into_iter()
+        .chain(std::iter::repeat_n(Constraint::Length(9), 7));
+    frame.render_widget(
+        Table::new(body, widths)
+            .header(header)
+            .block(Block::bordered().title(format!(
+                " {} ({}): time in state — Esc back ",
+                row.comm, row.pid
+            ))),
+        states_area,
+    );
+    let remotes = row
+        .remotes
+        .iter()
+        .map(|(remote, n)| Row::new([remote.clone(), n.to_string()]));
+    frame.render_widget(
+        Table::new(remotes, [Constraint::Length(48), Constraint::Length(10)])
+            .header(Row::new(["REMOTE", "CLOSES"]).style(Style::new().add_modifier(Modifier::BOLD)))
+            .block(Block::bordered().title(" top remote endpoints ")),
+        remotes_area,
+    );
+}
+
+const HELP: [&str; 11] = [
+    "q, Esc, Ctrl-C   quit (Esc first closes help, detail, filter)",
+    "↑ ↓  k j         move the selection",
+    "g G  Home End    first, last row",
+    "s >  S <         sort by the next / previous column",
+    "r                reverse the sort",
+    "/                filter by comm (substring) or pid (prefix)",
+    "Enter            details of the selected process",
+    "p  Space         pause the display (counting goes on)",
+    "? h              this help",
+    "",
+    "ACTIVE: closed first (FIN_WAIT1)  PASSIVE: peer closed first (CLOSE_WAIT)",
+];
+
+fn render_help(frame: &mut Frame, area: Rect) {
+    let width = 78.min(area.width);
+    let height = u16::try_from(HELP.len() + 2)
+        .unwrap_or(u16::MAX)
+        .min(area.height);
+    let popup = Rect {
+        x: area.x + (area.width - width) / 2,
+        y: area.y + (area.height - height) / 2,
+        width,
+        height,
+    };
+    frame.render_widget(Clear, popup);
+    frame.render_widget(
+        Paragraph::new(HELP.map(Line::from).to_vec()).block(Block::bordered().title(" keys ")),
+        popup,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use ratatui::{Terminal, backend::TestBackend, crossterm::event::KeyEvent};
+
+    use super::*;
+    use crate::{
+        histogram::StateStats,
+        top::model::{Header, HostFacts},
+    };
+
+    const MS: u64 = 1_000_000;
+
+    fn row(pid: u32, comm: &str, active: f64, passive: f64, total: u64) -> ProcessRow {
+        ProcessRow {
+            pid,
+            comm: comm.into(),
+            active_per_s: active,
+            passive_per_s: passive,
+            time_wait_now: total / 2,
+            fin_wait2: Some((10_000, 40_000)),
+            time_wait: (pid == 100).then_some((60_000 * MS, 60_100 * MS)),
+            close_wait: (passive > 0.0).then_some((2 * MS, 200 * MS)),
+            total_closes: total,
+            states: vec![StateStats {
+                state: "FIN_WAIT2",
+                count: total,
+                min_ns: 9_000,
+                p50_ns: 10_000,
+                p90_ns: 20_000,
+                p99_ns: 40_000,
+                p999_ns: 40_000,
+                max_ns: 41_000,
+            }],
+            remotes: vec![("127.0.0.2:6379".into(), total)],
+        }
+    }
+
+    fn snapshot() -> TopSnapshot {
+        TopSnapshot {
+            header: Header {
+                closes_per_s: 12.5,
+                active_per_s: 10.0,
+                passive_per_s: 2.5,
+                time_wait_traced: 40,
+                host: HostFacts {
+                    kernel_time_wait: Some(45),
+                    port_range: Some((32768, 60999)),
+                    events_lost: 0,
+                    tw_evictions: 0,
+                    time_wait_tracking: true,
+                },
+                elapsed_ns: 5_300 * MS,
+            },
+            rows: vec![
+                row(200, "nginx", 0.5, 2.5, 30),
+                row(100, "loadgen", 9.5, 0.0, 80),
+            ],
+        }
+    }
+
+    fn screen(state: &ViewState, width: u16, height: u16) -> Vec<String> {
+        let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
+        terminal
+            .draw(|frame| render(frame, &snapshot(), state))
+            .unwrap();
+        let buffer = terminal.backend().buffer();
+        (0..height)
+            .map(|y| {
+                (0..width)
+                    .map(|x| buffer[(x, y)].symbol())
+                    .collect::<String>()
+                    .trim_end()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    fn key(code: KeyCode) -> KeyEvent {
+        KeyEvent::new(code, KeyModifiers::NONE)
+    }
+
+    #[test]
+    fn table_view_snapshot() {
+        let lines = screen(&ViewState::default(), 124, 8);
+        let expected = [
+            "closes/s 12.5 (active 10.0, passive 2.5)   TIME_WAIT now: 40 traced, 45 in kernel   ephemeral ports 28232 (32768-60999)",
+            "events lost 0   map evictions 0   up 5.00s",
+            "┌ who closes first ────────────────────────────────────────────────────────────────────────────────────────────────────────┐",
+            "│PID      COMM             ACTIVE/s▼ PASSIVE/s TW NOW  FW2 p50  FW2 p99  TW p50   TW p99   CW p50   CW p99   CLOSES        │",
+            "│100      loadgen          9.5       0.0       40      10.0µs   40.0µs   1m00s    1m00s    -        -        80            │",
+            "│200      nginx            0.5       2.5       15      10.0µs   40.0µs   -        -        2.00ms   200ms    30            │",
+            "└──────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────┘",
+            "q quit  ↑↓/jk move  s sort  r reverse  / filter  Enter detail  p pause  ? help",
+        ];
+        assert_eq!(lines, expected, "\n{}", lines.join("\n"));
+    }
+
+    #[test]
+    fn busiest_closer_is_on_top_and_sort_keys_cycle_and_reverse() {
+        let snap = snapshot();
+        let mut state = ViewState::default();
+        let pids = |state: &ViewState| -> Vec<u32> {
+            visible_rows(&snap, state).iter().map(|r| r.pid).collect()
+        };
+        assert_eq!(pids(&state), [100, 200]);
+        state.handle_key(key(KeyCode::Char('s')), 2);
+        assert_eq!(state.sort, Column::PassivePerS);
+        assert_eq!(pids(&state), [200, 100]);
+        state.handle_key(key(KeyCode::Char('r')), 2);
+        assert_eq!(pids(&state), [100, 200]);
+        state.handle_key(key(KeyCode::Char('S')), 2);
+        assert_eq!(state.sort, Column::ActivePerS);
+        // PID sorts ascending by default.
+        state.sort = Column::Pid;
+        state.reversed = false;
+        assert_eq!(pids(&state), [100, 200]);
+    }
+
+    #[test]
+    fn filter_prompt_matches_comm_or_pid() {
+        let snap = snapshot();
+        let mut state = ViewState::default();
+        state.handle_key(key(KeyCode::Char('/')), 2);
+        for c in "ngi".chars() {
+            state.handle_key(key(KeyCode::Char(c)), 2);
+        }
+        assert_eq!(state.editing.as_deref(), Some("ngi"));
+        let footer = screen(&state, 124, 8).pop().unwrap();
+        assert!(footer.starts_with("filter (comm or pid"), "{footer}");
+        state.handle_key(key(KeyCode::Enter), 2);
+        assert_eq!(visible_rows(&snap, &state).len(), 1);
+        state.filter = "10".into();
+        assert_eq!(visible_rows(&snap, &state)[0].pid, 100);
+        // Esc clears the filter before it quits.
+        assert_eq!(state.handle_key(key(KeyCode::Esc), 1), Action::Continue);
+        assert!(state.filter.is_empty());
+        assert_eq!(state.handle_key(key(KeyCode::Esc), 2), Action::Quit);
+    }
+
+    #[test]
+    fn quit_keys() {
+        for k in [
+            key(KeyCode::Char('q')),
+            key(KeyCode::Esc),
+            KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL),
+        ] {
+            assert_eq!(ViewState::default().handle_key(k, 0), Action::Quit, "{k:?}");
+        }
+    }
+
+    #[test]
+    fn moving_stays_within_the_rows() {
+        let mut state = ViewState::default();
+        state.handle_key(key(KeyCode::Up), 2);
+        assert_eq!(state.selected, 0);
+        for _ in 0..5 {
+            state.handle_key(key(KeyCode::Char('j')), 2);
+        }
+        assert_eq!(state.selected, 1);
+        state.handle_key(key(KeyCode::Char('k')), 2);
+        assert_eq!(state.selected, 0);
+    }
+
+    #[test]
+    fn detail_shows_histograms_and_remotes_of_the_selected_process() {
+        let mut state = ViewState::default();
+        state.handle_key(key(KeyCode::Down), 2);
+        state.handle_key(key(KeyCode::Enter), 2);
+        assert!(state.detail);
+        let text = screen(&state, 100, 20).join("\n");
+        assert!(text.contains("nginx (200): time in state"), "{text}");
+        assert!(text.contains("FIN_WAIT2   30"), "{text}");
+        assert!(text.contains("127.0.0.2:6379"), "{text}");
+        state.handle_key(key(KeyCode::Esc), 2);
+        assert!(!state.detail);
+    }
+
+    #[test]
+    fn pause_and_help_are_shown() {
+        let mut state = ViewState::default();
+        state.handle_key(key(KeyCode::Char('p')), 2);
+        assert!(state.paused);
+        assert!(screen(&state, 124, 8)[1].contains("PAUSED"));
+        state.handle_key(key(KeyCode::Char('?')), 2);
+        let text = screen(&state, 124, 20).join("\n");
+        assert!(text.contains("pause the display (counting goes on)"), "{text}");
+        state.handle_key(key(KeyCode::Esc), 2);
+        assert!(!state.help);
+    }
+
+    #[test]
+    fn plain_text_matches_the_table() {
+        let text = render_plain(&snapshot(), &ViewState::default());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5);
+        assert!(lines[2].starts_with("     PID COMM"), "{}", lines[2]);
+        assert_eq!(
+            lines[3],
+            "     100 loadgen                9.5       0.0      40   10.0µs   40.0µs    1m00s    1m00s        -        -       80"
+        );
+    }
+}
