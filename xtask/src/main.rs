@@ -43,7 +43,9 @@ fn main() -> ExitCode {
         Task::Setup => setup::run().map(|_| ()),
         Task::Build => setup::run().and_then(|_| build()),
         Task::Run { args } => setup::run().and_then(|_| build()).and_then(|()| run(&args)),
-        Task::Test => setup::run().and_then(|tools| test(&tools)),
+        Task::Test => setup::run()
+            .and_then(|tools| setup::test_tools().map(|()| tools))
+            .and_then(|tools| test(&tools)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -72,9 +72,60 @@ pub fn run() -> anyhow::Result<Tools> {
     })
 }
 
+/// Programs the kernel tests drive, and the Debian packages that have them.
+const TEST_TOOLS: [(&str, &str); 5] = [
+    ("tmux", "tmux"),
+    ("ip", "iproute2"),
+    ("ss", "iproute2"),
+    ("setpriv", "util-linux"),
+    ("unshare", "util-linux"),
+];
+
+/// Installs the test tools that are missing (Debian's apt), for `test`.
+pub fn test_tools() -> anyhow::Result<()> {
+    step(3, "test tools (tmux, iproute2, util-linux)", || {
+        let mut missing: Vec<&str> = TEST_TOOLS
+            .iter()
+            .filter(|(program, _)| !on_path(program))
+            .map(|(_, package)| *package)
+            .collect();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(false);
+        }
+        eprintln!();
+        let install = || {
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+        };
+        if !install().is_ok_and(|s| s.success()) {
+            // A fresh machine's package lists may be empty or stale.
+            let updated = Command::new("apt-get").arg("update").status()?;
+            if !updated.success() || !install()?.success() {
+                bail!(
+                    "apt-get install {} failed; install them by hand",
+                    missing.join(" ")
+                );
+            }
+        }
+        Ok(true)
+    })
+}
+
+fn on_path(program: &str) -> bool {
+    env::var_os("PATH")
+        .is_some_and(|paths| env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|dir| Path::new(dir).join(program).is_file())
+}
+
 /// Prints one progress line per step: what, and whether it did anything.
 fn step(n: u32, what: &str, f: impl FnOnce() -> anyhow::Result<bool>) -> anyhow::Result<()> {
-    eprint!("setup [{n}/2] {what} … ");
+    eprint!("setup [{n}] {what} … ");
     let installed = f().with_context(|| format!("setting up {what}"))?;
     eprintln!("{}", if installed { "installed" } else { "ok" });
     Ok(())

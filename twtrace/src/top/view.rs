@@ -608,7 +608,10 @@ mod tests {
         assert!(screen(&state, 124, 8)[1].contains("PAUSED"));
         state.handle_key(key(KeyCode::Char('?')), 2);
         let text = screen(&state, 124, 20).join("\n");
-        assert!(text.contains("pause the display (counting goes on)"), "{text}");
+        assert!(
+            text.contains("pause the display (counting goes on)"),
+            "{text}"
+        );
         state.handle_key(key(KeyCode::Esc), 2);
         assert!(!state.help);
     }

@@ -35,7 +35,7 @@ fn main() -> ExitCode {
     if let Some(reason) = &skip {
         eprintln!("kernel tests skipped: {reason}");
     }
-    let tests: [(&str, fn()); 16] = [
+    let tests: [(&str, fn()); 17] = [
         ("active_closer_is_seen_whole_ipv4", active_close_ipv4),
         ("active_closer_is_seen_whole_ipv6", active_close_ipv6),
         ("owner_is_the_process_not_the_cpu_task", owners_per_process),
@@ -78,6 +78,10 @@ fn main() -> ExitCode {
         (
             "time_wait_expires_after_60s_when_the_wheel_fires",
             time_wait_expiry,
+        ),
+        (
+            "top_view_in_tmux_shows_the_closer_and_quits_cleanly",
+            top_in_tmux,
         ),
     ];
     let trials = tests
@@ -760,4 +764,133 @@ fn time_wait_expiry() {
         !listing.contains(&end.src.to_string()),
         "still in ss after expiry: {listing}"
     );
+}
+
+/// A tmux session of the test's own, killed however the test ends.
+struct Tmux {
+    name: String,
+}
+
+impl Tmux {
+    fn run(args: &[&str]) -> String {
+        let out = std::process::Command::new("tmux")
+            .args(args)
+            .output()
+            .expect("running tmux (cargo xtask test installs it)");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn screen(&self) -> String {
+        Self::run(&["capture-pane", "-p", "-t", &self.name])
+    }
+
+    /// Polls the screen until `wanted` holds, or panics after `limit`.
+    fn wait_for(&self, limit: Duration, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let screen = self.screen();
+            if wanted(&screen) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waiting for {what}; screen:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn keys(&self, keys: &str) {
+        Self::run(&["send-keys", "-t", &self.name, keys]);
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["kill-session", "-t", &self.name])
+            .status();
+    }
+}
+
+/// The real binary in a real terminal: the process making connections
+/// shows up as the closer, keys work, and `q` restores the terminal.
+fn top_in_tmux() {
+    let netns = Netns::new();
+    let mut maker = Peer::time_wait_maker(&netns, 30);
+    let dir = std::env::temp_dir().join(format!("twtrace-tmux-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let script = format!(
+        "stty -g > {d}/before; {bin} --pid {pid}; echo $? > {d}/status; stty -g > {d}/after; sleep 30",
+        d = dir.display(),
+        bin = env!("CARGO_BIN_EXE_twtrace"),
+        pid = maker.pid,
+    );
+    let tmux = Tmux {
+        name: format!("twtrace-top-{}", std::process::id()),
+    };
+    Tmux::run(&[
+        "new-session",
+        "-d",
+        "-s",
+        &tmux.name,
+        "-x",
+        "160",
+        "-y",
+        "30",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    tmux.wait_for(Duration::from_secs(15), "the view", |s| {
+        s.contains("who closes first")
+    });
+
+    maker.go();
+    maker.wait_done();
+    let pid = maker.pid.to_string();
+    let screen = tmux.wait_for(Duration::from_secs(10), "the maker's row", |s| {
+        s.lines().any(|l| l.contains(&pid) && l.contains(" 30 "))
+    });
+    let row = screen.lines().find(|l| l.contains(&pid)).expect("row");
+    // ACTIVE/s is non-zero in the second the connections were closed, and
+    // every one of its 30 sockets sits in TIME_WAIT.
+    assert!(row.split_whitespace().any(|c| c == "30"), "{row}");
+
+    tmux.keys("?");
+    tmux.wait_for(Duration::from_secs(5), "help", |s| {
+        s.contains("pause the display")
+    });
+    tmux.keys("Escape");
+    tmux.keys("Enter");
+    tmux.wait_for(Duration::from_secs(5), "detail", |s| {
+        s.contains("time in state")
+    });
+    tmux.keys("Escape");
+    tmux.keys("q");
+    let status_file = dir.join("status");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !status_file.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "twtrace did not quit on q: {}",
+            tmux.screen()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect(name);
+    assert_eq!(read("status").trim(), "0");
+    assert_eq!(read("before"), read("after"), "terminal modes not restored");
+    let after = tmux.screen();
+    assert!(
+        !after.contains("who closes first"),
+        "view still on screen:\n{after}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
