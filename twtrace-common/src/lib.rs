@@ -269,7 +269,11 @@ pub struct Filter {
     pub ports_enabled: u8,
     /// Non-zero: every transition, not only those into teardown states.
     pub all_states: u8,
-    pub pad: [u8; 3],
+    /// Non-zero: children forked by a process in `FILTER_PIDS` join it
+    /// (`twtrace record`), followed in the kernel as they are born.
+    pub follow_forks: u8,
+    /// Offset of `child_pid` in the `sched:sched_process_fork` record.
+    pub fork_child_pid: u16,
 }
 
 impl Filter {
@@ -278,7 +282,8 @@ impl Filter {
         pids_enabled: 0,
         ports_enabled: 0,
         all_states: 0,
-        pad: [0; 3],
+        follow_forks: 0,
+        fork_child_pid: 0,
     };
 }
 
@@ -312,6 +317,7 @@ pub mod names {
     pub const PROG_TIMER_START: &str = "timer_start";
     pub const PROG_TIMER_EXPIRE: &str = "timer_expire_entry";
     pub const PROG_TIMER_CANCEL: &str = "timer_cancel";
+    pub const PROG_FORK: &str = "sched_process_fork";
     pub const PROG_SET_STATE: &str = "inet_sock_set_state";
     pub const PROG_SENDMSG: &str = "tcp_sendmsg_locked";
     pub const PROG_RCV_SPACE: &str = "tcp_rcv_space_adjust";

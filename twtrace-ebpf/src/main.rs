@@ -63,6 +63,30 @@ static TW_CONFIG: Global<TwConfig> = Global::new(TwConfig::DISABLED);
 #[unsafe(no_mangle)]
 static SET_STATE_LAYOUT: Global<SetStateLayout> = Global::new(SetStateLayout::DEFAULT);
 
+/// A process followed by `twtrace record` forked: follow the child too.
+/// Runs in the parent's context, so the current tgid is the parent's.
+#[tracepoint]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    let filter = FILTER.load();
+    if filter.follow_forks == 0 {
+        return 0;
+    }
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if FILTER_PIDS.get_ptr(parent).is_none() {
+        return 0;
+    }
+    match read::<i32>(&ctx, filter.fork_child_pid) {
+        // A new thread's tid joins too: harmless, owners are tgids.
+        Ok(child) if child > 0 => {
+            if FILTER_PIDS.insert(child as u32, 1, 0).is_err() {
+                bump(counter::SOCK_UPDATE_FAILED);
+            }
+        }
+        _ => bump(counter::READ_FAILED),
+    }
+    0
+}
+
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if try_inet_sock_set_state(&ctx).is_err() {

@@ -38,6 +38,9 @@ pub enum Command {
     /// Trace for a while, then print per-state time distributions and who
     /// closed first, overall and per process.
     Summary(SummaryArgs),
+    /// Run a command and record the teardown of its connections (and its
+    /// children's) for CI: reports, thresholds, its exit status.
+    Record(RecordArgs),
 }
 
 /// Which sockets to trace; applied in the kernel.
@@ -116,6 +119,45 @@ pub struct TraceArgs {
 pub struct SummaryArgs {
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// Trace the whole machine, not only the command and its children.
+    #[arg(long)]
+    pub all: bool,
+
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
+
+    /// Write the JSON report here (schema in the README).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<std::path::PathBuf>,
+
+    /// Write an HdrHistogram interval log here, one tag per state.
+    #[arg(long, value_name = "FILE")]
+    pub hlog: Option<std::path::PathBuf>,
+
+    /// Write github-action-benchmark `customSmallerIsBetter` JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub bench_json: Option<std::path::PathBuf>,
+
+    /// Fail (exit 3) when this holds, e.g. 'p99(FIN_WAIT2) > 50ms',
+    /// 'count(TIME_WAIT) > 10000', 'lost > 0'. Repeatable.
+    #[arg(long, value_name = "EXPR", value_parser = parse_threshold)]
+    pub fail_if: Vec<crate::threshold::Threshold>,
+
+    /// The command to run, after `--`.
+    #[arg(required = true, last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+fn parse_threshold(text: &str) -> Result<crate::threshold::Threshold, String> {
+    text.parse()
+        .map_err(|e: crate::threshold::ParseError| format!("{e} in `{text}`"))
 }
 
 #[derive(Debug, Args)]

@@ -13,6 +13,7 @@ pub mod loader;
 pub mod model;
 pub mod output;
 pub mod sys;
+pub mod threshold;
 pub mod top;
 pub mod tracefs;
 pub mod units;

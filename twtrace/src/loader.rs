@@ -48,6 +48,10 @@ pub struct TracerOptions {
     pub max_sockets: u32,
     /// Carry the kernel program's aya-log diagnostics to the `log` crate.
     pub kernel_log: Option<log::LevelFilter>,
+    /// Add the children that processes in `pids` fork to `pids`, in the
+    /// kernel (`record`); `pids` may then start empty and be filled with
+    /// `Tracer::follow`.
+    pub follow_forks: bool,
 }
 
 impl Default for TracerOptions {
@@ -60,9 +64,13 @@ impl Default for TracerOptions {
             ring_bytes: 256 * 1024,
             max_sockets: DEFAULT_MAX_SOCKETS,
             kernel_log: None,
+            follow_forks: false,
         }
     }
 }
+
+/// Processes `record` can follow: the command and everything it forks.
+const FOLLOWED_PIDS: u32 = 65_536;
 
 /// Everything that was lost on the way, so none of it is silent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -125,10 +133,19 @@ impl Tracer {
                 Some(Family::V4) => AF_INET,
                 Some(Family::V6) => AF_INET6,
             },
-            pids_enabled: u8::from(!options.pids.is_empty()),
+            pids_enabled: u8::from(!options.pids.is_empty() || options.follow_forks),
             ports_enabled: u8::from(!options.ports.is_empty()),
             all_states: u8::from(options.all_states),
-            pad: [0; 3],
+            follow_forks: u8::from(options.follow_forks),
+            fork_child_pid: if options.follow_forks {
+                tracefs::read_format(&tracefs, "sched", "sched_process_fork")?.offset(
+                    "sched:sched_process_fork",
+                    "child_pid",
+                    4,
+                )?
+            } else {
+                0
+            },
         };
         let log_level: u8 = match options.kernel_log {
             None | Some(log::LevelFilter::Off) => 0,
@@ -162,6 +179,10 @@ impl Tracer {
             .map_max_entries(names::EVENTS, options.ring_bytes)
             .map_max_entries(names::SOCKS, options.max_sockets)
             .map_max_entries(names::TWS, tw_capacity)
+            .map_max_entries(
+                names::FILTER_PIDS,
+                if options.follow_forks { FOLLOWED_PIDS } else { MAX_FILTER_ENTRIES },
+            )
             .load(EBPF_OBJECT)
             .context("loading twtrace's eBPF programs into the kernel (see `dmesg` and run with -v for the verifier log)")?;
 
@@ -173,7 +194,14 @@ impl Tracer {
             _ => None,
         };
 
-        let (programs, tw_enabled) = attach_all(&mut ebpf, tw_config.handler != 0, &mut warnings)?;
+        let (mut programs, tw_enabled) =
+            attach_all(&mut ebpf, tw_config.handler != 0, &mut warnings)?;
+        if options.follow_forks {
+            attach_tracepoint(&mut ebpf, names::PROG_FORK, "sched", "sched_process_fork").context(
+                "attaching to sched:sched_process_fork (needed to follow the command's children)",
+            )?;
+            programs.push(names::PROG_FORK);
+        }
 
         let ring = RingBuf::try_from(
             ebpf.take_map(names::EVENTS)
@@ -201,6 +229,29 @@ impl Tracer {
     #[must_use]
     pub fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+
+    /// Adds a process to those traced (with `follow_forks`, its future
+    /// children follow it).
+    pub fn follow(&mut self, pid: u32) -> anyhow::Result<()> {
+        let mut map: HashMap<&mut MapData, u32, u8> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::FILTER_PIDS)
+                .context("the eBPF object lacks its FILTER_PIDS map")?,
+        )?;
+        map.insert(pid, 1, 0)
+            .with_context(|| format!("following pid {pid}"))
+    }
+
+    /// Stops following a process (its already-forked children stay).
+    pub fn unfollow(&mut self, pid: u32) -> anyhow::Result<()> {
+        let mut map: HashMap<&mut MapData, u32, u8> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::FILTER_PIDS)
+                .context("the eBPF object lacks its FILTER_PIDS map")?,
+        )?;
+        map.remove(&pid)
+            .with_context(|| format!("unfollowing pid {pid}"))
     }
 
     /// Whether TIME_WAIT mini-sockets are followed on this kernel.

@@ -1,7 +1,10 @@
 use std::{io, process::ExitCode};
 
 use clap::Parser;
-use twtrace::cli::{Cli, Command};
+use twtrace::{
+    cli::{Cli, Command},
+    commands::record::Outcome,
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -37,15 +40,27 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        let done = Ok(Outcome::Exit(0));
         match cli.command {
-            None => twtrace::commands::top::run(cli.top, kernel_log).await,
-            Some(Command::Top(args)) => twtrace::commands::top::run(args, kernel_log).await,
-            Some(Command::Trace(args)) => twtrace::commands::trace::run(args, kernel_log).await,
-            Some(Command::Summary(args)) => twtrace::commands::summary::run(args, kernel_log).await,
+            None => twtrace::commands::top::run(cli.top, kernel_log)
+                .await
+                .and(done),
+            Some(Command::Top(args)) => twtrace::commands::top::run(args, kernel_log)
+                .await
+                .and(done),
+            Some(Command::Trace(args)) => twtrace::commands::trace::run(args, kernel_log)
+                .await
+                .and(done),
+            Some(Command::Summary(args)) => twtrace::commands::summary::run(args, kernel_log)
+                .await
+                .and(done),
+            Some(Command::Record(args)) => twtrace::commands::record::run(args, kernel_log).await,
         }
     });
+    drop(runtime);
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Outcome::Exit(code)) => ExitCode::from(code),
+        Ok(Outcome::Signal(signal)) => die_of(signal),
         // `twtrace trace | head` closing the pipe is a normal way to stop.
         Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
@@ -53,6 +68,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Ends this process with the signal that ended the recorded command, as
+/// `strace` and `perf` do, so callers see the same wait status.
+fn die_of(signal: i32) -> ExitCode {
+    // SAFETY: restoring the default action and raising a signal have no
+    // memory-safety preconditions; with the default action the process
+    // ends here, or the fallback below applies.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        libc::raise(signal);
+    }
+    ExitCode::from(u8::try_from(128 + signal).unwrap_or(255))
 }
 
 fn is_broken_pipe(error: &anyhow::Error) -> bool {

@@ -43,6 +43,7 @@ pub fn tracer_options(
         ring_bytes: capacity.ring_kib * 1024,
         max_sockets: capacity.max_sockets,
         kernel_log,
+        follow_forks: false,
     }
 }
 
@@ -86,6 +87,7 @@ pub async fn run(
     options: &TracerOptions,
     duration: Option<Duration>,
     announce: Announce,
+    on_attached: impl FnOnce(&mut Tracer) -> anyhow::Result<()>,
     mut on_transition: impl FnMut(&Transition) -> io::Result<()>,
     mut after_batch: impl FnMut(&Status) -> io::Result<ControlFlow<()>>,
 ) -> anyhow::Result<SessionEnd> {
@@ -104,6 +106,7 @@ pub async fn run(
         ..Status::default()
     };
     let mut status_read_ns = 0;
+    on_attached(&mut tracer)?;
 
     let started_ns = sys::monotonic_ns();
     let deadline = duration.map(|d| Instant::now() + d);

@@ -21,6 +21,7 @@ pub async fn run(args: SummaryArgs, kernel_log: Option<log::LevelFilter>) -> any
         &options,
         run.duration,
         session::Announce::OnStderr,
+        |_| Ok(()),
         |t| {
             stats.record(t);
             Ok(())

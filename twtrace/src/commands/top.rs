@@ -59,6 +59,7 @@ async fn run_batch(args: &TopArgs, options: &crate::loader::TracerOptions) -> an
         options,
         args.duration,
         Announce::OnStderr,
+        |_| Ok(()),
         |t| {
             model.borrow_mut().record(t);
             Ok(())
@@ -120,6 +121,7 @@ async fn run_terminal(
         options,
         args.duration,
         Announce::Silently,
+        |_| Ok(()),
         |t| {
             model.borrow_mut().record(t);
             Ok(())

@@ -32,6 +32,7 @@ pub async fn run(args: TraceArgs, kernel_log: Option<log::LevelFilter>) -> anyho
         &options,
         run.duration,
         session::Announce::OnStderr,
+        |_| Ok(()),
         |t| {
             stats.record(t);
             out.borrow_mut().transition(t)

@@ -1,4 +1,5 @@
 //! Everything twtrace prints.
 
+pub mod record;
 pub mod stream;
 pub mod summary;
