@@ -219,6 +219,15 @@ pub struct SockRecord {
     pub comm: [u8; 16],
 }
 
+/// Key of the listener map: a listening socket's local address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u16,
+}
+
 /// Field offsets of `sock:inet_sock_set_state`, read from tracefs at load
 /// time so a kernel with another layout never yields wrong numbers.
 #[repr(C)]
@@ -308,6 +317,7 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const SOCKS: &str = "SOCKS";
+    pub const LISTENERS: &str = "LISTENERS";
     pub const FILTER_PIDS: &str = "FILTER_PIDS";
     pub const FILTER_PORTS: &str = "FILTER_PORTS";
     pub const GLOBAL_FILTER: &str = "FILTER";
@@ -339,6 +349,7 @@ const _: () = assert!(core::mem::size_of::<TwRecord>() == 96);
 const _: () = assert!(core::mem::size_of::<TwScratch>() == 56);
 const _: () = assert!(core::mem::size_of::<TwConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 32);
+const _: () = assert!(core::mem::size_of::<ListenerKey>() == 20);
 const _: () = assert!(core::mem::size_of::<SetStateLayout>() == 24);
 const _: () = assert!(core::mem::size_of::<Filter>() == 8);
 

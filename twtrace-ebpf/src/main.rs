@@ -22,7 +22,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use twtrace_common::{
     AF_INET, AF_INET6, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TW, FLAG_IN_STATE_UNKNOWN, Filter,
-    HANDOVER_WINDOW_NS, IPPROTO_TCP, MAX_FILTER_ENTRIES, SetStateLayout, SockRecord,
+    HANDOVER_WINDOW_NS, IPPROTO_TCP, ListenerKey, MAX_FILTER_ENTRIES, SetStateLayout, SockRecord,
     TransitionEvent, TwConfig, TwRecord, TwScratch, counter, kind, tcp_state,
 };
 
@@ -39,6 +39,13 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 /// exhaust the map; the loader sizes it.
 #[map]
 static SOCKS: LruHashMap<u64, SockRecord> = LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+/// Who called listen() on each listening address: a socket accepted from
+/// it belongs to that process until its own use (send, receive, close)
+/// says otherwise. Without this, an accepted socket that is closed before
+/// any data moves would have no owner at its first teardown transition.
+#[map]
+static LISTENERS: LruHashMap<ListenerKey, SockRecord> = LruHashMap::with_max_entries(4096, 0);
 
 #[map]
 static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
@@ -116,10 +123,28 @@ pub fn tcp_rcv_space_adjust(ctx: RawTracePointContext) -> i32 {
 fn in_owner_context(old: u8, new: u8) -> bool {
     matches!(
         (old, new),
-        (tcp_state::CLOSE, tcp_state::SYN_SENT)
+        (tcp_state::CLOSE, tcp_state::SYN_SENT | tcp_state::LISTEN)
             | (tcp_state::ESTABLISHED, tcp_state::FIN_WAIT1)
             | (tcp_state::CLOSE_WAIT, tcp_state::LAST_ACK)
     )
+}
+
+fn listener_key(s: &SetState, any_address: bool) -> ListenerKey {
+    ListenerKey {
+        addr: if any_address { [0; 16] } else { s.saddr },
+        port: s.sport,
+        family: s.family,
+    }
+}
+
+/// The owner of the listener a new child socket was cloned from: the one
+/// bound to its exact address, else the wildcard one.
+fn listener_owner(s: &SetState) -> Option<SockRecord> {
+    let found = LISTENERS
+        .get_ptr(listener_key(s, false))
+        .or_else(|| LISTENERS.get_ptr(listener_key(s, true)))?;
+    // SAFETY: a pointer from a successful lookup; copied out at once.
+    Some(unsafe { *found })
 }
 
 /// The fields of one `inet_sock_set_state` record that twtrace uses.
@@ -224,6 +249,11 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         _ => {
             if owner_context {
                 set_owner_to_current(&mut record);
+            } else if old_state == tcp_state::LISTEN
+                && let Some(listener) = listener_owner(&s)
+            {
+                record.pid = listener.pid;
+                record.comm = listener.comm;
             }
             record.since_ns = now;
             if new_state != tcp_state::CLOSE && SOCKS.insert(sock_id, record, 0).is_err() {
@@ -234,6 +264,11 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     if new_state == tcp_state::CLOSE {
         // The address will be reused for another socket: end the record here.
         let _ = SOCKS.remove(sock_id);
+    }
+    if new_state == tcp_state::LISTEN {
+        let _ = LISTENERS.insert(listener_key(&s, false), record, 0);
+    } else if old_state == tcp_state::LISTEN && new_state == tcp_state::CLOSE {
+        let _ = LISTENERS.remove(listener_key(&s, false));
     }
     let emit = passes_filters(&filter, record.pid, s.sport, s.dport);
 

@@ -145,8 +145,8 @@ pub struct RecordArgs {
     #[arg(long, value_name = "FILE")]
     pub bench_json: Option<std::path::PathBuf>,
 
-    /// Fail (exit 3) when this holds, e.g. 'p99(FIN_WAIT2) > 50ms',
-    /// 'count(TIME_WAIT) > 10000', 'lost > 0'. Repeatable.
+    /// Fail (exit 3) when this holds, e.g. `p99(FIN_WAIT2) > 50ms`,
+    /// `count(TIME_WAIT) > 10000`, `lost > 0`. Repeatable.
     #[arg(long, value_name = "EXPR", value_parser = parse_threshold)]
     pub fail_if: Vec<crate::threshold::Threshold>,
 

@@ -29,6 +29,12 @@ pub struct TeardownModel {
     /// Kernel ticks per second, to turn timer jiffies into nanoseconds.
     hz: Option<u64>,
     pending_cancels: HashMap<u64, KernelEvent>,
+    /// Mini-sockets (TIME_WAIT, or FIN_WAIT2 awaiting the peer's FIN) born
+    /// while traced and not yet ended: each holds its port.
+    mini_sockets: u64,
+    mini_sockets_peak: u64,
+    /// The same, per owner pid (0: owner unknown).
+    held_by: HashMap<u32, u64>,
 }
 
 impl TeardownModel {
@@ -37,7 +43,23 @@ impl TeardownModel {
         Self {
             hz,
             pending_cancels: HashMap::new(),
+            mini_sockets: 0,
+            mini_sockets_peak: 0,
+            held_by: HashMap::new(),
         }
+    }
+
+    /// Mini-sockets alive now per owner pid: the ports each process holds
+    /// in TIME_WAIT (or in an orphaned FIN_WAIT2 awaiting the peer's FIN).
+    #[must_use]
+    pub fn held_by_pid(&self) -> &HashMap<u32, u64> {
+        &self.held_by
+    }
+
+    /// Mini-sockets alive now, and the most alive at once so far.
+    #[must_use]
+    pub fn mini_sockets(&self) -> (u64, u64) {
+        (self.mini_sockets, self.mini_sockets_peak)
     }
 
     /// Mini-sockets whose cancel is not yet known to be an end.
@@ -51,6 +73,12 @@ impl TeardownModel {
         match event.kind {
             EventKind::Sock => out.push(event.transition),
             EventKind::TwBirth => {
+                *self
+                    .held_by
+                    .entry(owner_pid(&event.transition))
+                    .or_default() += 1;
+                self.mini_sockets += 1;
+                self.mini_sockets_peak = self.mini_sockets_peak.max(self.mini_sockets);
                 // An orphaned socket still waiting for the peer's FIN stays
                 // in FIN_WAIT2, now in the mini-socket: nothing changed.
                 if event.transition.new == TcpState::TimeWait {
@@ -105,7 +133,15 @@ impl TeardownModel {
         self.flush(u64::MAX, out);
     }
 
-    fn end(&self, event: KernelEvent, end: TwEnd, out: &mut Vec<Transition>) {
+    fn end(&mut self, event: KernelEvent, end: TwEnd, out: &mut Vec<Transition>) {
+        self.mini_sockets = self.mini_sockets.saturating_sub(1);
+        let pid = owner_pid(&event.transition);
+        if let Some(held) = self.held_by.get_mut(&pid) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                self.held_by.remove(&pid);
+            }
+        }
         let mut last = event.transition;
         last.end = Some(end);
         let Some(tw) = event.tw else {
@@ -151,6 +187,10 @@ impl TeardownModel {
         let ns = ns.clamp(lower, i128::from(end_ns));
         u64::try_from(ns).ok()
     }
+}
+
+fn owner_pid(t: &Transition) -> u32 {
+    t.owner.as_ref().map_or(0, |o| o.pid)
 }
 
 #[cfg(test)]
@@ -255,6 +295,26 @@ mod tests {
             ]
         );
         assert_eq!(out[1].in_state_ns, Some(60_000 * MS));
+    }
+
+    #[test]
+    fn mini_sockets_alive_and_peak() {
+        let mut model = TeardownModel::new(Some(HZ));
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            let birth = transition(TcpState::FinWait2, TcpState::FinWait2, MS, MS);
+            model.push(
+                tw_event(EventKind::TwBirth, birth, 0, TcpState::FinWait2),
+                &mut out,
+            );
+        }
+        let end = transition(TcpState::TimeWait, TcpState::Close, 2 * MS, MS);
+        model.push(
+            tw_event(EventKind::TwExpire, end, 0, TcpState::TimeWait),
+            &mut out,
+        );
+        assert_eq!(model.mini_sockets(), (2, 3));
+        assert_eq!(model.held_by_pid().get(&7), Some(&2));
     }
 
     #[test]

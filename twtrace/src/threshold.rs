@@ -159,7 +159,7 @@ impl std::str::FromStr for Threshold {
             return c.error(format!("`{number}` is not a number"));
         };
         let unit_at = c.pos;
-        let unit = c.take_while(|ch| ch.is_alphabetic());
+        let unit = c.take_while(char::is_alphabetic);
         let value = if metric.is_time() {
             let scale = match unit {
                 "ns" => 1.0,

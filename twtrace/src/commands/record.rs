@@ -18,7 +18,6 @@ use anyhow::Context;
 use crate::{
     cli::RecordArgs,
     commands::session::{self, Announce},
-    event::TcpState,
     histogram::TeardownStats,
     output::{
         record::{self, RecordReport, RunMeta},
@@ -53,9 +52,9 @@ pub async fn run(
     args: RecordArgs,
     kernel_log: Option<log::LevelFilter>,
 ) -> anyhow::Result<Outcome> {
-    let mut json = create(args.json.as_deref(), "JSON report")?;
-    let mut hlog = create(args.hlog.as_deref(), "interval log")?;
-    let mut bench = create(args.bench_json.as_deref(), "benchmark file")?;
+    let json = create(args.json.as_deref(), "JSON report")?;
+    let hlog = create(args.hlog.as_deref(), "interval log")?;
+    let bench = create(args.bench_json.as_deref(), "benchmark file")?;
     let mut options = session::tracer_options(&args.filter, &args.capacity, false, kernel_log);
     options.follow_forks = !args.all;
 
@@ -63,8 +62,7 @@ pub async fn run(
     let started = Instant::now();
     let child: RefCell<Option<Child>> = RefCell::new(None);
     let exit: Cell<Option<ExitStatus>> = Cell::new(None);
-    let stats = RefCell::new(TeardownStats::default());
-    let (time_wait_now, time_wait_peak) = (Cell::new(0u64), Cell::new(0u64));
+    let teardown = RefCell::new(TeardownStats::default());
     let end = session::run(
         &options,
         None,
@@ -87,14 +85,7 @@ pub async fn run(
             Ok(())
         },
         |t| {
-            stats.borrow_mut().record(t);
-            if t.new == TcpState::TimeWait {
-                time_wait_now.set(time_wait_now.get() + 1);
-                time_wait_peak.set(time_wait_peak.get().max(time_wait_now.get()));
-            }
-            if t.old == TcpState::TimeWait {
-                time_wait_now.set(time_wait_now.get().saturating_sub(1));
-            }
+            teardown.borrow_mut().record(t);
             Ok(())
         },
         |_| {
@@ -114,15 +105,15 @@ pub async fn run(
     .await;
     // Stopped by a signal (or an error): stop the command too, and still
     // report what was measured.
-    if let Some(mut running) = child.borrow_mut().take() {
-        if exit.get().is_none() {
-            exit.set(Some(stop(&mut running)?));
-        }
+    if let Some(mut running) = child.borrow_mut().take()
+        && exit.get().is_none()
+    {
+        exit.set(Some(stop(&mut running)?));
     }
-    let end = end?;
+    let session = end?;
     let status = exit.get().context("the command never ran")?;
-    let stats = stats.into_inner();
-    let summary = SummaryReport::of_session(&stats, &end);
+    let teardown = teardown.into_inner();
+    let summary = SummaryReport::of_session(&teardown, &session);
     let mut report = RecordReport::new(
         summary.clone(),
         RunMeta {
@@ -133,22 +124,11 @@ pub async fn run(
             exit_code: status.code(),
             exit_signal: status.signal(),
         },
-        time_wait_peak.get(),
+        session.mini_socket_peak,
     );
     let broken = report.check(&args.fail_if);
-
-    if let Some(out) = json.as_mut() {
-        report.write_json(out)?;
-        out.flush()?;
-    }
-    if let Some(out) = bench.as_mut() {
-        report.write_bench_json(out)?;
-        out.flush()?;
-    }
-    if let Some(out) = hlog.as_mut() {
-        record::write_hlog(&stats, start, started.elapsed(), &args.command, out)?;
-        out.flush()?;
-    }
+    let outputs = Outputs { json, hlog, bench };
+    outputs.write(&report, &teardown, start, started.elapsed(), &args.command)?;
     let mut err = io::stderr().lock();
     summary.write_text(&mut err)?;
     for t in &report.thresholds {
@@ -166,6 +146,38 @@ pub async fn run(
         (None, Some(signal)) => Outcome::Signal(signal),
         (None, None) => Outcome::Exit(1),
     })
+}
+
+/// The report files, opened before the command started.
+struct Outputs {
+    json: Option<BufWriter<File>>,
+    hlog: Option<BufWriter<File>>,
+    bench: Option<BufWriter<File>>,
+}
+
+impl Outputs {
+    fn write(
+        mut self,
+        report: &RecordReport,
+        stats: &TeardownStats,
+        start: SystemTime,
+        elapsed: Duration,
+        command: &[String],
+    ) -> anyhow::Result<()> {
+        if let Some(out) = self.json.as_mut() {
+            report.write_json(out)?;
+            out.flush()?;
+        }
+        if let Some(out) = self.bench.as_mut() {
+            report.write_bench_json(out)?;
+            out.flush()?;
+        }
+        if let Some(out) = self.hlog.as_mut() {
+            record::write_hlog(stats, start, elapsed, command, out)?;
+            out.flush()?;
+        }
+        Ok(())
+    }
 }
 
 /// Asks the command to stop (SIGINT, as Ctrl-C would), then insists.

@@ -55,6 +55,8 @@ pub struct SessionEnd {
     pub loss: LossReport,
     pub tw_evictions: u64,
     pub time_wait_tracking: bool,
+    /// Most TIME_WAIT mini-sockets (in either substate) alive at once.
+    pub mini_socket_peak: u64,
 }
 
 /// How often pending mini-socket cancels are checked (so an early end
@@ -70,6 +72,8 @@ pub struct Status {
     pub tw_evictions: u64,
     pub time_wait_tracking: bool,
     pub warnings: Vec<String>,
+    /// Mini-sockets alive per owner pid (see `TeardownModel::held_by_pid`).
+    pub held_by_pid: std::collections::HashMap<u32, u64>,
 }
 
 /// Whether to print the start line and warnings on stderr; the top view
@@ -133,6 +137,7 @@ pub async fn run(
         if now.saturating_sub(status_read_ns) >= STATUS_EVERY_NS {
             status.loss = tracer.loss()?;
             status.tw_evictions = tracer.tw_evictions()?;
+            status.held_by_pid.clone_from(model.held_by_pid());
             status_read_ns = now;
         }
         if after_batch(&status)?.is_break() {
@@ -154,6 +159,7 @@ pub async fn run(
         loss: tracer.loss()?,
         tw_evictions: tracer.tw_evictions()?,
         time_wait_tracking: tracer.time_wait_enabled(),
+        mini_socket_peak: model.mini_sockets().1,
     })
 }
 

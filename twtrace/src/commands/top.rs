@@ -44,6 +44,7 @@ fn host_facts(status: &Status) -> HostFacts {
         events_lost: status.loss.events_lost(),
         tw_evictions: status.tw_evictions,
         time_wait_tracking: status.time_wait_tracking,
+        held_by_pid: status.held_by_pid.clone(),
     }
 }
 

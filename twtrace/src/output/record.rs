@@ -45,7 +45,9 @@ pub struct RecordReport {
     pub exit_signal: Option<i32>,
     pub active_closes: u64,
     pub passive_closes: u64,
-    /// Most TIME_WAIT sockets the command held at once (born while recorded).
+    /// Most TIME_WAIT mini-sockets the command held at once, born while
+    /// recorded; orphaned ones still waiting in FIN_WAIT2 count too (each
+    /// holds its port just the same).
     pub time_wait_peak: u64,
     pub events: u64,
     pub lost: Lost,

@@ -19,8 +19,6 @@ const MAX_REMOTES: usize = 256;
 struct OwnerCounters {
     active: u64,
     passive: u64,
-    /// TIME_WAIT sockets this process holds now (born while traced).
-    time_wait_now: u64,
     states: StateHistograms,
     remotes: HashMap<Remote, u64>,
     remotes_other: u64,
@@ -68,6 +66,9 @@ pub struct HostFacts {
     pub events_lost: u64,
     pub tw_evictions: u64,
     pub time_wait_tracking: bool,
+    /// TIME_WAIT mini-sockets each pid holds now (from the teardown model,
+    /// which also sees orphaned ones before their move to TIME_WAIT shows).
+    pub held_by_pid: HashMap<u32, u64>,
 }
 
 /// One process's row.
@@ -179,12 +180,6 @@ impl TopModel {
                 owner.remotes_other += 1;
             }
         }
-        if t.new == TcpState::TimeWait {
-            owner.time_wait_now += 1;
-        }
-        if t.old == TcpState::TimeWait {
-            owner.time_wait_now = owner.time_wait_now.saturating_sub(1);
-        }
         if let Some(ns) = t.in_state_ns {
             owner.states.record(t.old, ns);
         }
@@ -206,7 +201,7 @@ impl TopModel {
             let (da, dp) = (c.active - prev_active, c.passive - prev_passive);
             delta_active += da;
             delta_passive += dp;
-            header.time_wait_traced += c.time_wait_now;
+            let time_wait_now = header.host.held_by_pid.get(&key.pid).copied().unwrap_or(0);
             let p50_p99 = |state| {
                 c.states
                     .get(state)
@@ -225,7 +220,7 @@ impl TopModel {
                 comm: key.comm.clone(),
                 active_per_s: rate(da, period),
                 passive_per_s: rate(dp, period),
-                time_wait_now: c.time_wait_now,
+                time_wait_now,
                 fin_wait2: p50_p99(TcpState::FinWait2),
                 time_wait: p50_p99(TcpState::TimeWait),
                 close_wait: p50_p99(TcpState::CloseWait),
@@ -234,6 +229,7 @@ impl TopModel {
                 remotes,
             });
         }
+        header.time_wait_traced = header.host.held_by_pid.values().sum();
         header.active_per_s = rate(delta_active, period);
         header.passive_per_s = rate(delta_passive, period);
         header.closes_per_s = header.active_per_s + header.passive_per_s;
@@ -311,19 +307,26 @@ mod tests {
     }
 
     #[test]
-    fn time_wait_now_counts_births_minus_ends() {
+    fn time_wait_now_comes_from_the_teardown_model() {
         let mut model = TopModel::new(0);
         let (src, dst) = ("127.0.0.1:40000", "127.0.0.2:6379");
-        for _ in 0..3 {
-            model.record(&t(1, src, dst, TcpState::FinWait2, TcpState::TimeWait, MS));
-        }
         model.record(&t(1, src, dst, TcpState::TimeWait, TcpState::Close, 60 * S));
-        // An end whose birth predates twtrace never goes below zero.
-        model.record(&t(2, src, dst, TcpState::TimeWait, TcpState::Close, 60 * S));
-        let snap = model.snapshot(S, HostFacts::default());
-        assert_eq!(snap.rows[0].time_wait_now, 2);
-        assert_eq!(snap.rows[1].time_wait_now, 0);
-        assert_eq!(snap.header.time_wait_traced, 2);
+        model.record(&t(
+            2,
+            src,
+            dst,
+            TcpState::Established,
+            TcpState::FinWait1,
+            MS,
+        ));
+        let host = HostFacts {
+            held_by_pid: [(1, 3), (2, 2)].into_iter().collect(),
+            ..HostFacts::default()
+        };
+        let snap = model.snapshot(S, host);
+        assert_eq!(snap.rows[0].time_wait_now, 3);
+        assert_eq!(snap.rows[1].time_wait_now, 2);
+        assert_eq!(snap.header.time_wait_traced, 5);
         let (p50, p99) = snap.rows[0].time_wait.unwrap();
         assert!(p50.abs_diff(60 * S) * 1000 <= 60 * S && p99 >= p50);
     }

@@ -473,6 +473,7 @@ mod tests {
                     events_lost: 0,
                     tw_evictions: 0,
                     time_wait_tracking: true,
+                    held_by_pid: std::collections::HashMap::new(),
                 },
                 elapsed_ns: 5_300 * MS,
             },

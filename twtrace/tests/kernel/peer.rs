@@ -158,22 +158,29 @@ fn spawn(netns: &Netns, role: &str) -> Peer {
 pub fn run_if_peer() -> Option<ExitCode> {
     let role = std::env::var(ENV).ok()?;
     let parts: Vec<&str> = role.split(' ').collect();
-    let [kind, addr, ending] = parts[..] else {
+    let [kind, addr, ending_text] = parts[..] else {
         panic!("bad peer role {role}");
     };
-    let ending = Ending::decode(ending);
+    let ending = if kind == "maker" {
+        Ending::CloseFirst
+    } else {
+        Ending::decode(ending_text)
+    };
     match kind {
         "server" => serve(addr, ending),
         "client" => connect(addr.parse().expect("server address"), ending),
-        "maker" => make_time_waits(addr.parse().expect("count")),
+        "maker" => make_time_waits(addr.parse().expect("count"), ending_text == "auto"),
         other => panic!("unknown peer kind {other}"),
     }
     Some(ExitCode::SUCCESS)
 }
 
-fn make_time_waits(count: usize) {
+/// `auto`: no waiting on stdin (run by `twtrace record` as a workload).
+fn make_time_waits(count: usize, auto: bool) {
     let mut go = String::new();
-    std::io::stdin().read_line(&mut go).expect("waiting for go");
+    if !auto {
+        std::io::stdin().read_line(&mut go).expect("waiting for go");
+    }
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let server = listener.local_addr().expect("local addr");
     for _ in 0..count {
@@ -187,10 +194,20 @@ fn make_time_waits(count: usize) {
     }
     // Let the last FINs and ACKs land, then report.
     thread::sleep(Duration::from_millis(100));
+    if auto {
+        return;
+    }
     println!("done");
     std::io::stdout().flush().expect("flush");
     // Stay alive until the test is done with us.
     let _ = std::io::stdin().read_line(&mut go);
+}
+
+/// The environment that makes the test binary a workload making `count`
+/// loopback connections on its own (for `twtrace record`).
+#[must_use]
+pub fn auto_maker_env(count: usize) -> (&'static str, String) {
+    (ENV, format!("maker {count} auto"))
 }
 
 fn serve(bind: &str, ending: Ending) {
