@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: everything twtrace needs beyond `cargo build`,
 //! starting from a fresh machine.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -33,8 +34,23 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, then run every check and test: formatting, clippy (host and
-    /// eBPF), unit tests and the kernel tests (these need root).
+    /// eBPF), unit tests and the kernel tests (these need root), and a
+    /// 2-second smoke run of the benchmark.
     Test,
+    /// Overhead and capacity against a baseline and libbpf-tools'
+    /// tcpstates, side by side (root; installs libbpf-tools and bpftool).
+    Bench {
+        /// Seconds of churn per configuration and round.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Rounds; configurations alternate within each.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Which side closes first: `server` (TIME_WAIT on the server) or
+        /// `client`.
+        #[arg(long, default_value = "server")]
+        closer: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -46,6 +62,20 @@ fn main() -> ExitCode {
         Task::Test => setup::run()
             .and_then(|tools| setup::test_tools().map(|()| tools))
             .and_then(|tools| test(&tools)),
+        Task::Bench {
+            seconds,
+            rounds,
+            closer,
+        } => setup::run()
+            .and_then(|_| setup::test_tools())
+            .and_then(|()| build_bench())
+            .and_then(|()| {
+                bench::run(&bench::Options {
+                    seconds,
+                    rounds,
+                    closer,
+                })
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -89,6 +119,22 @@ fn build() -> anyhow::Result<()> {
     )
 }
 
+fn build_bench() -> anyhow::Result<()> {
+    check(
+        cargo().args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "twtrace",
+            "-p",
+            "xtask",
+            "--bins",
+        ]),
+        "cargo build --release (twtrace and the churn workload)",
+    )
+}
+
 fn run(args: &[String]) -> anyhow::Result<()> {
     let binary = workspace_root().join("target/release/twtrace");
     let status = Command::new(&binary)
@@ -122,17 +168,33 @@ fn test(tools: &setup::Tools) -> anyhow::Result<()> {
         &mut tools.ebpf_cargo(&["clippy", "--", "-D", "warnings"]),
         "cargo clippy (eBPF program)",
     )?;
+    build_bench()?;
     // Release: loading from a debug build takes ~3x longer, and the kernel
     // tests load the program once per test.
     let totals = run_tests(cargo().args(["test", "--release", "--locked", "--no-fail-fast"]))?;
+    // The benchmark harness must not rot: a tiny run of every configuration.
+    let smoke = bench::run(&bench::Options {
+        seconds: 0.5,
+        rounds: 1,
+        closer: "server".into(),
+    });
+    let smoke_ok = smoke.is_ok();
+    if let Err(error) = smoke {
+        eprintln!("xtask: bench smoke run failed: {error:#}");
+    }
     // One closing line for the whole suite: cargo's own last line belongs
     // to whichever test binary happened to run last.
+    let (passed, failed) = if smoke_ok {
+        (totals.passed + 1, totals.failed)
+    } else {
+        (totals.passed, totals.failed + 1)
+    };
     println!(
-        "{} passed, {} failed, {} skipped",
-        totals.passed, totals.failed, totals.ignored
+        "{passed} passed, {failed} failed, {} skipped",
+        totals.ignored
     );
-    if totals.failed > 0 {
-        bail!("{} tests failed", totals.failed);
+    if failed > 0 {
+        bail!("{failed} tests failed");
     }
     Ok(())
 }

@@ -73,7 +73,8 @@ pub fn run() -> anyhow::Result<Tools> {
 }
 
 /// Programs the kernel tests drive, and the Debian packages that have them.
-const TEST_TOOLS: [(&str, &str); 5] = [
+const TEST_TOOLS: [(&str, &str); 6] = [
+    ("bpftool", "bpftool"),
     ("tmux", "tmux"),
     ("ip", "iproute2"),
     ("ss", "iproute2"),
@@ -83,36 +84,40 @@ const TEST_TOOLS: [(&str, &str); 5] = [
 
 /// Installs the test tools that are missing (Debian's apt), for `test`.
 pub fn test_tools() -> anyhow::Result<()> {
-    step(3, "test tools (tmux, iproute2, util-linux)", || {
-        let mut missing: Vec<&str> = TEST_TOOLS
-            .iter()
-            .filter(|(program, _)| !on_path(program))
-            .map(|(_, package)| *package)
-            .collect();
-        missing.dedup();
-        if missing.is_empty() {
-            return Ok(false);
-        }
-        eprintln!();
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status()
-        };
-        if !install().is_ok_and(|s| s.success()) {
-            // A fresh machine's package lists may be empty or stale.
-            let updated = Command::new("apt-get").arg("update").status()?;
-            if !updated.success() || !install()?.success() {
-                bail!(
-                    "apt-get install {} failed; install them by hand",
-                    missing.join(" ")
-                );
+    step(
+        3,
+        "test tools (tmux, iproute2, util-linux, bpftool)",
+        || {
+            let mut missing: Vec<&str> = TEST_TOOLS
+                .iter()
+                .filter(|(program, _)| !on_path(program))
+                .map(|(_, package)| *package)
+                .collect();
+            missing.dedup();
+            if missing.is_empty() {
+                return Ok(false);
             }
-        }
-        Ok(true)
-    })
+            eprintln!();
+            let install = || {
+                Command::new("apt-get")
+                    .args(["install", "-y", "--no-install-recommends"])
+                    .args(&missing)
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .status()
+            };
+            if !install().is_ok_and(|s| s.success()) {
+                // A fresh machine's package lists may be empty or stale.
+                let updated = Command::new("apt-get").arg("update").status()?;
+                if !updated.success() || !install()?.success() {
+                    bail!(
+                        "apt-get install {} failed; install them by hand",
+                        missing.join(" ")
+                    );
+                }
+            }
+            Ok(true)
+        },
+    )
 }
 
 fn on_path(program: &str) -> bool {

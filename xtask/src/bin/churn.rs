@@ -1,0 +1,94 @@
+//! Connection churn on loopback for `cargo xtask bench`: as many short
+//! connections as this machine sustains, for a fixed time. Clients spread
+//! over 127.0.x.y destination addresses (the server listens on all of
+//! them), so TIME_WAIT sockets never exhaust the ephemeral ports: a port
+//! is only taken per destination.
+//!
+//! `churn SECONDS client|server [THREADS]` prints one JSON object.
+
+use std::{
+    io::Read,
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5.0);
+    let client_closes = args.get(2).is_none_or(|s| s == "client");
+    let threads: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(2);
+
+    let listener = TcpListener::bind("0.0.0.0:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    {
+        let stop = stop.clone();
+        thread::spawn(move || serve(&listener, client_closes, &stop));
+    }
+    let started = Instant::now();
+    let clients: Vec<_> = (0..threads)
+        .map(|t| {
+            let (stop, done) = (stop.clone(), done.clone());
+            thread::spawn(move || connect_loop(port, t, threads, client_closes, &stop, &done))
+        })
+        .collect();
+    thread::sleep(Duration::from_secs_f64(seconds));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let _ = c.join();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let n = done.load(Ordering::Relaxed);
+    #[expect(clippy::cast_precision_loss, reason = "a rate")]
+    let rate = n as f64 / elapsed;
+    println!("{{\"connections\":{n},\"seconds\":{elapsed:.3},\"rate\":{rate:.1}}}");
+}
+
+fn serve(listener: &TcpListener, client_closes: bool, stop: &AtomicBool) {
+    let mut buf = [0u8; 64];
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((mut stream, _)) = listener.accept() else {
+            continue;
+        };
+        if client_closes {
+            // Wait for the client's FIN, then close: the client holds TIME_WAIT.
+            let _ = stream.read(&mut buf);
+        }
+        drop(stream);
+    }
+}
+
+fn connect_loop(
+    port: u16,
+    thread_index: usize,
+    threads: usize,
+    client_closes: bool,
+    stop: &AtomicBool,
+    done: &AtomicU64,
+) {
+    let mut buf = [0u8; 64];
+    // Each thread walks its own share of 127.0.1.1 .. 127.0.255.254.
+    let mut n = thread_index;
+    while !stop.load(Ordering::Relaxed) {
+        let host = n % (255 * 254);
+        n += threads;
+        let octet = |v: usize| u8::try_from(v).unwrap_or(1);
+        let server = SocketAddrV4::new(
+            Ipv4Addr::new(127, 0, 1 + octet(host / 254), 1 + octet(host % 254)),
+            port,
+        );
+        let Ok(mut stream) = TcpStream::connect(server) else {
+            continue;
+        };
+        if !client_closes {
+            let _ = stream.read(&mut buf);
+        }
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+}
