@@ -165,11 +165,6 @@ pub struct TwConfig {
     pub start_now: u16,
     /// 0 when the kernel's record has no `bucket_expiry`.
     pub start_bucket_expiry: u16,
-    /// `timer:timer_expire_entry` record offsets.
-    pub expire_timer: u16,
-    pub expire_function: u16,
-    /// `timer:timer_cancel` record offset.
-    pub cancel_timer: u16,
     /// From BTF: `struct timer_list` members, and where `tw_substate` sits
     /// relative to the embedded `tw_timer`. `has_btf` 0: unknown.
     pub timer_function_off: u16,
@@ -183,7 +178,7 @@ pub struct TwConfig {
     pub sport_from_timer: i16,
     pub dport_from_timer: i16,
     pub has_btf: u8,
-    pub pad: [u8; 5],
+    pub pad: [u8; 11],
 }
 
 impl TwConfig {
@@ -194,16 +189,13 @@ impl TwConfig {
         start_expires: 0,
         start_now: 0,
         start_bucket_expiry: 0,
-        expire_timer: 0,
-        expire_function: 0,
-        cancel_timer: 0,
         timer_function_off: 0,
         timer_expires_off: 0,
         substate_from_timer: 0,
         sport_from_timer: 0,
         dport_from_timer: 0,
         has_btf: 0,
-        pad: [0; 5],
+        pad: [0; 11],
     };
 }
 

@@ -512,42 +512,48 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-#[tracepoint]
-pub fn timer_cancel(ctx: TracePointContext) -> u32 {
-    if try_timer_cancel(&ctx).is_err() {
-        bump(counter::READ_FAILED);
-    }
+/// Raw tracepoints for cancel and expiry: they need only the timer, and
+/// the kernel guards raw tracepoint programs against recursion one by one,
+/// whereas it skips a classic tracepoint program whenever any other one
+/// runs on the CPU — and these fire in the timer softirq, on top of
+/// everything, all the time.
+#[raw_tracepoint(tracepoint = "timer_cancel")]
+pub fn timer_cancel(ctx: RawTracePointContext) -> i32 {
+    try_timer_cancel(&ctx, ctx.arg::<u64>(0));
     0
 }
 
-fn try_timer_cancel(ctx: &TracePointContext) -> Result<(), i64> {
-    let cfg = TW_CONFIG.load();
-    if cfg.handler == 0 {
-        return Ok(());
+/// Whether `timer` runs `tw_timer_handler`: read from the timer itself
+/// (BTF), else known only by being in the map.
+fn is_tw_timer(cfg: &TwConfig, timer: u64) -> bool {
+    if cfg.has_btf == 0 {
+        return TWS.get_ptr(timer).is_some();
     }
-    let timer: u64 = read(ctx, cfg.cancel_timer)?;
-    // Cheaper than a map lookup for the many unrelated timers.
-    if cfg.has_btf != 0 {
-        // SAFETY: bpf_probe_read_kernel faults safely on a bad address.
-        let function = unsafe {
-            bpf_probe_read_kernel((timer + u64::from(cfg.timer_function_off)) as *const u64)
-        };
-        if function != Ok(cfg.handler) {
-            return Ok(());
-        }
+    // SAFETY: bpf_probe_read_kernel faults safely on a bad address.
+    let function =
+        unsafe { bpf_probe_read_kernel((timer + u64::from(cfg.timer_function_off)) as *const u64) };
+    function == Ok(cfg.handler)
+}
+
+fn try_timer_cancel<C: EbpfContext>(ctx: &C, timer: u64) {
+    let cfg = TW_CONFIG.load();
+    if cfg.handler == 0 || !is_tw_timer(&cfg, timer) {
+        return;
     }
     let Some(scratch) = TW_SCRATCH.get_ptr_mut(0) else {
-        return Ok(());
+        return;
     };
-    // SAFETY: a per-CPU slot; tracing programs do not nest on one CPU.
+    // SAFETY: a per-CPU slot. A raw tracepoint program may run nested in a
+    // classic one on this CPU; of the slot it only writes `cancel_timer`,
+    // whose cancel/re-arm pairs the kernel runs with interrupts off.
     let scratch = unsafe { &mut *scratch };
     let Some(record) = TWS.get_ptr(timer) else {
-        return Ok(());
+        return;
     };
     // SAFETY: a pointer from a successful lookup.
     let record = unsafe { *record };
     if !same_mini_socket(&cfg, timer, &record) {
-        return Ok(());
+        return;
     }
     // The previous cancel on this CPU was not followed by a re-arm or an
     // expiry: that mini-socket is gone, and so is its record.
@@ -558,23 +564,19 @@ fn try_timer_cancel(ctx: &TracePointContext) -> Result<(), i64> {
     if record.emit != 0 {
         emit_end(ctx, &cfg, &record, timer, kind::TW_CANCEL);
     }
-    Ok(())
 }
 
-#[tracepoint]
-pub fn timer_expire_entry(ctx: TracePointContext) -> u32 {
-    if try_timer_expire_entry(&ctx).is_err() {
-        bump(counter::READ_FAILED);
-    }
+#[raw_tracepoint(tracepoint = "timer_expire_entry")]
+pub fn timer_expire_entry(ctx: RawTracePointContext) -> i32 {
+    try_timer_expire_entry(&ctx, ctx.arg::<u64>(0));
     0
 }
 
-fn try_timer_expire_entry(ctx: &TracePointContext) -> Result<(), i64> {
+fn try_timer_expire_entry<C: EbpfContext>(ctx: &C, timer: u64) {
     let cfg = TW_CONFIG.load();
-    if cfg.handler == 0 || read::<u64>(ctx, cfg.expire_function)? != cfg.handler {
-        return Ok(());
+    if cfg.handler == 0 || !is_tw_timer(&cfg, timer) {
+        return;
     }
-    let timer: u64 = read(ctx, cfg.expire_timer)?;
     if let Some(scratch) = TW_SCRATCH.get_ptr_mut(0) {
         // SAFETY: a per-CPU slot; tracing programs do not nest on one CPU.
         let scratch = unsafe { &mut *scratch };
@@ -586,13 +588,12 @@ fn try_timer_expire_entry(ctx: &TracePointContext) -> Result<(), i64> {
     let record = TWS.get_ptr(timer).map(|r| unsafe { *r });
     let Some(record) = record.filter(|r| same_mini_socket(&cfg, timer, r)) else {
         bump(counter::TW_UNTRACKED_END);
-        return Ok(());
+        return;
     };
     if record.emit != 0 {
         emit_end(ctx, &cfg, &record, timer, kind::TW_EXPIRE);
     }
     let _ = TWS.remove(timer);
-    Ok(())
 }
 
 fn emit_end<C: EbpfContext>(

@@ -423,12 +423,17 @@ fn attach_all(
 
     let mut tw_enabled = want_time_wait;
     if tw_enabled {
-        for (program, event) in [
-            (names::PROG_TIMER_START, "timer_start"),
-            (names::PROG_TIMER_EXPIRE, "timer_expire_entry"),
-            (names::PROG_TIMER_CANCEL, "timer_cancel"),
+        for (program, event, raw) in [
+            (names::PROG_TIMER_START, "timer_start", false),
+            (names::PROG_TIMER_EXPIRE, "timer_expire_entry", true),
+            (names::PROG_TIMER_CANCEL, "timer_cancel", true),
         ] {
-            match attach_tracepoint(ebpf, program, "timer", event) {
+            let attached = if raw {
+                attach_raw(ebpf, program)
+            } else {
+                attach_tracepoint(ebpf, program, "timer", event)
+            };
+            match attached {
                 Ok(()) => programs.push(program),
                 Err(error) => {
                     tw_enabled = false;
@@ -464,8 +469,6 @@ fn time_wait_config(tracefs: &std::path::Path) -> anyhow::Result<(TwConfig, Vec<
         "symbol tw_timer_handler not in /proc/kallsyms (or its address is hidden: run as root)",
     )?;
     let start = tracefs::read_format(tracefs, "timer", "timer_start")?;
-    let expire = tracefs::read_format(tracefs, "timer", "timer_expire_entry")?;
-    let cancel = tracefs::read_format(tracefs, "timer", "timer_cancel")?;
     let mut warnings = Vec::new();
     let mut config = TwConfig {
         handler,
@@ -477,9 +480,6 @@ fn time_wait_config(tracefs: &std::path::Path) -> anyhow::Result<(TwConfig, Vec<
         start_bucket_expiry: start
             .offset("timer:timer_start", "bucket_expiry", 8)
             .unwrap_or(0),
-        expire_timer: expire.offset("timer:timer_expire_entry", "timer", 8)?,
-        expire_function: expire.offset("timer:timer_expire_entry", "function", 8)?,
-        cancel_timer: cancel.offset("timer:timer_cancel", "timer", 8)?,
         ..TwConfig::DISABLED
     };
     match btf_offsets() {
