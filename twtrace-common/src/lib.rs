@@ -258,6 +258,39 @@ impl SetStateLayout {
     };
 }
 
+/// Where the fields the raw `inet_sock_set_state` program reads sit in
+/// `struct sock`, from BTF at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockLayout {
+    pub family: u16,
+    pub protocol: u16,
+    /// Local port, network order (`inet_sport` of `struct inet_sock`: at
+    /// CLOSE the kernel has already cleared `skc_num`).
+    pub sport: u16,
+    /// Remote port, network order (`skc_dport`).
+    pub dport: u16,
+    pub rcv_saddr: u16,
+    pub daddr: u16,
+    pub v6_rcv_saddr: u16,
+    pub v6_daddr: u16,
+}
+
+impl SockLayout {
+    /// A placeholder: the loader always overrides it (or does not load the
+    /// raw program).
+    pub const UNKNOWN: Self = Self {
+        family: 0,
+        protocol: 0,
+        sport: 0,
+        dport: 0,
+        rcv_saddr: 0,
+        daddr: 0,
+        v6_rcv_saddr: 0,
+        v6_daddr: 0,
+    };
+}
+
 /// Which transitions the kernel program emits. Set once, before load.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -321,6 +354,8 @@ pub mod names {
     pub const PROG_TIMER_CANCEL: &str = "timer_cancel";
     pub const PROG_FORK: &str = "sched_process_fork";
     pub const PROG_SET_STATE: &str = "inet_sock_set_state";
+    pub const PROG_SET_STATE_RAW: &str = "inet_sock_set_state_raw";
+    pub const GLOBAL_SOCK_LAYOUT: &str = "SOCK_LAYOUT";
     pub const PROG_SENDMSG: &str = "tcp_sendmsg_locked";
     pub const PROG_RCV_SPACE: &str = "tcp_rcv_space_adjust";
 }
@@ -342,6 +377,7 @@ const _: () = assert!(core::mem::size_of::<TwScratch>() == 56);
 const _: () = assert!(core::mem::size_of::<TwConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 32);
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 20);
+const _: () = assert!(core::mem::size_of::<SockLayout>() == 16);
 const _: () = assert!(core::mem::size_of::<SetStateLayout>() == 24);
 const _: () = assert!(core::mem::size_of::<Filter>() == 8);
 
@@ -360,4 +396,6 @@ mod pod {
     unsafe impl aya::Pod for super::TwRecord {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TwConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockLayout {}
 }

@@ -22,8 +22,8 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use twtrace_common::{
     AF_INET, AF_INET6, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TW, FLAG_IN_STATE_UNKNOWN, Filter,
-    HANDOVER_WINDOW_NS, IPPROTO_TCP, ListenerKey, MAX_FILTER_ENTRIES, SetStateLayout, SockRecord,
-    TransitionEvent, TwConfig, TwRecord, TwScratch, counter, kind, tcp_state,
+    HANDOVER_WINDOW_NS, IPPROTO_TCP, ListenerKey, MAX_FILTER_ENTRIES, SetStateLayout, SockLayout,
+    SockRecord, TransitionEvent, TwConfig, TwRecord, TwScratch, counter, kind, tcp_state,
 };
 
 /// 256 KiB measured zero drops for a 20 000-connection burst; the loader
@@ -68,6 +68,9 @@ static FILTER: Global<Filter> = Global::new(Filter::NONE);
 static TW_CONFIG: Global<TwConfig> = Global::new(TwConfig::DISABLED);
 
 #[unsafe(no_mangle)]
+static SOCK_LAYOUT: Global<SockLayout> = Global::new(SockLayout::UNKNOWN);
+
+#[unsafe(no_mangle)]
 static SET_STATE_LAYOUT: Global<SetStateLayout> = Global::new(SetStateLayout::DEFAULT);
 
 /// A process followed by `twtrace record` forked: follow the child too.
@@ -100,6 +103,61 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         bump(counter::READ_FAILED);
     }
     0
+}
+
+/// The same tracepoint, raw: `(sk, oldstate, newstate)`, with the socket's
+/// fields read through BTF offsets. Preferred when BTF is there: no record
+/// to build, and a per-program recursion guard instead of the global one
+/// that makes the kernel skip classic tracepoint programs whenever another
+/// runs on the CPU.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
+    if try_inet_sock_set_state_raw(&ctx).is_err() {
+        bump(counter::READ_FAILED);
+    }
+    0
+}
+
+fn kread<T>(at: u64) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel faults safely on a bad address.
+    unsafe { bpf_probe_read_kernel(at as *const T) }.map_err(i64::from)
+}
+
+fn try_inet_sock_set_state_raw(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let l = SOCK_LAYOUT.load();
+    let sk: u64 = ctx.arg(0);
+    if kread::<u16>(sk + u64::from(l.protocol))? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let family: u16 = kread(sk + u64::from(l.family))?;
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(());
+    }
+    let filter = FILTER.load();
+    if filter.family != 0 && family != filter.family {
+        return Ok(());
+    }
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    if family == AF_INET6 {
+        saddr = kread(sk + u64::from(l.v6_rcv_saddr))?;
+        daddr = kread(sk + u64::from(l.v6_daddr))?;
+    } else {
+        saddr[..4].copy_from_slice(&kread::<[u8; 4]>(sk + u64::from(l.rcv_saddr))?);
+        daddr[..4].copy_from_slice(&kread::<[u8; 4]>(sk + u64::from(l.daddr))?);
+    }
+    // The states are ints in the prototype; they fit in a byte.
+    let s = SetState {
+        sock_id: sk,
+        old_state: ctx.arg::<u64>(1) as u8,
+        new_state: ctx.arg::<u64>(2) as u8,
+        sport: u16::from_be(kread(sk + u64::from(l.sport))?),
+        dport: u16::from_be(kread(sk + u64::from(l.dport))?),
+        family,
+        saddr,
+        daddr,
+    };
+    handle_set_state(ctx, &filter, &s)
 }
 
 /// `tcp_sendmsg_locked(sk, msg, skb, size_goal)` runs in the sender's
@@ -201,6 +259,13 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let s = read_set_state(ctx, &layout, family)?;
+    handle_set_state(ctx, &filter, &s)
+}
+
+/// Everything after reading the tracepoint: the socket's record, its
+/// owner, the TIME_WAIT hand-over, filters, and the event.
+fn handle_set_state<C: EbpfContext>(ctx: &C, filter: &Filter, s: &SetState) -> Result<(), i64> {
+    let family = s.family;
     let sock_id = s.sock_id;
     let (old_state, new_state) = (s.old_state, s.new_state);
     // SAFETY: a plain helper call with no arguments.
@@ -250,7 +315,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             if owner_context {
                 set_owner_to_current(&mut record);
             } else if old_state == tcp_state::LISTEN
-                && let Some(listener) = listener_owner(&s)
+                && let Some(listener) = listener_owner(s)
             {
                 record.pid = listener.pid;
                 record.comm = listener.comm;
@@ -266,15 +331,15 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         let _ = SOCKS.remove(sock_id);
     }
     if new_state == tcp_state::LISTEN {
-        let _ = LISTENERS.insert(listener_key(&s, false), record, 0);
+        let _ = LISTENERS.insert(listener_key(s, false), record, 0);
     } else if old_state == tcp_state::LISTEN && new_state == tcp_state::CLOSE {
-        let _ = LISTENERS.remove(listener_key(&s, false));
+        let _ = LISTENERS.remove(listener_key(s, false));
     }
-    let emit = passes_filters(&filter, record.pid, s.sport, s.dport);
+    let emit = passes_filters(filter, record.pid, s.sport, s.dport);
 
     if new_state == tcp_state::CLOSE
         && (old_state == tcp_state::FIN_WAIT2 || old_state == tcp_state::CLOSING)
-        && take_over_by_mini_socket(ctx, &s, &record, in_state_ns, flags, now, emit)
+        && take_over_by_mini_socket(ctx, s, &record, in_state_ns, flags, now, emit)
     {
         // The full socket's CLOSE is only a hand-over: the connection lives
         // on in the mini-socket, so it is no close.
@@ -343,8 +408,8 @@ fn submit<C: EbpfContext>(ctx: &C, event: &TransitionEvent) {
 /// If `tcp_time_wait()` just armed a mini-socket's timer on this CPU, the
 /// full socket's `X -> CLOSE` is its hand-over: record the mini-socket
 /// and report its birth. Returns whether that was the case.
-fn take_over_by_mini_socket(
-    ctx: &TracePointContext,
+fn take_over_by_mini_socket<C: EbpfContext>(
+    ctx: &C,
     s: &SetState,
     sock: &SockRecord,
     in_state_ns: u64,

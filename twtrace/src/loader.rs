@@ -12,7 +12,7 @@ use aya::{
 use tokio::io::{Interest, unix::AsyncFd};
 use twtrace_common::{
     AF_INET, AF_INET6, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TW, Filter, MAX_FILTER_ENTRIES,
-    SetStateLayout, TwConfig, counter, names,
+    SetStateLayout, SockLayout, TwConfig, counter, names,
 };
 
 use crate::{
@@ -152,18 +152,7 @@ impl Tracer {
             Some(level) => level as u8,
         };
         let mut warnings = Vec::new();
-        let tw_config = match time_wait_config(&tracefs) {
-            Ok((config, partial)) => {
-                warnings.extend(partial);
-                config
-            }
-            Err(error) => {
-                warnings.push(format!(
-                    "TIME_WAIT tracking unavailable ({error:#}): no TIME_WAIT transitions or lifetimes; the full socket's hand-over to it shows as a close"
-                ));
-                TwConfig::DISABLED
-            }
-        };
+        let tw_config = time_wait_config_or_warn(&tracefs, &mut warnings);
         // Each network namespace holds up to tcp_max_tw_buckets mini-sockets;
         // the map holds at least that many, as the LRU evicts beyond it.
         let tw_capacity = sys::read_sysctl_u64("/proc/sys/net/ipv4/tcp_max_tw_buckets")
@@ -171,10 +160,17 @@ impl Tracer {
             .and_then(|n| u32::try_from(n).ok())
             .map_or(DEFAULT_MAX_TW, |n| n.clamp(1024, 4 << 20));
         let tw_alive_at_start = sys::time_wait_sockets_now().unwrap_or(0);
+        // Without BTF the classic tracepoint's record gives the same fields.
+        let sock_layout = sock_layout().ok();
         let mut ebpf = EbpfLoader::new()
             .override_global(names::GLOBAL_FILTER, &filter, true)
             .override_global(names::GLOBAL_SET_STATE_LAYOUT, &layout, true)
             .override_global(names::GLOBAL_TW_CONFIG, &tw_config, true)
+            .override_global(
+                names::GLOBAL_SOCK_LAYOUT,
+                sock_layout.as_ref().unwrap_or(&SockLayout::UNKNOWN),
+                true,
+            )
             .override_global(aya_log::LEVEL, &log_level, false)
             .map_max_entries(names::EVENTS, options.ring_bytes)
             .map_max_entries(names::SOCKS, options.max_sockets)
@@ -194,8 +190,12 @@ impl Tracer {
             _ => None,
         };
 
-        let (mut programs, tw_enabled) =
-            attach_all(&mut ebpf, tw_config.handler != 0, &mut warnings)?;
+        let (mut programs, tw_enabled) = attach_all(
+            &mut ebpf,
+            sock_layout.is_some(),
+            tw_config.handler != 0,
+            &mut warnings,
+        )?;
         if options.follow_forks {
             attach_tracepoint(&mut ebpf, names::PROG_FORK, "sched", "sched_process_fork").context(
                 "attaching to sched:sched_process_fork (needed to follow the command's children)",
@@ -394,21 +394,20 @@ fn fill_filter_map<K: aya::Pod>(ebpf: &mut Ebpf, name: &str, keys: &[K]) -> anyh
 /// TIME_WAIT tracking is on.
 fn attach_all(
     ebpf: &mut Ebpf,
+    raw_set_state: bool,
     want_time_wait: bool,
     warnings: &mut Vec<String>,
 ) -> anyhow::Result<(Vec<&'static str>, bool)> {
     let mut programs = Vec::new();
-    let set_state: &mut TracePoint = ebpf
-        .program_mut(names::PROG_SET_STATE)
-        .context("the eBPF object lacks inet_sock_set_state")?
-        .try_into()?;
-    set_state
-        .load()
-        .context("the kernel refused the inet_sock_set_state program")?;
-    set_state
-        .attach("sock", "inet_sock_set_state")
-        .context("attaching to the sock:inet_sock_set_state tracepoint")?;
-    programs.push(names::PROG_SET_STATE);
+    if raw_set_state {
+        attach_raw(ebpf, names::PROG_SET_STATE_RAW)
+            .context("attaching to the inet_sock_set_state raw tracepoint")?;
+        programs.push(names::PROG_SET_STATE_RAW);
+    } else {
+        attach_tracepoint(ebpf, names::PROG_SET_STATE, "sock", "inet_sock_set_state")
+            .context("attaching to the sock:inet_sock_set_state tracepoint")?;
+        programs.push(names::PROG_SET_STATE);
+    }
 
     // Owners of accepted sockets are learnt at their first send or
     // receive; without these hooks they are learnt only at close().
@@ -460,6 +459,23 @@ fn attach_tracepoint(
     program.load()?;
     program.attach(category, event)?;
     Ok(())
+}
+
+/// The TIME_WAIT configuration, or tracking disabled with a warning that
+/// says what is missing.
+fn time_wait_config_or_warn(tracefs: &std::path::Path, warnings: &mut Vec<String>) -> TwConfig {
+    match time_wait_config(tracefs) {
+        Ok((config, partial)) => {
+            warnings.extend(partial);
+            config
+        }
+        Err(error) => {
+            warnings.push(format!(
+                "TIME_WAIT tracking unavailable ({error:#}): no TIME_WAIT transitions or lifetimes; the full socket's hand-over to it shows as a close"
+            ));
+            TwConfig::DISABLED
+        }
+    }
 }
 
 /// Finds what following TIME_WAIT mini-sockets needs on this kernel.
@@ -521,14 +537,39 @@ fn btf_offsets() -> anyhow::Result<BtfOffsets> {
     })
 }
 
+/// Attaches raw tracepoint program `name`, whose tracepoint is its name
+/// without a `_raw` suffix.
 fn attach_raw(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
     let program: &mut RawTracePoint = ebpf
         .program_mut(name)
         .with_context(|| format!("the eBPF object lacks {name}"))?
         .try_into()?;
     program.load()?;
-    program.attach(name)?;
+    program.attach(name.trim_end_matches("_raw"))?;
     Ok(())
+}
+
+/// Offsets in `struct sock` for the raw `inet_sock_set_state` program.
+/// Fails on kernels without BTF, or where `sk_protocol` is a bitfield
+/// (before 5.6): the classic tracepoint is used there.
+fn sock_layout() -> anyhow::Result<SockLayout> {
+    let btf = Btf::from_sys_fs()?;
+    let common = btf.member_offset("sock", "__sk_common")?;
+    let at = |member: &str| -> anyhow::Result<u16> {
+        Ok(u16::try_from(
+            common + btf.member_offset("sock_common", member)?,
+        )?)
+    };
+    Ok(SockLayout {
+        family: at("skc_family")?,
+        protocol: u16::try_from(btf.member_offset("sock", "sk_protocol")?)?,
+        sport: u16::try_from(btf.member_offset("inet_sock", "inet_sport")?)?,
+        dport: at("skc_dport")?,
+        rcv_saddr: at("skc_rcv_saddr")?,
+        daddr: at("skc_daddr")?,
+        v6_rcv_saddr: at("skc_v6_rcv_saddr")?,
+        v6_daddr: at("skc_v6_daddr")?,
+    })
 }
 
 fn spawn_kernel_logger(ebpf: &mut Ebpf) -> anyhow::Result<tokio::task::JoinHandle<()>> {
