@@ -109,6 +109,23 @@ pub struct OwnerKey {
     pub comm: String,
 }
 
+impl OwnerKey {
+    /// The transition's owner, or pid 0 / comm `-` when it was not learnt.
+    #[must_use]
+    pub fn of(t: &Transition) -> Self {
+        t.owner.as_ref().map_or_else(
+            || Self {
+                pid: 0,
+                comm: "-".into(),
+            },
+            |o| Self {
+                pid: o.pid,
+                comm: o.comm.clone(),
+            },
+        )
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct OwnerStats {
     /// Connections this process closed first (its socket went
@@ -130,17 +147,7 @@ pub struct TeardownStats {
 
 impl TeardownStats {
     pub fn record(&mut self, t: &Transition) {
-        let key = t.owner.as_ref().map_or_else(
-            || OwnerKey {
-                pid: 0,
-                comm: "-".into(),
-            },
-            |o| OwnerKey {
-                pid: o.pid,
-                comm: o.comm.clone(),
-            },
-        );
-        let owner = self.owners.entry(key).or_default();
+        let owner = self.owners.entry(OwnerKey::of(t)).or_default();
         match (t.old, t.new) {
             (TcpState::Established, TcpState::FinWait1) => {
                 self.active_closes += 1;

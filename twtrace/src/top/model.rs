@@ -148,17 +148,7 @@ impl TopModel {
     }
 
     pub fn record(&mut self, t: &Transition) {
-        let key = t.owner.as_ref().map_or_else(
-            || OwnerKey {
-                pid: 0,
-                comm: "-".into(),
-            },
-            |o| OwnerKey {
-                pid: o.pid,
-                comm: o.comm.clone(),
-            },
-        );
-        let owner = self.owners.entry(key).or_default();
+        let owner = self.owners.entry(OwnerKey::of(t)).or_default();
         let closed = match (t.old, t.new) {
             (TcpState::Established, TcpState::FinWait1) => {
                 owner.active += 1;
