@@ -356,6 +356,7 @@ pub mod names {
     pub const PROG_SET_STATE: &str = "inet_sock_set_state";
     pub const PROG_SET_STATE_RAW: &str = "inet_sock_set_state_raw";
     pub const GLOBAL_SOCK_LAYOUT: &str = "SOCK_LAYOUT";
+    pub const GLOBAL_WAKEUP_AT_BYTES: &str = "WAKEUP_AT_BYTES";
     pub const PROG_SENDMSG: &str = "tcp_sendmsg_locked";
     pub const PROG_RCV_SPACE: &str = "tcp_rcv_space_adjust";
 }

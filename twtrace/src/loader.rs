@@ -69,6 +69,9 @@ impl Default for TracerOptions {
     }
 }
 
+/// How often the reader drains the ring when the kernel did not wake it.
+const POLL_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Processes `record` can follow: the command and everything it forks.
 const FOLLOWED_PIDS: u32 = 65_536;
 
@@ -172,6 +175,11 @@ impl Tracer {
                 true,
             )
             .override_global(aya_log::LEVEL, &log_level, false)
+            .override_global(
+                names::GLOBAL_WAKEUP_AT_BYTES,
+                &u64::from(options.ring_bytes / 4),
+                true,
+            )
             .map_max_entries(names::EVENTS, options.ring_bytes)
             .map_max_entries(names::SOCKS, options.max_sockets)
             .map_max_entries(names::TWS, tw_capacity)
@@ -266,17 +274,19 @@ impl Tracer {
         self.tw_capacity
     }
 
-    /// Waits until the kernel has streamed something, then appends every
-    /// event available to `out`.
+    /// Waits until the kernel has streamed a ring's quarter, or `POLL_EVERY`
+    /// passed, then appends every event available to `out`. The kernel
+    /// wakes the reader only past that mark: a wake-up per event costs more
+    /// than the event itself.
     pub async fn next_batch(&mut self, out: &mut Vec<KernelEvent>) -> anyhow::Result<()> {
-        let mut guard = self
-            .events
-            .readable_mut()
-            .await
-            .context("waiting on the ring buffer")?;
-        let ring = guard.get_inner_mut();
-        self.decode_errors += drain_ring(ring, out);
-        guard.clear_ready();
+        match tokio::time::timeout(POLL_EVERY, self.events.readable_mut()).await {
+            Ok(guard) => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                self.decode_errors += drain_ring(guard.get_inner_mut(), out);
+                guard.clear_ready();
+            }
+            Err(_) => self.decode_errors += drain_ring(self.events.get_mut(), out),
+        }
         Ok(())
     }
 
