@@ -41,6 +41,17 @@ pub enum Command {
     /// Run a command and record the teardown of its connections (and its
     /// children's) for CI: reports, thresholds, its exit status.
     Record(RecordArgs),
+    /// Check the prerequisites and this host's TIME_WAIT health, with
+    /// advice that is true for the running kernel (no tracing; seconds).
+    /// Exit 0 healthy, 4 warnings, 5 twtrace cannot trace here.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
 }
 
 /// Which sockets to trace; applied in the kernel.

@@ -7,6 +7,7 @@
 pub mod btf;
 pub mod cli;
 pub mod commands;
+pub mod doctor;
 pub mod event;
 pub mod histogram;
 pub mod loader;

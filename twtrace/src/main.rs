@@ -55,6 +55,7 @@ fn main() -> ExitCode {
                 .await
                 .and(done),
             Some(Command::Record(args)) => twtrace::commands::record::run(args, kernel_log).await,
+            Some(Command::Doctor(args)) => twtrace::commands::doctor::run(&args),
         }
     });
     drop(runtime);

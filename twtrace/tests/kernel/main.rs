@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     if let Some(reason) = &skip {
         eprintln!("kernel tests skipped: {reason}");
     }
-    let tests: [(&str, fn()); 23] = [
+    let tests: [(&str, fn()); 24] = [
         ("active_closer_is_seen_whole_ipv4", active_close_ipv4),
         ("active_closer_is_seen_whole_ipv6", active_close_ipv6),
         ("owner_is_the_process_not_the_cpu_task", owners_per_process),
@@ -99,6 +99,7 @@ fn main() -> ExitCode {
             record_bad_output,
         ),
         ("readme_ci_snippet_runs", readme_ci_snippet),
+        ("doctor_matches_sysctl_and_nstat", doctor_matches_the_host),
     ];
     let trials = tests
         .into_iter()
@@ -1149,4 +1150,103 @@ fn readme_ci_snippet() {
     }));
     let hlog = std::fs::read_to_string(dir.join("teardown.hlog")).unwrap();
     assert!(hlog.contains("Tag=FIN_WAIT1"), "{hlog}");
+}
+
+fn command_stdout(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn nstat_value(name: &str) -> u64 {
+    // -a: absolute values since boot; -z: print zeros too.
+    command_stdout("nstat", &["-az", name])
+        .lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("nstat has no {name}"))
+}
+
+/// doctor's numbers are the host's: sysctls as `sysctl` reads them,
+/// counters as `nstat` does (they may grow in between, so bracketed).
+fn doctor_matches_the_host() {
+    let before: Vec<u64> = ["TcpExtTW", "TcpExtTCPTimeWaitOverflow"]
+        .iter()
+        .map(|n| nstat_value(n))
+        .collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_twtrace"))
+        .args(["doctor", "-o", "json"])
+        .output()
+        .expect("twtrace doctor");
+    let after: Vec<u64> = ["TcpExtTW", "TcpExtTCPTimeWaitOverflow"]
+        .iter()
+        .map(|n| nstat_value(n))
+        .collect();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor JSON");
+    assert_eq!(v["schema"], "twtrace-doctor/1");
+    assert_eq!(
+        v["exit_code"].as_i64().and_then(|c| i32::try_from(c).ok()),
+        out.status.code()
+    );
+    assert!(
+        [0, 4].contains(&v["exit_code"].as_u64().unwrap()),
+        "root on this kernel: {v}"
+    );
+    let host = &v["host"];
+    let sysctl = |name: &str| -> u64 {
+        command_stdout("sysctl", &["-n", name])
+            .trim()
+            .parse()
+            .expect(name)
+    };
+    assert_eq!(
+        host["max_tw_buckets"],
+        sysctl("net.ipv4.tcp_max_tw_buckets")
+    );
+    assert_eq!(host["tw_reuse"], sysctl("net.ipv4.tcp_tw_reuse"));
+    assert_eq!(host["fin_timeout"], sysctl("net.ipv4.tcp_fin_timeout"));
+    assert_eq!(host["timestamps"], sysctl("net.ipv4.tcp_timestamps"));
+    let range: Vec<u64> = command_stdout("sysctl", &["-n", "net.ipv4.ip_local_port_range"])
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(host["port_range"], serde_json::json!(range));
+    for (i, name) in ["TW", "TCPTimeWaitOverflow"].iter().enumerate() {
+        let got = host["netstat"][name].as_u64().expect(name);
+        assert!(
+            (before[i]..=after[i]).contains(&got),
+            "{name}: {} <= {got} <= {}",
+            before[i],
+            after[i]
+        );
+    }
+    assert_eq!(host["tw_recycle_exists"], false);
+    let ids: Vec<&str> = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_str().unwrap())
+        .collect();
+    for id in [
+        "privileges",
+        "tracefs",
+        "btf",
+        "tcp_max_tw_buckets",
+        "ports",
+        "tcp_tw_reuse",
+        "tcp_fin_timeout",
+        "tcp_tw_recycle",
+    ] {
+        assert!(ids.contains(&id), "{id} missing: {ids:?}");
+    }
+    for f in v["findings"].as_array().unwrap() {
+        for key in ["severity", "title", "value", "meaning", "advice"] {
+            assert!(f[key].is_string(), "{f}");
+        }
+    }
 }

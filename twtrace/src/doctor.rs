@@ -1,0 +1,517 @@
+//! `twtrace doctor`: can twtrace run here, and how healthy is this host's
+//! TIME_WAIT? The assessment is pure (a snapshot in, findings out), so
+//! every rule is unit-tested; `HostSnapshot::read` gathers the facts.
+//!
+//! Advice follows what the running kernel really does (see
+//! shared/notes/kernel-teardown.md): `tcp_tw_recycle` is gone since 4.12,
+//! `tcp_fin_timeout` does not shorten TIME_WAIT, `tcp_tw_reuse` helps only
+//! outgoing `connect()`, and overflowing `tcp_max_tw_buckets` drops
+//! TIME_WAIT's protection rather than freeing anything.
+
+use std::{collections::BTreeMap, fs, path::Path};
+
+use serde::Serialize;
+
+use crate::{sys, tracefs};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    #[default]
+    Ok,
+    Info,
+    Warn,
+    Error,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub id: &'static str,
+    pub severity: Severity,
+    pub title: String,
+    /// What the check found, as read.
+    pub value: String,
+    pub meaning: &'static str,
+    pub advice: &'static str,
+}
+
+/// Everything doctor looks at, read once.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HostSnapshot {
+    pub kernel: String,
+    pub missing_capabilities: Vec<&'static str>,
+    pub btf: bool,
+    /// Where tracefs is mounted, or why it is unusable.
+    pub tracefs: Option<String>,
+    pub tracefs_error: Option<String>,
+    pub tw_timer_handler: bool,
+    pub missing_tracepoints: Vec<String>,
+    pub time_wait: Option<u64>,
+    /// `TcpExt` counters: `TW`, `TWRecycled`, `TWKilled`, `TCPTimeWaitOverflow`.
+    pub netstat: BTreeMap<String, u64>,
+    /// `TCPTimeWaitOverflow`'s growth over the one-second sample: whether
+    /// overflow is happening now, not only at some time since boot.
+    pub overflow_per_s: u64,
+    pub port_range: Option<(u16, u16)>,
+    pub reserved_ports: u64,
+    pub tw_reuse: Option<u64>,
+    pub tw_reuse_delay_ms: Option<u64>,
+    pub max_tw_buckets: Option<u64>,
+    pub fin_timeout: Option<u64>,
+    pub timestamps: Option<u64>,
+    pub tw_recycle_exists: bool,
+}
+
+const SYSCTL: &str = "/proc/sys/net/ipv4";
+
+fn sysctl(name: &str) -> Option<u64> {
+    sys::read_sysctl_u64(&format!("{SYSCTL}/{name}")).ok()
+}
+
+/// `TcpExt` counters from /proc/net/netstat (a header line of names, then
+/// a line of values).
+#[must_use]
+pub fn parse_netstat(text: &str) -> BTreeMap<String, u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return BTreeMap::new();
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .filter_map(|(n, v)| Some((n.to_owned(), v.parse().ok()?)))
+        .collect()
+}
+
+/// How many ports `ip_local_reserved_ports` holds back ("1000,2000-2010").
+#[must_use]
+pub fn count_reserved_ports(text: &str) -> u64 {
+    text.trim()
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| match p.trim().split_once('-') {
+            Some((a, b)) => match (a.parse::<u64>(), b.parse::<u64>()) {
+                (Ok(a), Ok(b)) if b >= a => b - a + 1,
+                _ => 0,
+            },
+            None => u64::from(p.trim().parse::<u64>().is_ok()),
+        })
+        .sum()
+}
+
+impl HostSnapshot {
+    #[must_use]
+    pub fn read() -> Self {
+        let missing_capabilities = sys::effective_capabilities().map_or_else(
+            |_| vec!["(unreadable /proc/self/status)"],
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            |caps| sys::missing_capabilities(caps, unsafe { libc::geteuid() }),
+        );
+        let tracefs = tracefs::root();
+        let missing_tracepoints = match &tracefs {
+            Ok(root) => [
+                ("sock", "inet_sock_set_state"),
+                ("timer", "timer_start"),
+                ("timer", "timer_expire_entry"),
+                ("timer", "timer_cancel"),
+                ("tcp", "tcp_sendmsg_locked"),
+                ("tcp", "tcp_rcv_space_adjust"),
+                ("sched", "sched_process_fork"),
+            ]
+            .iter()
+            .filter(|(c, n)| !tracefs::has_event(root, c, n))
+            .map(|(c, n)| format!("{c}:{n}"))
+            .collect(),
+            Err(_) => Vec::new(),
+        };
+        let read_netstat = || -> BTreeMap<String, u64> {
+            fs::read_to_string("/proc/net/netstat")
+                .map(|t| parse_netstat(&t))
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(k, _)| {
+                    matches!(
+                        k.as_str(),
+                        "TW" | "TWRecycled" | "TWKilled" | "TCPTimeWaitOverflow"
+                    )
+                })
+                .collect()
+        };
+        let overflows =
+            |n: &BTreeMap<String, u64>| n.get("TCPTimeWaitOverflow").copied().unwrap_or(0);
+        let before = read_netstat();
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let netstat = read_netstat();
+        let overflow_per_s = overflows(&netstat).saturating_sub(overflows(&before));
+        Self {
+            kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+            missing_capabilities,
+            btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
+            tracefs_error: tracefs.as_ref().err().map(|e| format!("{e:#}")),
+            tracefs: tracefs.ok().map(|p| p.display().to_string()),
+            tw_timer_handler: matches!(sys::kallsyms_lookup("tw_timer_handler"), Ok(Some(_))),
+            missing_tracepoints,
+            time_wait: sys::time_wait_sockets_now().ok(),
+            netstat,
+            overflow_per_s,
+            port_range: sys::local_port_range().ok(),
+            reserved_ports: fs::read_to_string(format!("{SYSCTL}/ip_local_reserved_ports"))
+                .map_or(0, |t| count_reserved_ports(&t)),
+            tw_reuse: sysctl("tcp_tw_reuse"),
+            tw_reuse_delay_ms: sysctl("tcp_tw_reuse_delay"),
+            max_tw_buckets: sysctl("tcp_max_tw_buckets"),
+            fin_timeout: sysctl("tcp_fin_timeout"),
+            timestamps: sysctl("tcp_timestamps"),
+            tw_recycle_exists: Path::new(SYSCTL).join("tcp_tw_recycle").exists(),
+        }
+    }
+
+    /// Ephemeral ports `connect()` can use: the range less reserved ones.
+    #[must_use]
+    pub fn usable_ports(&self) -> Option<u64> {
+        self.port_range.map(|(lo, hi)| {
+            (u64::from(hi.saturating_sub(lo)) + 1).saturating_sub(self.reserved_ports)
+        })
+    }
+}
+
+fn finding(
+    id: &'static str,
+    severity: Severity,
+    title: impl Into<String>,
+    value: impl Into<String>,
+    meaning: &'static str,
+    advice: &'static str,
+) -> Finding {
+    Finding {
+        id,
+        severity,
+        title: title.into(),
+        value: value.into(),
+        meaning,
+        advice,
+    }
+}
+
+/// The findings, most severe first within prerequisites and health.
+#[must_use]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one rule after another, in the order shown"
+)]
+pub fn assess(h: &HostSnapshot) -> Vec<Finding> {
+    use Severity::{Error, Info, Ok, Warn};
+    let mut f = Vec::new();
+    let opt = |v: Option<u64>| v.map_or_else(|| "unreadable".to_owned(), |v| v.to_string());
+
+    // Prerequisites.
+    f.push(if h.missing_capabilities.is_empty() {
+        finding(
+            "privileges",
+            Ok,
+            "privileges",
+            "enough to load eBPF programs",
+            "twtrace can load and attach its programs.",
+            "",
+        )
+    } else {
+        finding(
+            "privileges",
+            Error,
+            "privileges",
+            format!("missing {}", h.missing_capabilities.join(", ")),
+            "twtrace cannot load eBPF programs as this user.",
+            "Run it as root, or with CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH.",
+        )
+    });
+    f.push(match &h.tracefs {
+        Some(path) => finding(
+            "tracefs",
+            Ok,
+            "tracefs",
+            path.clone(),
+            "Tracepoint layouts can be read.",
+            "",
+        ),
+        None => finding(
+            "tracefs",
+            Error,
+            "tracefs",
+            h.tracefs_error.clone().unwrap_or_default(),
+            "Without tracefs twtrace cannot attach to tracepoints.",
+            "Mount it: mount -t tracefs tracefs /sys/kernel/tracing",
+        ),
+    });
+    f.push(if h.btf {
+        finding("btf", Ok, "kernel BTF", "/sys/kernel/btf/vmlinux", "Struct layouts are known: orphaned FIN_WAIT2 is told from TIME_WAIT.", "")
+    } else {
+        finding("btf", Warn, "kernel BTF", "missing", "Orphaned FIN_WAIT2 mini-sockets will be reported as TIME_WAIT, and the slower classic tracepoint is used.",
+            "Use a kernel built with CONFIG_DEBUG_INFO_BTF=y.")
+    });
+    f.push(if h.tw_timer_handler {
+        finding(
+            "tw_timer_handler",
+            Ok,
+            "symbol tw_timer_handler",
+            "found in /proc/kallsyms",
+            "TIME_WAIT mini-sockets can be followed.",
+            "",
+        )
+    } else {
+        finding(
+            "tw_timer_handler",
+            Warn,
+            "symbol tw_timer_handler",
+            "missing or hidden",
+            "No TIME_WAIT tracking: the hand-over shows as a close.",
+            "Run as root (kptr_restrict hides addresses from others).",
+        )
+    });
+    let essential_missing = h
+        .missing_tracepoints
+        .iter()
+        .any(|t| t == "sock:inet_sock_set_state");
+    f.push(if h.missing_tracepoints.is_empty() {
+        finding(
+            "tracepoints",
+            Ok,
+            "tracepoints",
+            "all present",
+            "Every tracepoint twtrace uses exists.",
+            "",
+        )
+    } else {
+        finding(
+            "tracepoints",
+            if essential_missing { Error } else { Warn },
+            "tracepoints",
+            format!("missing {}", h.missing_tracepoints.join(", ")),
+            "Missing tracepoints degrade one feature each (sock:inet_sock_set_state is essential).",
+            "twtrace warns at start about what it cannot show.",
+        )
+    });
+
+    // TIME_WAIT health.
+    let tw = h.time_wait.unwrap_or(0);
+    if let Some(max) = h.max_tw_buckets {
+        let near = max > 0 && tw.saturating_mul(10) >= max.saturating_mul(9);
+        f.push(finding("tcp_max_tw_buckets", if near { Warn } else { Ok }, "TIME_WAIT sockets vs tcp_max_tw_buckets",
+            format!("{tw} of {max}"),
+            "At the limit the kernel destroys nothing already in TIME_WAIT: new closers skip TIME_WAIT instead (TcpExtTCPTimeWaitOverflow), losing its protection against late segments of old connections.",
+            "Remove the cause (connection pooling, keep-alive, letting clients close first); raising the limit only costs memory."));
+    }
+    let overflow = h.netstat.get("TCPTimeWaitOverflow").copied().unwrap_or(0);
+    let severity = match (h.overflow_per_s, overflow) {
+        (1.., _) => Warn,
+        (0, 1..) => Info,
+        _ => Ok,
+    };
+    f.push(finding(
+        "overflow",
+        severity,
+        "TIME_WAIT overflows (TcpExtTCPTimeWaitOverflow)",
+        format!("{overflow} since boot, {}/s now", h.overflow_per_s),
+        "Connections that skipped TIME_WAIT because tcp_max_tw_buckets was reached.",
+        if overflow > 0 {
+            "See tcp_max_tw_buckets above."
+        } else {
+            ""
+        },
+    ));
+    f.push(finding("tw_counters", Info, "TIME_WAIT counters since boot",
+        format!("TW {} (ended by timer), TWRecycled {}, TWKilled {}",
+            opt(h.netstat.get("TW").copied()), opt(h.netstat.get("TWRecycled").copied()), opt(h.netstat.get("TWKilled").copied())),
+        "TW: TIME_WAIT sockets that ran their 60 s; TWRecycled: reused for a new outgoing connection (tcp_tw_reuse); TWKilled: ended early.",
+        ""));
+    if let Some(usable) = h.usable_ports() {
+        let (lo, hi) = h.port_range.unwrap_or_default();
+        let risky = usable > 0 && tw.saturating_mul(2) >= usable;
+        f.push(finding("ports", if risky { Warn } else { Ok }, "ephemeral ports",
+            format!("{usable} usable ({lo}-{hi}, {} reserved), {tw} sockets in TIME_WAIT", h.reserved_ports),
+            "A TIME_WAIT socket holds its port only toward the same remote address and port; when one client talks to one server address, TIME_WAIT can exhaust the range and connect() fails with EADDRNOTAVAIL.",
+            if risky { "Reuse connections (pooling, keep-alive), spread over more destination addresses, or widen ip_local_port_range; `twtrace ports` (coming) shows which destination is at risk." } else { "" }));
+    }
+    if let Some(reuse) = h.tw_reuse {
+        let (severity, value) = match reuse {
+            0 => (Info, "0: never reuse a TIME_WAIT port for connect()"),
+            1 => (
+                Ok,
+                "1: connect() may reuse TIME_WAIT ports (with timestamps)",
+            ),
+            2 => (Info, "2: reuse for loopback connections only (the default)"),
+            _ => (Info, "unknown value"),
+        };
+        f.push(finding("tcp_tw_reuse", severity, "tcp_tw_reuse", value.to_owned(),
+            "Lets outgoing connect() take a port still in TIME_WAIT when timestamps prove it safe. It never helps a server's accepted sockets.",
+            "Set 1 on hosts that open many outgoing connections to the same destination; it needs tcp_timestamps."));
+        if reuse != 0 && h.timestamps == Some(0) {
+            f.push(finding(
+                "tcp_timestamps",
+                Warn,
+                "tcp_timestamps",
+                "0",
+                "tcp_tw_reuse relies on TCP timestamps; with them off it never triggers.",
+                "Keep net.ipv4.tcp_timestamps=1.",
+            ));
+        }
+    }
+    if let Some(delay) = h.tw_reuse_delay_ms {
+        f.push(finding(
+            "tcp_tw_reuse_delay",
+            Info,
+            "tcp_tw_reuse_delay",
+            format!("{delay} ms"),
+            "How long a TIME_WAIT socket must have existed before tcp_tw_reuse may take its port.",
+            "",
+        ));
+    }
+    if let Some(fin) = h.fin_timeout {
+        f.push(finding("tcp_fin_timeout", Info, "tcp_fin_timeout", format!("{fin} s"),
+            "Bounds how long an orphaned socket waits in FIN_WAIT2 for the peer's FIN. It does not shorten TIME_WAIT, which is fixed at 60 s (TCP_TIMEWAIT_LEN, compiled in).",
+            "Lowering it is no TIME_WAIT fix; twtrace shows FIN_WAIT2 and TIME_WAIT apart."));
+    }
+    f.push(if h.tw_recycle_exists {
+        finding(
+            "tcp_tw_recycle",
+            Warn,
+            "tcp_tw_recycle",
+            "present (kernel older than 4.12)",
+            "Recycling breaks clients behind NAT; it was removed in Linux 4.12.",
+            "Keep it 0.",
+        )
+    } else {
+        finding(
+            "tcp_tw_recycle",
+            Ok,
+            "tcp_tw_recycle",
+            "absent (removed in Linux 4.12)",
+            "Advice to set it is obsolete: the sysctl does not exist on this kernel.",
+            "",
+        )
+    });
+    f
+}
+
+/// The exit code doctor documents: 0 healthy, 4 warnings, 5 twtrace cannot
+/// trace here.
+#[must_use]
+pub fn exit_code(findings: &[Finding]) -> u8 {
+    match findings.iter().map(|f| f.severity).max() {
+        Some(Severity::Error) => 5,
+        Some(Severity::Warn) => 4,
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn healthy() -> HostSnapshot {
+        HostSnapshot {
+            kernel: "6.18.0".into(),
+            btf: true,
+            tracefs: Some("/sys/kernel/tracing".into()),
+            tw_timer_handler: true,
+            time_wait: Some(100),
+            netstat: [
+                ("TW", 5),
+                ("TWRecycled", 0),
+                ("TWKilled", 0),
+                ("TCPTimeWaitOverflow", 0),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+            port_range: Some((32768, 60999)),
+            tw_reuse: Some(2),
+            tw_reuse_delay_ms: Some(1000),
+            max_tw_buckets: Some(131_072),
+            fin_timeout: Some(60),
+            timestamps: Some(1),
+            ..HostSnapshot::default()
+        }
+    }
+
+    fn severity_of(findings: &[Finding], id: &str) -> Severity {
+        findings
+            .iter()
+            .find(|f| f.id == id)
+            .map(|f| f.severity)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_healthy_host_exits_0() {
+        let f = assess(&healthy());
+        assert_eq!(exit_code(&f), 0, "{f:#?}");
+        assert_eq!(severity_of(&f, "tcp_tw_recycle"), Severity::Ok);
+    }
+
+    #[test]
+    fn near_max_tw_buckets_and_overflow_warn() {
+        let mut h = healthy();
+        h.time_wait = Some(120_000);
+        h.netstat.insert("TCPTimeWaitOverflow".into(), 3);
+        h.overflow_per_s = 3;
+        let f = assess(&h);
+        assert_eq!(severity_of(&f, "tcp_max_tw_buckets"), Severity::Warn);
+        assert_eq!(severity_of(&f, "overflow"), Severity::Warn);
+        assert_eq!(severity_of(&f, "ports"), Severity::Warn);
+        assert_eq!(exit_code(&f), 4);
+    }
+
+    #[test]
+    fn overflow_long_ago_is_information_not_a_warning() {
+        let mut h = healthy();
+        h.netstat.insert("TCPTimeWaitOverflow".into(), 875_795);
+        let f = assess(&h);
+        assert_eq!(severity_of(&f, "overflow"), Severity::Info);
+        assert_eq!(exit_code(&f), 0);
+    }
+
+    #[test]
+    fn missing_prerequisites_exit_5() {
+        let mut h = healthy();
+        h.missing_capabilities = vec!["CAP_BPF"];
+        assert_eq!(exit_code(&assess(&h)), 5);
+        let mut h = healthy();
+        h.missing_tracepoints = vec!["sock:inet_sock_set_state".into()];
+        assert_eq!(exit_code(&assess(&h)), 5);
+        let mut h = healthy();
+        h.missing_tracepoints = vec!["tcp:tcp_sendmsg_locked".into()];
+        assert_eq!(exit_code(&assess(&h)), 4);
+    }
+
+    #[test]
+    fn advice_is_true_for_modern_kernels() {
+        let f = assess(&healthy());
+        let fin = f.iter().find(|f| f.id == "tcp_fin_timeout").unwrap();
+        assert!(fin.meaning.contains("does not shorten TIME_WAIT"));
+        let reuse = f.iter().find(|f| f.id == "tcp_tw_reuse").unwrap();
+        assert!(reuse.meaning.contains("never helps a server"));
+        let recycle = f.iter().find(|f| f.id == "tcp_tw_recycle").unwrap();
+        assert!(recycle.value.contains("removed in Linux 4.12"));
+        let mut h = healthy();
+        h.tw_reuse = Some(1);
+        h.timestamps = Some(0);
+        assert_eq!(severity_of(&assess(&h), "tcp_timestamps"), Severity::Warn);
+    }
+
+    #[test]
+    fn parses_netstat_and_reserved_ports() {
+        let text =
+            "TcpExt: SyncookiesSent TW TWRecycled\nTcpExt: 0 42 7\nIpExt: InNoRoutes\nIpExt: 0\n";
+        let n = parse_netstat(text);
+        assert_eq!((n["TW"], n["TWRecycled"]), (42, 7));
+        assert_eq!(count_reserved_ports("\n"), 0);
+        assert_eq!(count_reserved_ports("1000,2000-2010\n"), 12);
+        let mut h = healthy();
+        h.reserved_ports = 232;
+        assert_eq!(h.usable_ports(), Some(28_000));
+    }
+}
