@@ -45,6 +45,27 @@ pub enum Command {
     /// advice that is true for the running kernel (no tracing; seconds).
     /// Exit 0 healthy, 4 warnings, 5 twtrace cannot trace here.
     Doctor(DoctorArgs),
+    /// Trace for a while, then forecast ephemeral-port exhaustion per local
+    /// address and destination (ports held in TIME_WAIT, closes/s, time
+    /// until full).
+    Ports(PortsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PortsArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
+
+    /// How long to observe closes.
+    #[arg(short, long, default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub duration: Duration,
+
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
 }
 
 #[derive(Debug, Args)]

@@ -13,6 +13,7 @@ pub mod histogram;
 pub mod loader;
 pub mod model;
 pub mod output;
+pub mod ports;
 pub mod sys;
 pub mod threshold;
 pub mod top;

@@ -56,6 +56,9 @@ fn main() -> ExitCode {
                 .and(done),
             Some(Command::Record(args)) => twtrace::commands::record::run(args, kernel_log).await,
             Some(Command::Doctor(args)) => twtrace::commands::doctor::run(&args),
+            Some(Command::Ports(args)) => twtrace::commands::ports::run(args, kernel_log)
+                .await
+                .and(done),
         }
     });
     drop(runtime);

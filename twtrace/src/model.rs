@@ -35,6 +35,30 @@ pub struct TeardownModel {
     mini_sockets_peak: u64,
     /// The same, per owner pid (0: owner unknown).
     held_by: HashMap<u32, u64>,
+    /// Ephemeral ports held by mini-sockets, per local address and
+    /// destination: what runs a client out of ports toward one server.
+    held_by_route: HashMap<Route, u64>,
+    /// `ip_local_port_range`: only local ports in it are ephemeral.
+    ephemeral: Option<(u16, u16)>,
+}
+
+/// A local address and the destination its ephemeral ports point to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Route {
+    pub local: std::net::IpAddr,
+    pub remote: std::net::SocketAddr,
+}
+
+impl Route {
+    /// The route of a socket whose local port is ephemeral, else `None`.
+    #[must_use]
+    pub fn of(t: &Transition, ephemeral: Option<(u16, u16)>) -> Option<Self> {
+        let (low, high) = ephemeral?;
+        (low..=high).contains(&t.src.port()).then_some(Self {
+            local: t.src.ip(),
+            remote: t.dst,
+        })
+    }
 }
 
 impl TeardownModel {
@@ -46,7 +70,22 @@ impl TeardownModel {
             mini_sockets: 0,
             mini_sockets_peak: 0,
             held_by: HashMap::new(),
+            held_by_route: HashMap::new(),
+            ephemeral: None,
         }
+    }
+
+    /// Counts ports held per route, for local ports in this range.
+    #[must_use]
+    pub fn with_port_range(mut self, range: Option<(u16, u16)>) -> Self {
+        self.ephemeral = range;
+        self
+    }
+
+    /// Ephemeral ports held by mini-sockets now, per route.
+    #[must_use]
+    pub fn held_by_route(&self) -> &HashMap<Route, u64> {
+        &self.held_by_route
     }
 
     /// Mini-sockets alive now per owner pid: the ports each process holds
@@ -77,6 +116,9 @@ impl TeardownModel {
                     .held_by
                     .entry(owner_pid(&event.transition))
                     .or_default() += 1;
+                if let Some(route) = Route::of(&event.transition, self.ephemeral) {
+                    *self.held_by_route.entry(route).or_default() += 1;
+                }
                 self.mini_sockets += 1;
                 self.mini_sockets_peak = self.mini_sockets_peak.max(self.mini_sockets);
                 // An orphaned socket still waiting for the peer's FIN stays
@@ -140,6 +182,14 @@ impl TeardownModel {
             *held = held.saturating_sub(1);
             if *held == 0 {
                 self.held_by.remove(&pid);
+            }
+        }
+        if let Some(route) = Route::of(&event.transition, self.ephemeral)
+            && let Some(held) = self.held_by_route.get_mut(&route)
+        {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                self.held_by_route.remove(&route);
             }
         }
         let mut last = event.transition;
@@ -315,6 +365,19 @@ mod tests {
         );
         assert_eq!(model.mini_sockets(), (2, 3));
         assert_eq!(model.held_by_pid().get(&7), Some(&2));
+        // Without a port range no route is counted.
+        assert!(model.held_by_route().is_empty());
+        let mut model = TeardownModel::new(Some(HZ)).with_port_range(Some((32768, 60999)));
+        let birth = transition(TcpState::FinWait2, TcpState::TimeWait, MS, MS);
+        model.push(
+            tw_event(EventKind::TwBirth, birth, 0, TcpState::TimeWait),
+            &mut out,
+        );
+        let route = Route {
+            local: "127.0.0.1".parse().unwrap(),
+            remote: "127.0.0.1:80".parse().unwrap(),
+        };
+        assert_eq!(model.held_by_route().get(&route), Some(&1));
     }
 
     #[test]

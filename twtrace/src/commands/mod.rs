@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod doctor;
+pub mod ports;
 pub mod record;
 pub mod session;
 pub mod summary;

@@ -74,6 +74,8 @@ pub struct Status {
     pub warnings: Vec<String>,
     /// Mini-sockets alive per owner pid (see `TeardownModel::held_by_pid`).
     pub held_by_pid: std::collections::HashMap<u32, u64>,
+    /// Ephemeral ports held per route (see `TeardownModel::held_by_route`).
+    pub held_by_route: std::collections::HashMap<crate::model::Route, u64>,
 }
 
 /// Whether to print the start line and warnings on stderr; the top view
@@ -114,7 +116,8 @@ pub async fn run(
 
     let started_ns = sys::monotonic_ns();
     let deadline = duration.map(|d| Instant::now() + d);
-    let mut model = TeardownModel::new(sys::kernel_hz());
+    let mut model =
+        TeardownModel::new(sys::kernel_hz()).with_port_range(sys::local_port_range().ok());
     let mut flush = interval(FLUSH_EVERY);
     flush.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut raw = Vec::with_capacity(1024);
@@ -138,6 +141,7 @@ pub async fn run(
             status.loss = tracer.loss()?;
             status.tw_evictions = tracer.tw_evictions()?;
             status.held_by_pid.clone_from(model.held_by_pid());
+            status.held_by_route.clone_from(model.held_by_route());
             status_read_ns = now;
         }
         if after_batch(&status)?.is_break() {
@@ -152,6 +156,8 @@ pub async fn run(
     model.finish(&mut transitions);
     events += deliver(&mut transitions, &mut on_transition)?;
     status.loss = tracer.loss()?;
+    status.held_by_pid.clone_from(model.held_by_pid());
+    status.held_by_route.clone_from(model.held_by_route());
     let _ = after_batch(&status)?;
     Ok(SessionEnd {
         events,

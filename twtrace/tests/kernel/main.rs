@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     if let Some(reason) = &skip {
         eprintln!("kernel tests skipped: {reason}");
     }
-    let tests: [(&str, fn()); 24] = [
+    let tests: [(&str, fn()); 25] = [
         ("active_closer_is_seen_whole_ipv4", active_close_ipv4),
         ("active_closer_is_seen_whole_ipv6", active_close_ipv6),
         ("owner_is_the_process_not_the_cpu_task", owners_per_process),
@@ -100,6 +100,7 @@ fn main() -> ExitCode {
         ),
         ("readme_ci_snippet_runs", readme_ci_snippet),
         ("doctor_matches_sysctl_and_nstat", doctor_matches_the_host),
+        ("ports_held_matches_ss_within_one_percent", ports_match_ss),
     ];
     let trials = tests
         .into_iter()
@@ -1249,4 +1250,68 @@ fn doctor_matches_the_host() {
             assert!(f[key].is_string(), "{f}");
         }
     }
+}
+
+/// `twtrace ports` counts the TIME_WAIT ports toward one destination as
+/// the kernel's own socket table does.
+fn ports_match_ss() {
+    const SOCKETS: usize = 1000;
+    let netns = Netns::new();
+    let mut maker = Peer::time_wait_maker(&netns, SOCKETS);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_twtrace"))
+        .args([
+            "ports",
+            "--duration",
+            "5s",
+            "-o",
+            "json",
+            "--pid",
+            &maker.pid.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("twtrace ports");
+    wait_attached(&mut child);
+    maker.go();
+    maker.wait_done();
+    let ss = command_stdout(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &netns.name,
+            "ss",
+            "-Htan",
+            "state",
+            "time-wait",
+        ],
+    );
+    let in_ss = ss.lines().filter(|l| !l.trim().is_empty()).count();
+    let out = child.wait_with_output().expect("twtrace ports output");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ports JSON");
+    let routes = v["routes"].as_array().expect("routes");
+    let held: u64 = routes.iter().map(|r| r["held"].as_u64().unwrap()).sum();
+    assert!(in_ss >= SOCKETS, "ss shows {in_ss}");
+    let in_ss = in_ss as u64;
+    assert!(
+        held.abs_diff(in_ss) * 100 <= in_ss,
+        "twtrace {held}, ss {in_ss}: {v}"
+    );
+    let top = &routes[0];
+    assert!(
+        top["remote"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("127.0.0.1:")),
+        "{top}"
+    );
+    assert!(
+        top["closes_per_s"].as_f64().is_some_and(|r| r > 0.0),
+        "{top}"
+    );
 }
