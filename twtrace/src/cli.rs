@@ -49,6 +49,9 @@ pub enum Command {
     /// address and destination (ports held in TIME_WAIT, closes/s, time
     /// until full).
     Ports(PortsArgs),
+    /// Headless: trace and serve Prometheus metrics until stopped (a node
+    /// exporter for fleets; see deploy/).
+    Serve(ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -151,6 +154,24 @@ pub struct TraceArgs {
 pub struct SummaryArgs {
     #[command(flatten)]
     pub run: RunArgs,
+
+    /// Also serve Prometheus/OpenMetrics metrics here while tracing
+    /// (e.g. 127.0.0.1:9866).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    #[command(flatten)]
+    pub capacity: CapacityArgs,
+
+    /// Where to serve the Prometheus/OpenMetrics endpoint.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:9866")]
+    pub metrics_addr: std::net::SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -216,6 +237,10 @@ pub struct TopArgs {
     /// (automatic when stdout is not a terminal).
     #[arg(short, long)]
     pub batch: bool,
+
+    /// Also serve Prometheus/OpenMetrics metrics here.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Parses `500ms`, `5s`, `2m`, `1h`, `1.5s`. Rejects zero, negatives and

@@ -59,6 +59,9 @@ fn main() -> ExitCode {
             Some(Command::Ports(args)) => twtrace::commands::ports::run(args, kernel_log)
                 .await
                 .and(done),
+            Some(Command::Serve(args)) => twtrace::commands::serve::run(args, kernel_log)
+                .await
+                .and(done),
         }
     });
     drop(runtime);

@@ -9,7 +9,7 @@ use crate::{
     cli::SummaryArgs,
     commands::session,
     histogram::TeardownStats,
-    output::{stream::Format, summary::SummaryReport},
+    output::{metrics::Metrics, stream::Format, summary::SummaryReport},
 };
 
 pub async fn run(args: SummaryArgs, kernel_log: Option<log::LevelFilter>) -> anyhow::Result<()> {
@@ -17,6 +17,14 @@ pub async fn run(args: SummaryArgs, kernel_log: Option<log::LevelFilter>) -> any
     session::check_pids_exist(&run.filter)?;
     let options = session::tracer_options(&run.filter, &run.capacity, false, kernel_log);
     let mut stats = TeardownStats::default();
+    let metrics = match args.metrics_addr {
+        Some(addr) => {
+            let metrics = Metrics::new();
+            metrics.clone().serve(addr).await?;
+            Some(metrics)
+        }
+        None => None,
+    };
     let end = session::run(
         &options,
         run.duration,
@@ -24,9 +32,17 @@ pub async fn run(args: SummaryArgs, kernel_log: Option<log::LevelFilter>) -> any
         |_| Ok(()),
         |t| {
             stats.record(t);
+            if let Some(m) = &metrics {
+                m.record(t);
+            }
             Ok(())
         },
-        |_| Ok(ControlFlow::Continue(())),
+        |status| {
+            if let Some(m) = &metrics {
+                m.update(status);
+            }
+            Ok(ControlFlow::Continue(()))
+        },
     )
     .await?;
     let report = SummaryReport::of_session(&stats, &end);

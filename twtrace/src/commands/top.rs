@@ -20,6 +20,7 @@ use ratatui::crossterm::event::{self, Event, KeyEventKind};
 use crate::{
     cli::TopArgs,
     commands::session::{self, Announce, Status},
+    output::metrics::Metrics,
     sys,
     top::{
         model::{HostFacts, TopModel, TopSnapshot},
@@ -30,10 +31,18 @@ use crate::{
 pub async fn run(args: TopArgs, kernel_log: Option<log::LevelFilter>) -> anyhow::Result<()> {
     session::check_pids_exist(&args.filter)?;
     let options = session::tracer_options(&args.filter, &args.capacity, false, kernel_log);
+    let metrics = match args.metrics_addr {
+        Some(addr) => {
+            let metrics = Metrics::new();
+            metrics.clone().serve(addr).await?;
+            Some(metrics)
+        }
+        None => None,
+    };
     if args.batch || !io::stdout().is_terminal() {
-        run_batch(&args, &options).await
+        run_batch(&args, &options, metrics.as_ref()).await
     } else {
-        run_terminal(&args, &options).await
+        run_terminal(&args, &options, metrics.as_ref()).await
     }
 }
 
@@ -49,7 +58,11 @@ fn host_facts(status: &Status) -> HostFacts {
 }
 
 /// Plain text every interval; stops after `--count` tables or `--duration`.
-async fn run_batch(args: &TopArgs, options: &crate::loader::TracerOptions) -> anyhow::Result<()> {
+async fn run_batch(
+    args: &TopArgs,
+    options: &crate::loader::TracerOptions,
+    metrics: Option<&Metrics>,
+) -> anyhow::Result<()> {
     let model = RefCell::new(TopModel::new(sys::monotonic_ns()));
     let interval_ns = u64::try_from(args.interval.as_nanos()).unwrap_or(u64::MAX);
     let mut next_ns = sys::monotonic_ns() + interval_ns;
@@ -63,9 +76,15 @@ async fn run_batch(args: &TopArgs, options: &crate::loader::TracerOptions) -> an
         |_| Ok(()),
         |t| {
             model.borrow_mut().record(t);
+            if let Some(m) = metrics {
+                m.record(t);
+            }
             Ok(())
         },
         |status| {
+            if let Some(m) = metrics {
+                m.update(status);
+            }
             let now = sys::monotonic_ns();
             if now < next_ns {
                 return Ok(ControlFlow::Continue(()));
@@ -99,6 +118,7 @@ impl Drop for TerminalGuard {
 async fn run_terminal(
     args: &TopArgs,
     options: &crate::loader::TracerOptions,
+    metrics: Option<&Metrics>,
 ) -> anyhow::Result<()> {
     // Nothing may write over the view: logs are off while it is up.
     let previous_log_level = log::max_level();
@@ -125,9 +145,15 @@ async fn run_terminal(
         |_| Ok(()),
         |t| {
             model.borrow_mut().record(t);
+            if let Some(m) = metrics {
+                m.record(t);
+            }
             Ok(())
         },
         |status| {
+            if let Some(m) = metrics {
+                m.update(status);
+            }
             let mut redraw = false;
             while let Ok(input) = keys.try_recv() {
                 redraw = true;

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     if let Some(reason) = &skip {
         eprintln!("kernel tests skipped: {reason}");
     }
-    let tests: [(&str, fn()); 25] = [
+    let tests: [(&str, fn()); 26] = [
         ("active_closer_is_seen_whole_ipv4", active_close_ipv4),
         ("active_closer_is_seen_whole_ipv6", active_close_ipv6),
         ("owner_is_the_process_not_the_cpu_task", owners_per_process),
@@ -101,6 +101,7 @@ fn main() -> ExitCode {
         ("readme_ci_snippet_runs", readme_ci_snippet),
         ("doctor_matches_sysctl_and_nstat", doctor_matches_the_host),
         ("ports_held_matches_ss_within_one_percent", ports_match_ss),
+        ("metrics_scrape_matches_the_summary", metrics_match_summary),
     ];
     let trials = tests
         .into_iter()
@@ -1314,4 +1315,103 @@ fn ports_match_ss() {
         top["closes_per_s"].as_f64().is_some_and(|r| r > 0.0),
         "{top}"
     );
+}
+
+fn scrape(port: u16) -> Option<prometheus_parse::Scrape> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).ok()
+}
+
+/// Histogram count per state label, from the `+Inf` bucket.
+fn counts_by_state(scrape: &prometheus_parse::Scrape) -> std::collections::BTreeMap<String, u64> {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "twtrace_time_in_state_seconds")
+        .filter_map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(buckets) => {
+                let total = buckets.iter().find(|b| b.less_than.is_infinite())?.count;
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "a count"
+                )]
+                Some((s.labels.get("state")?.to_owned(), total as u64))
+            }
+            _ => None,
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+/// The endpoint, scraped over loopback and parsed by a real exposition
+/// parser, counts what the summary counts.
+fn metrics_match_summary() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut ex = Exchange::new(
+        "127.0.0.1:0",
+        Ending::CloseFirst,
+        Ending::CloseAfterPeer { wait_ms: 0 },
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let mut summary = spawn_twtrace(&["summary", "-o", "json", "--metrics-addr", &addr], &ex);
+    wait_attached(&mut summary);
+    ex.run_then_end();
+    // Until the namespace's clean-up ends the TIME_WAIT socket and the
+    // next status refresh (1 s) has published everything.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = std::collections::BTreeMap::new();
+    while Instant::now() < deadline {
+        if let Some(s) = scrape(port) {
+            last = counts_by_state(&s);
+            if last.contains_key("TIME_WAIT") {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(last.contains_key("TIME_WAIT"), "{last:?}");
+    let final_scrape = scrape(port).expect("scrape");
+    let closes: f64 = final_scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "twtrace_closes_total")
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert!(
+        (closes - 2.0).abs() < f64::EPSILON,
+        "active + passive closes: {closes}"
+    );
+    let scraped = counts_by_state(&final_scrape);
+    interrupt(&summary);
+    let out = summary.wait_with_output().expect("summary output");
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary JSON");
+    let from_summary: std::collections::BTreeMap<String, u64> = v["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["state"].as_str().unwrap().to_owned(),
+                s["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(scraped, from_summary);
 }

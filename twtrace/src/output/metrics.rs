@@ -1,0 +1,197 @@
+//! The Prometheus/OpenMetrics endpoint (`--metrics-addr`): time in state
+//! as a histogram in seconds by state, closes by side and comm, TIME_WAIT
+//! held now, and what was lost. Labels stay low-cardinality: no pid, no
+//! port, no address.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+use crate::{
+    commands::session::Status,
+    event::{TcpState, Transition},
+    histogram::TEARDOWN_STATES,
+};
+
+/// Not 9090/9091/9100 (Prometheus, Pushgateway, node exporter).
+pub const DEFAULT_PORT: u16 = 9866;
+
+/// Bucket bounds in seconds: 10 µs to past TIME_WAIT's 60 s.
+const BUCKETS: [f64; 16] = [
+    1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 61.0, 120.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloseLabels {
+    /// `active` (closed first) or `passive`.
+    side: String,
+    comm: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LossLabel {
+    kind: String,
+}
+
+fn new_histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+/// The metrics, shared between the tracing loop and the HTTP server.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    time_in_state: Family<StateLabel, Histogram, fn() -> Histogram>,
+    closes: Family<CloseLabels, Counter>,
+    time_wait_now: Gauge,
+    lost: Family<LossLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("twtrace");
+        let time_in_state =
+            Family::<StateLabel, Histogram, fn() -> Histogram>::new_with_constructor(new_histogram);
+        registry.register(
+            "time_in_state_seconds",
+            "Time TCP sockets spent in each teardown state",
+            time_in_state.clone(),
+        );
+        let closes = Family::<CloseLabels, Counter>::default();
+        registry.register(
+            "closes",
+            "Connections closed, by which side closed first and the owner's command",
+            closes.clone(),
+        );
+        let time_wait_now = Gauge::default();
+        registry.register(
+            "time_wait_sockets",
+            "TIME_WAIT mini-sockets alive now (born while traced)",
+            time_wait_now.clone(),
+        );
+        let lost = Family::<LossLabel, Gauge>::default();
+        registry.register(
+            "lost_events",
+            "Events lost and records evicted, by kind, since start",
+            lost.clone(),
+        );
+        // Every state appears from the start, so rates work from scrape one.
+        for state in TEARDOWN_STATES {
+            let _ = time_in_state.get_or_create(&StateLabel {
+                state: state.name().to_owned(),
+            });
+        }
+        Self {
+            registry: Arc::new(registry),
+            time_in_state,
+            closes,
+            time_wait_now,
+            lost,
+        }
+    }
+
+    pub fn record(&self, t: &Transition) {
+        if let Some(ns) = t.in_state_ns
+            && TEARDOWN_STATES.contains(&t.old)
+        {
+            #[expect(clippy::cast_precision_loss, reason = "seconds for Prometheus")]
+            let seconds = ns as f64 / 1e9;
+            self.time_in_state
+                .get_or_create(&StateLabel {
+                    state: t.old.name().to_owned(),
+                })
+                .observe(seconds);
+        }
+        let side = match (t.old, t.new) {
+            (TcpState::Established, TcpState::FinWait1) => "active",
+            (TcpState::Established, TcpState::CloseWait) => "passive",
+            _ => return,
+        };
+        let comm = t.owner.as_ref().map_or("-", |o| o.comm.as_str());
+        self.closes
+            .get_or_create(&CloseLabels {
+                side: side.to_owned(),
+                comm: comm.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn update(&self, status: &Status) {
+        let held: u64 = status.held_by_pid.values().sum();
+        self.time_wait_now
+            .set(i64::try_from(held).unwrap_or(i64::MAX));
+        let loss = &status.loss;
+        for (kind, value) in [
+            ("ringbuf_full", loss.ringbuf_full),
+            ("recursion_misses", loss.recursion_misses),
+            ("unreadable", loss.read_failed),
+            ("undecodable", loss.decode_errors),
+            ("tw_evictions", status.tw_evictions),
+        ] {
+            self.lost
+                .get_or_create(&LossLabel {
+                    kind: kind.to_owned(),
+                })
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// The exposition, in the `OpenMetrics` text format.
+    pub fn encode(&self) -> anyhow::Result<String> {
+        let mut body = String::new();
+        encode(&mut body, &self.registry).context("encoding metrics")?;
+        Ok(body)
+    }
+
+    /// Serves `GET /metrics` (any path) on `addr` until the runtime ends.
+    pub async fn serve(self, addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for --metrics-addr"))?;
+        Ok(tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let metrics = self.clone();
+                tokio::spawn(async move {
+                    // The request itself does not matter: one page is served.
+                    let mut request = [0u8; 1024];
+                    let _ = stream.read(&mut request).await;
+                    let (status, body) = match metrics.encode() {
+                        Ok(body) => ("200 OK", body),
+                        Err(e) => ("500 Internal Server Error", format!("{e:#}\n")),
+                    };
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let _ = stream.write_all(body.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        }))
+    }
+}
