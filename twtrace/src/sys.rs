@@ -284,3 +284,12 @@ pub fn local_port_range() -> anyhow::Result<(u16, u16)> {
         _ => anyhow::bail!("{path} holds {text:?}"),
     }
 }
+
+/// Ephemeral ports `connect()` may use: `ip_local_port_range` less
+/// `ip_local_reserved_ports`.
+pub fn usable_ephemeral_ports() -> anyhow::Result<u64> {
+    let (low, high) = local_port_range()?;
+    let reserved = fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
+        .map_or(0, |t| crate::doctor::count_reserved_ports(&t));
+    Ok((u64::from(high.saturating_sub(low)) + 1).saturating_sub(reserved))
+}

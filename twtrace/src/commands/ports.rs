@@ -12,7 +12,6 @@ use serde::Serialize;
 use crate::{
     cli::PortsArgs,
     commands::session::{self, Announce},
-    doctor,
     output::stream::Format,
     ports, sys,
 };
@@ -30,11 +29,7 @@ pub async fn run(args: PortsArgs, kernel_log: Option<log::LevelFilter>) -> anyho
     session::check_pids_exist(&args.filter)?;
     let options = session::tracer_options(&args.filter, &args.capacity, false, kernel_log);
     let range = sys::local_port_range().ok();
-    let reserved = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
-        .map_or(0, |t| doctor::count_reserved_ports(&t));
-    let usable = range.map_or(0, |(lo, hi)| {
-        (u64::from(hi.saturating_sub(lo)) + 1).saturating_sub(reserved)
-    });
+    let usable = sys::usable_ephemeral_ports().unwrap_or(0);
     let closes = RefCell::new(ports::CloseCounter::default());
     let held = RefCell::new(std::collections::HashMap::new());
     let end = session::run(

@@ -21,7 +21,7 @@ use crate::{
     cli::TopArgs,
     commands::session::{self, Announce, Status},
     output::metrics::Metrics,
-    sys,
+    ports, sys,
     top::{
         model::{HostFacts, TopModel, TopSnapshot},
         view::{self, Action, ViewState},
@@ -46,8 +46,14 @@ pub async fn run(args: TopArgs, kernel_log: Option<log::LevelFilter>) -> anyhow:
     }
 }
 
-fn host_facts(status: &Status) -> HostFacts {
+/// What the header and the detail show besides the model: the host's
+/// counts and the port forecast.
+fn host_facts(status: &Status, closes: &ports::CloseCounter, elapsed_ns: u64) -> HostFacts {
+    let usable = sys::usable_ephemeral_ports().unwrap_or(0);
+    #[expect(clippy::cast_precision_loss, reason = "seconds")]
+    let seconds = elapsed_ns as f64 / 1e9;
     HostFacts {
+        routes: closes.forecasts(&status.held_by_route, usable, seconds),
         kernel_time_wait: sys::time_wait_sockets_now().ok(),
         port_range: sys::local_port_range().ok(),
         events_lost: status.loss.events_lost(),
@@ -63,7 +69,10 @@ async fn run_batch(
     options: &crate::loader::TracerOptions,
     metrics: Option<&Metrics>,
 ) -> anyhow::Result<()> {
-    let model = RefCell::new(TopModel::new(sys::monotonic_ns()));
+    let started_ns = sys::monotonic_ns();
+    let model = RefCell::new(TopModel::new(started_ns));
+    let closes = RefCell::new(ports::CloseCounter::default());
+    let port_range = sys::local_port_range().ok();
     let interval_ns = u64::try_from(args.interval.as_nanos()).unwrap_or(u64::MAX);
     let mut next_ns = sys::monotonic_ns() + interval_ns;
     let mut printed = 0u64;
@@ -76,6 +85,7 @@ async fn run_batch(
         |_| Ok(()),
         |t| {
             model.borrow_mut().record(t);
+            closes.borrow_mut().record(t, port_range);
             if let Some(m) = metrics {
                 m.record(t);
             }
@@ -90,7 +100,8 @@ async fn run_batch(
                 return Ok(ControlFlow::Continue(()));
             }
             next_ns = now + interval_ns;
-            let snapshot = model.borrow_mut().snapshot(now, host_facts(status));
+            let facts = host_facts(status, &closes.borrow(), now.saturating_sub(started_ns));
+            let snapshot = model.borrow_mut().snapshot(now, facts);
             writeln!(out, "{}", view::render_plain(&snapshot, &state))?;
             out.flush()?;
             printed += 1;
@@ -133,7 +144,10 @@ async fn run_terminal(
 
     let mut terminal = ratatui::try_init().context("setting up the terminal")?;
     let guard = TerminalGuard;
-    let model = RefCell::new(TopModel::new(sys::monotonic_ns()));
+    let started_ns = sys::monotonic_ns();
+    let model = RefCell::new(TopModel::new(started_ns));
+    let closes = RefCell::new(ports::CloseCounter::default());
+    let port_range = sys::local_port_range().ok();
     let interval_ns = u64::try_from(args.interval.as_nanos()).unwrap_or(u64::MAX);
     let mut next_ns = 0;
     let mut snapshot = TopSnapshot::default();
@@ -145,6 +159,7 @@ async fn run_terminal(
         |_| Ok(()),
         |t| {
             model.borrow_mut().record(t);
+            closes.borrow_mut().record(t, port_range);
             if let Some(m) = metrics {
                 m.record(t);
             }
@@ -168,7 +183,9 @@ async fn run_terminal(
             if now >= next_ns {
                 next_ns = now + interval_ns;
                 if !state.paused {
-                    snapshot = model.borrow_mut().snapshot(now, host_facts(status));
+                    let facts =
+                        host_facts(status, &closes.borrow(), now.saturating_sub(started_ns));
+                    snapshot = model.borrow_mut().snapshot(now, facts);
                     redraw = true;
                 }
             }

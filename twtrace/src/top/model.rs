@@ -69,6 +69,8 @@ pub struct HostFacts {
     /// TIME_WAIT mini-sockets each pid holds now (from the teardown model,
     /// which also sees orphaned ones before their move to TIME_WAIT shows).
     pub held_by_pid: HashMap<u32, u64>,
+    /// Port-exhaustion forecasts, most urgent first (shown in the detail).
+    pub routes: Vec<crate::ports::Forecast>,
 }
 
 /// One process's row.

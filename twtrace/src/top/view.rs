@@ -305,7 +305,7 @@ pub fn render(frame: &mut Frame, snapshot: &TopSnapshot, state: &ViewState) {
     let rows = visible_rows(snapshot, state);
     let selected = state.selected.min(rows.len().saturating_sub(1));
     if state.detail && !rows.is_empty() {
-        render_detail(frame, body, rows[selected]);
+        render_detail(frame, body, rows[selected], &snapshot.header.host.routes);
     } else {
         render_table(frame, body, &rows, selected, state);
     }
@@ -350,9 +350,31 @@ fn render_table(
     frame.render_stateful_widget(table, area, &mut table_state);
 }
 
-fn render_detail(frame: &mut Frame, area: Rect, row: &ProcessRow) {
-    let [states_area, remotes_area] =
-        Layout::vertical([Constraint::Length(9), Constraint::Min(3)]).areas(area);
+fn render_detail(
+    frame: &mut Frame,
+    area: Rect,
+    row: &ProcessRow,
+    routes: &[crate::ports::Forecast],
+) {
+    let [states_area, remotes_area, ports_area] = Layout::vertical([
+        Constraint::Length(9),
+        Constraint::Min(3),
+        Constraint::Length(5),
+    ])
+    .areas(area);
+    let forecasts: Vec<Line> = if routes.is_empty() {
+        vec![Line::from("no ephemeral port held in TIME_WAIT yet")]
+    } else {
+        routes
+            .iter()
+            .take(3)
+            .map(|f| Line::from(crate::ports::describe(f)))
+            .collect()
+    };
+    frame.render_widget(
+        Paragraph::new(forecasts).block(Block::bordered().title(" ports at risk (all processes) ")),
+        ports_area,
+    );
     let header = Row::new(["STATE", "COUNT", "MIN", "P50", "P90", "P99", "P99.9", "MAX"])
         .style(Style::new().add_modifier(Modifier::BOLD));
     let body = row.states.iter().map(|s| {
@@ -474,6 +496,15 @@ mod tests {
                     tw_evictions: 0,
                     time_wait_tracking: true,
                     held_by_pid: std::collections::HashMap::new(),
+                    routes: vec![crate::ports::forecast(
+                        crate::model::Route {
+                            local: "127.0.0.1".parse().unwrap(),
+                            remote: "127.0.0.2:6379".parse().unwrap(),
+                        },
+                        21_400,
+                        28_232,
+                        500.0,
+                    )],
                 },
                 elapsed_ns: 5_300 * MS,
             },
@@ -593,10 +624,14 @@ mod tests {
         state.handle_key(key(KeyCode::Down), 2);
         state.handle_key(key(KeyCode::Enter), 2);
         assert!(state.detail);
-        let text = screen(&state, 100, 20).join("\n");
+        let text = screen(&state, 110, 24).join("\n");
         assert!(text.contains("nginx (200): time in state"), "{text}");
         assert!(text.contains("FIN_WAIT2   30"), "{text}");
         assert!(text.contains("127.0.0.2:6379"), "{text}");
+        assert!(
+            text.contains("21400 / 28232 ports in TIME_WAIT, 500 closes/s, full in 14 s"),
+            "{text}"
+        );
         state.handle_key(key(KeyCode::Esc), 2);
         assert!(!state.detail);
     }
