@@ -17,14 +17,7 @@ pub async fn run(args: SummaryArgs, kernel_log: Option<log::LevelFilter>) -> any
     session::check_pids_exist(&run.filter)?;
     let options = session::tracer_options(&run.filter, &run.capacity, false, kernel_log);
     let mut stats = TeardownStats::default();
-    let metrics = match args.metrics_addr {
-        Some(addr) => {
-            let metrics = Metrics::new();
-            metrics.clone().serve(addr).await?;
-            Some(metrics)
-        }
-        None => None,
-    };
+    let metrics = Metrics::serve_if(args.metrics_addr).await?;
     let end = session::run(
         &options,
         run.duration,

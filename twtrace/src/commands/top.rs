@@ -31,14 +31,7 @@ use crate::{
 pub async fn run(args: TopArgs, kernel_log: Option<log::LevelFilter>) -> anyhow::Result<()> {
     session::check_pids_exist(&args.filter)?;
     let options = session::tracer_options(&args.filter, &args.capacity, false, kernel_log);
-    let metrics = match args.metrics_addr {
-        Some(addr) => {
-            let metrics = Metrics::new();
-            metrics.clone().serve(addr).await?;
-            Some(metrics)
-        }
-        None => None,
-    };
+    let metrics = Metrics::serve_if(args.metrics_addr).await?;
     if args.batch || !io::stdout().is_terminal() {
         run_batch(&args, &options, metrics.as_ref()).await
     } else {

@@ -164,6 +164,16 @@ impl Metrics {
         Ok(body)
     }
 
+    /// New metrics served on `addr`, if one is given.
+    pub async fn serve_if(addr: Option<SocketAddr>) -> anyhow::Result<Option<Self>> {
+        let Some(addr) = addr else {
+            return Ok(None);
+        };
+        let metrics = Self::new();
+        metrics.clone().serve(addr).await?;
+        Ok(Some(metrics))
+    }
+
     /// Serves `GET /metrics` (any path) on `addr` until the runtime ends.
     pub async fn serve(self, addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let listener = TcpListener::bind(addr)
