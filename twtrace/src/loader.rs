@@ -420,13 +420,25 @@ fn attach_all(
     }
 
     // Owners of accepted sockets are learnt at their first send or
-    // receive; without these hooks they are learnt only at close().
-    for name in [names::PROG_SENDMSG, names::PROG_RCV_SPACE] {
+    // receive; without one of these hooks, from the other or at close()
+    // (until then the socket is its listener's owner's). Debian 12's 6.1
+    // has no tcp_sendmsg_locked.
+    for (name, learnt_from) in [
+        (names::PROG_SENDMSG, "their first receive"),
+        (names::PROG_RCV_SPACE, "their first send"),
+    ] {
         match attach_raw(ebpf, name) {
             Ok(()) => programs.push(name),
-            Err(error) => warnings.push(format!(
-                "tracepoint tcp:{name} unavailable ({error:#}): owners of accepted sockets are learnt later, at close()"
-            )),
+            Err(error) => {
+                let what = if is_not_found(&error) {
+                    format!("this kernel has no tracepoint tcp:{name}")
+                } else {
+                    format!("tracepoint tcp:{name} could not be attached ({error:#})")
+                };
+                warnings.push(format!(
+                    "{what}: accepted sockets count as their listener's owner's until {learnt_from} or close()"
+                ));
+            }
         }
     }
 
@@ -454,6 +466,15 @@ fn attach_all(
         }
     }
     Ok((programs, tw_enabled))
+}
+
+/// Whether attaching failed because the kernel has no such tracepoint.
+fn is_not_found(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+    })
 }
 
 fn attach_tracepoint(

@@ -2,9 +2,12 @@
 //! starting from a fresh machine.
 
 mod bench;
+mod cpio;
 mod setup;
+mod vm;
 
 use std::{
+    collections::BTreeMap,
     env,
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
@@ -34,9 +37,20 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, then run every check and test: formatting, clippy (host and
-    /// eBPF), unit tests and the kernel tests (these need root), and a
-    /// 2-second smoke run of the benchmark.
+    /// eBPF), unit tests and the kernel tests (these need root), a 0.5-second
+    /// smoke run of the benchmark, and the kernel tests on every kernel of
+    /// the VM matrix.
     Test,
+    /// The kernel tests on each kernel of the matrix: the host's natively,
+    /// the others booted under qemu (root; installs qemu and busybox).
+    VmTest {
+        /// Only this kernel of the list (repeatable).
+        #[arg(long)]
+        kernel: Vec<String>,
+        /// Arguments for the kernel test binary (a name filter, `--skip`).
+        #[arg(last = true)]
+        test_args: Vec<String>,
+    },
     /// Overhead and capacity against a baseline and libbpf-tools'
     /// tcpstates, side by side (root; installs libbpf-tools and bpftool).
     Bench {
@@ -62,6 +76,18 @@ fn main() -> ExitCode {
         Task::Test => setup::run()
             .and_then(|tools| setup::test_tools().map(|()| tools))
             .and_then(|tools| test(&tools)),
+        Task::VmTest { kernel, test_args } => setup::run()
+            .and_then(|_| setup::test_tools())
+            .and_then(|()| build())
+            .and_then(|()| {
+                vm::run(
+                    &vm::Options {
+                        kernels: kernel,
+                        test_args,
+                    },
+                    None,
+                )
+            }),
         Task::Bench {
             seconds,
             rounds,
@@ -171,7 +197,8 @@ fn test(tools: &setup::Tools) -> anyhow::Result<()> {
     build_bench()?;
     // Release: loading from a debug build takes ~3x longer, and the kernel
     // tests load the program once per test.
-    let totals = run_tests(cargo().args(["test", "--release", "--locked", "--no-fail-fast"]))?;
+    let (totals, host_results) =
+        run_tests(cargo().args(["test", "--release", "--locked", "--no-fail-fast"]))?;
     // The benchmark harness must not rot: a tiny run of every configuration.
     let smoke = bench::run(&bench::Options {
         seconds: 0.5,
@@ -182,13 +209,23 @@ fn test(tools: &setup::Tools) -> anyhow::Result<()> {
     if let Err(error) = smoke {
         eprintln!("xtask: bench smoke run failed: {error:#}");
     }
+    // The same kernel tests on the other kernels of the matrix; the host's
+    // column is the run above.
+    let matrix = vm::run(
+        &vm::Options {
+            kernels: Vec::new(),
+            test_args: Vec::new(),
+        },
+        Some(host_results),
+    );
+    let matrix_ok = matrix.is_ok();
+    if let Err(error) = matrix {
+        eprintln!("xtask: VM test matrix failed: {error:#}");
+    }
     // One closing line for the whole suite: cargo's own last line belongs
     // to whichever test binary happened to run last.
-    let (passed, failed) = if smoke_ok {
-        (totals.passed + 1, totals.failed)
-    } else {
-        (totals.passed, totals.failed + 1)
-    };
+    let passed = totals.passed + u64::from(smoke_ok) + u64::from(matrix_ok);
+    let failed = totals.failed + u64::from(!smoke_ok) + u64::from(!matrix_ok);
     println!(
         "{passed} passed, {failed} failed, {} skipped",
         totals.ignored
@@ -230,23 +267,29 @@ impl Totals {
     }
 }
 
-fn run_tests(command: &mut Command) -> anyhow::Result<Totals> {
+/// Runs cargo test, echoing its output; returns the totals and each test's
+/// outcome by name.
+fn run_tests(command: &mut Command) -> anyhow::Result<(Totals, BTreeMap<String, vm::Outcome>)> {
     eprintln!("xtask: cargo test --release (unit and kernel tests)");
     let mut child = command
         .stdout(Stdio::piped())
         .spawn()
         .context("starting cargo test")?;
     let mut totals = Totals::default();
+    let mut outcomes = BTreeMap::new();
     for line in BufReader::new(child.stdout.take().context("cargo test stdout")?).lines() {
         let line = line?;
         println!("{line}");
         totals.add_result_line(&line);
+        if let Some((test, outcome)) = vm::parse_test_line(&line) {
+            outcomes.insert(test, outcome);
+        }
     }
     let status = child.wait()?;
     if !status.success() && totals.failed == 0 {
         bail!("cargo test failed ({status})");
     }
-    Ok(totals)
+    Ok((totals, outcomes))
 }
 
 #[cfg(test)]

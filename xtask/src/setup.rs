@@ -73,20 +73,22 @@ pub fn run() -> anyhow::Result<Tools> {
 }
 
 /// Programs the kernel tests drive, and the Debian packages that have them.
-const TEST_TOOLS: [(&str, &str); 6] = [
+const TEST_TOOLS: [(&str, &str); 8] = [
     ("bpftool", "bpftool"),
     ("tmux", "tmux"),
     ("ip", "iproute2"),
     ("ss", "iproute2"),
     ("setpriv", "util-linux"),
     ("unshare", "util-linux"),
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
 ];
 
 /// Installs the test tools that are missing (Debian's apt), for `test`.
 pub fn test_tools() -> anyhow::Result<()> {
     step(
         3,
-        "test tools (tmux, iproute2, util-linux, bpftool)",
+        "test tools (tmux, iproute2, util-linux, bpftool, qemu, busybox)",
         || {
             let mut missing: Vec<&str> = TEST_TOOLS
                 .iter()

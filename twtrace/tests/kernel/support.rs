@@ -17,6 +17,37 @@ use twtrace::{
 pub type Step = (TcpState, TcpState);
 
 /// Why a kernel test cannot run here, if it cannot.
+/// The payload of `skip`: why the running kernel cannot give what a test
+/// checks.
+pub struct Skip(pub String);
+
+/// Ends the calling test as skipped, with the reason (the harness catches
+/// this). Only for what the kernel truly cannot provide.
+pub fn skip(reason: impl Into<String>) -> ! {
+    std::panic::panic_any(Skip(reason.into()))
+}
+
+/// Keeps the panic hook from printing a skip as if it were a failure.
+pub fn quiet_skips() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !info.payload().is::<Skip>() {
+            default(info);
+        }
+    }));
+}
+
+/// TIME_WAIT mini-sockets are seen through their timer, whose handler
+/// twtrace finds by name; a kernel without it cannot show them.
+pub fn require_time_wait() {
+    if !matches!(
+        twtrace::sys::kallsyms_lookup("tw_timer_handler"),
+        Ok(Some(_))
+    ) {
+        skip("no symbol tw_timer_handler in /proc/kallsyms: TIME_WAIT cannot be followed");
+    }
+}
+
 pub fn skip_reason() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
