@@ -37,6 +37,27 @@ pub enum Outcome {
     Signal(i32),
 }
 
+/// Fails before tracing when the command cannot be run: a path that is no
+/// executable file, or a name not found on `PATH`.
+fn runnable(program: &str) -> anyhow::Result<()> {
+    let executable = |path: &Path| {
+        std::fs::metadata(path).is_ok_and(|m| {
+            m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+        })
+    };
+    let found = if program.contains('/') {
+        executable(Path::new(program))
+    } else {
+        std::env::var_os("PATH").is_some_and(|paths| {
+            std::env::split_paths(&paths).any(|dir| executable(&dir.join(program)))
+        })
+    };
+    if !found {
+        anyhow::bail!("cannot run `{program}`: no such executable (checked before tracing)");
+    }
+    Ok(())
+}
+
 /// Creates an output file now, so a bad path fails before the command
 /// runs, not after (when the measurements would be lost).
 fn create(path: Option<&Path>, what: &str) -> anyhow::Result<Option<BufWriter<File>>> {
@@ -52,6 +73,7 @@ pub async fn run(
     args: RecordArgs,
     kernel_log: Option<log::LevelFilter>,
 ) -> anyhow::Result<Outcome> {
+    runnable(&args.command[0])?;
     let json = create(args.json.as_deref(), "JSON report")?;
     let hlog = create(args.hlog.as_deref(), "interval log")?;
     let bench = create(args.bench_json.as_deref(), "benchmark file")?;
