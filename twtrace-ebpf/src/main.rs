@@ -586,8 +586,11 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i64> {
                 );
                 submit(ctx, &event);
             }
+            return Ok(());
         }
-        return Ok(());
+        // No record of this mini-socket: the cancel was an earlier one's
+        // (a SYN taking it over, no start followed) whose memory the slab
+        // has just handed to a new mini-socket. This is its first arming.
     }
     // First arming: tcp_time_wait() hands the connection over next.
     scratch.pending_timer = timer;

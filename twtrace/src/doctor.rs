@@ -105,8 +105,11 @@ impl HostSnapshot {
     pub fn read() -> Self {
         let missing_capabilities = sys::effective_capabilities().map_or_else(
             |_| vec!["(unreadable /proc/self/status)"],
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            |caps| sys::missing_capabilities(caps, unsafe { libc::geteuid() }),
+            |caps| {
+                // SAFETY: geteuid has no preconditions and cannot fail.
+                let euid = unsafe { libc::geteuid() };
+                sys::missing_capabilities(caps, euid, sys::kallsyms_open_to_all())
+            },
         );
         let tracefs = tracefs::root();
         let missing_tracepoints = match &tracefs {
@@ -225,7 +228,7 @@ pub fn assess(h: &HostSnapshot) -> Vec<Finding> {
             "privileges",
             format!("missing {}", h.missing_capabilities.join(", ")),
             "twtrace cannot load eBPF programs as this user.",
-            "Run it as root, or with CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH.",
+            "Run it as root, or with CAP_BPF, CAP_PERFMON, CAP_SYSLOG (and CAP_DAC_READ_SEARCH when not uid 0).",
         )
     });
     f.push(match &h.tracefs {

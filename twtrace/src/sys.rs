@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 
 const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_SYSLOG: u32 = 34;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
@@ -22,9 +23,11 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
 }
 
-/// The capabilities twtrace lacks to load and attach its programs, by name.
+/// The capabilities twtrace lacks to load and attach its programs and to
+/// find the TIME_WAIT timer's handler, by name. `kallsyms_open` says
+/// whether /proc/kallsyms shows addresses to everyone here.
 #[must_use]
-pub fn missing_capabilities(cap_eff: u64, euid: u32) -> Vec<&'static str> {
+pub fn missing_capabilities(cap_eff: u64, euid: u32, kallsyms_open: bool) -> Vec<&'static str> {
     let has = |cap: u32| cap_eff & (1u64 << cap) != 0;
     let mut missing = Vec::new();
     // CAP_SYS_ADMIN implies both on kernels before 5.8 and still does.
@@ -40,7 +43,21 @@ pub fn missing_capabilities(cap_eff: u64, euid: u32) -> Vec<&'static str> {
     if euid != 0 && !has(CAP_DAC_READ_SEARCH) {
         missing.push("CAP_DAC_READ_SEARCH");
     }
+    // /proc/kallsyms shows zeros instead of addresses without it (unless
+    // kptr_restrict=0 and perf_event_paranoid<=1), and TIME_WAIT is found
+    // through tw_timer_handler's address. Not even root has it implicitly.
+    if !kallsyms_open && !has(CAP_SYSLOG) {
+        missing.push("CAP_SYSLOG");
+    }
     missing
+}
+
+/// Whether /proc/kallsyms shows real addresses to any process.
+#[must_use]
+pub fn kallsyms_open_to_all() -> bool {
+    let read = |path| read_sysctl_u64(path).ok();
+    read("/proc/sys/kernel/kptr_restrict") == Some(0)
+        && read("/proc/sys/kernel/perf_event_paranoid").is_some_and(|p| p <= 1)
 }
 
 /// Fails with one line naming what is missing, before any BPF call could
@@ -49,10 +66,10 @@ pub fn check_privileges() -> anyhow::Result<()> {
     let cap_eff = effective_capabilities()?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
-    let missing = missing_capabilities(cap_eff, euid);
+    let missing = missing_capabilities(cap_eff, euid, kallsyms_open_to_all());
     if !missing.is_empty() {
         bail!(
-            "not allowed to load eBPF programs: missing {}; run twtrace as root (e.g. `sudo twtrace trace`)",
+            "not allowed to trace: missing {}; run twtrace as root (e.g. `sudo twtrace trace`) or grant CAP_BPF, CAP_PERFMON, CAP_SYSLOG (and CAP_DAC_READ_SEARCH when not uid 0)",
             missing.join(", ")
         );
     }
@@ -165,25 +182,35 @@ mod tests {
 
     #[test]
     fn root_with_full_caps_lacks_nothing() {
-        assert!(missing_capabilities(u64::MAX, 0).is_empty());
+        assert!(missing_capabilities(u64::MAX, 0, false).is_empty());
     }
 
     #[test]
     fn no_caps_names_bpf_perfmon_and_tracefs_access() {
         assert_eq!(
-            missing_capabilities(0, 1000),
-            ["CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH"]
+            missing_capabilities(0, 1000, false),
+            [
+                "CAP_BPF",
+                "CAP_PERFMON",
+                "CAP_DAC_READ_SEARCH",
+                "CAP_SYSLOG"
+            ]
         );
         // Root owns tracefs, so it needs no DAC capability to read it.
-        assert_eq!(missing_capabilities(0, 0), ["CAP_BPF", "CAP_PERFMON"]);
+        assert_eq!(
+            missing_capabilities(0, 0, false),
+            ["CAP_BPF", "CAP_PERFMON", "CAP_SYSLOG"]
+        );
+        // Kernel addresses open to all: no CAP_SYSLOG needed.
+        assert_eq!(missing_capabilities(0, 0, true), ["CAP_BPF", "CAP_PERFMON"]);
     }
 
     #[test]
     fn sys_admin_stands_in_for_bpf_and_perfmon() {
-        let caps = 1 << CAP_SYS_ADMIN | 1 << CAP_DAC_READ_SEARCH;
-        assert!(missing_capabilities(caps, 1000).is_empty());
-        let only_bpf = 1 << CAP_BPF;
-        assert_eq!(missing_capabilities(only_bpf, 0), ["CAP_PERFMON"]);
+        let caps = 1 << CAP_SYS_ADMIN | 1 << CAP_DAC_READ_SEARCH | 1 << CAP_SYSLOG;
+        assert!(missing_capabilities(caps, 1000, false).is_empty());
+        let only_bpf = 1 << CAP_BPF | 1 << CAP_SYSLOG;
+        assert_eq!(missing_capabilities(only_bpf, 0, false), ["CAP_PERFMON"]);
     }
 
     #[test]

@@ -52,7 +52,7 @@ const VM_LIMIT: Duration = Duration::from_mins(30);
 /// Tools the kernel tests run, copied from the host with their libraries.
 const GUEST_TOOLS: &[&str] = &[
     "sh", "ip", "ss", "nstat", "sysctl", "tmux", "setpriv", "unshare", "stty", "sleep", "false",
-    "true", "cat", "env", "kill",
+    "true", "cat", "env", "kill", "bpftool",
 ];
 
 /// Kernel modules the tests need that distribution kernels build as

@@ -123,6 +123,7 @@ pub async fn run(
     let mut raw = Vec::with_capacity(1024);
     let mut transitions = Vec::with_capacity(1024);
     let mut events = 0u64;
+    let panic_at = injected_panic_at();
     loop {
         tokio::select! {
             ready = tracer.next_batch(&mut raw) => ready?,
@@ -147,6 +148,10 @@ pub async fn run(
         if after_batch(&status)?.is_break() {
             break;
         }
+        assert!(
+            panic_at.is_none_or(|at| Instant::now() < at),
+            "TWTRACE_FAULT=panic-after-1s: injected panic"
+        );
     }
     // What the kernel streamed before the stop is still reported.
     tracer.drain(&mut raw);
@@ -167,6 +172,14 @@ pub async fn run(
         time_wait_tracking: tracer.time_wait_enabled(),
         mini_socket_peak: model.mini_sockets().1,
     })
+}
+
+/// Fault injection for the leak tests: `TWTRACE_FAULT=panic-after-1s`
+/// panics in the middle of tracing, to show that a panic leaves nothing
+/// loaded in the kernel and the terminal restored.
+fn injected_panic_at() -> Option<Instant> {
+    (std::env::var_os("TWTRACE_FAULT")? == "panic-after-1s")
+        .then(|| Instant::now() + Duration::from_secs(1))
 }
 
 fn deliver(

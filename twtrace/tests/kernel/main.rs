@@ -10,6 +10,7 @@
 //! reported as ignored, with the reason.
 
 mod peer;
+mod reliability;
 mod support;
 
 use std::{
@@ -27,6 +28,95 @@ use twtrace::{
     loader::TracerOptions,
 };
 
+/// Every kernel test, by name.
+const TESTS: &[(&str, fn())] = &[
+    ("active_closer_is_seen_whole_ipv4", active_close_ipv4),
+    ("active_closer_is_seen_whole_ipv6", active_close_ipv6),
+    ("owner_is_the_process_not_the_cpu_task", owners_per_process),
+    (
+        "close_wait_lasts_as_long_as_the_peer_waits",
+        close_wait_duration,
+    ),
+    (
+        "fin_wait2_after_shutdown_lasts_until_peer_fin",
+        fin_wait2_after_shutdown,
+    ),
+    (
+        "close_after_shutdown_is_not_a_transition",
+        close_after_shutdown,
+    ),
+    ("pid_filter_keeps_only_the_client_socket", pid_filter_client),
+    (
+        "pid_filter_keeps_only_the_accepted_socket",
+        pid_filter_server,
+    ),
+    ("cli_trace_json_streams_and_summarises", cli_trace_json),
+    (
+        "cli_summary_json_has_per_state_histograms",
+        cli_summary_json,
+    ),
+    (
+        "unprivileged_user_is_told_what_is_missing",
+        unprivileged_user,
+    ),
+    ("tracefs_is_mounted_when_missing", tracefs_missing),
+    (
+        "netns_deletion_cancels_every_time_wait",
+        netns_deletion_cancels,
+    ),
+    (
+        "orphaned_fin_wait2_then_time_wait_at_peer_fin",
+        orphaned_fin_wait2,
+    ),
+    ("three_closers_own_their_time_waits", three_closers),
+    (
+        "time_wait_expires_after_60s_when_the_wheel_fires",
+        time_wait_expiry,
+    ),
+    (
+        "top_view_in_tmux_shows_the_closer_and_quits_cleanly",
+        top_in_tmux,
+    ),
+    (
+        "record_counts_exactly_the_workloads_connections",
+        record_counts_the_workload,
+    ),
+    ("record_threshold_breaks_with_exit_3", record_thresholds),
+    (
+        "record_passes_the_commands_exit_through",
+        record_exit_passthrough,
+    ),
+    ("record_ctrl_c_stops_the_command_and_reports", record_ctrl_c),
+    (
+        "record_bad_output_fails_before_the_command",
+        record_bad_output,
+    ),
+    ("readme_ci_snippet_runs", readme_ci_snippet),
+    ("doctor_matches_sysctl_and_nstat", doctor_matches_the_host),
+    ("ports_held_matches_ss_within_one_percent", ports_match_ss),
+    ("metrics_scrape_matches_the_summary", metrics_match_summary),
+    (
+        "nothing_stays_loaded_after_any_exit",
+        reliability::nothing_stays_loaded,
+    ),
+    (
+        "two_instances_are_independent",
+        reliability::two_instances_are_independent,
+    ),
+    (
+        "reader_stall_is_counted_and_recovered",
+        reliability::reader_stall_is_counted_and_recovered,
+    ),
+    (
+        "traced_pid_exits_mid_run_and_tracing_goes_on",
+        reliability::traced_pid_exits_mid_run,
+    ),
+    (
+        "exact_capabilities_suffice_and_each_missing_one_is_named",
+        reliability::exact_capabilities,
+    ),
+];
+
 fn main() -> ExitCode {
     if let Some(code) = peer::run_if_peer() {
         return code;
@@ -36,77 +126,10 @@ fn main() -> ExitCode {
     if let Some(reason) = &skip {
         eprintln!("kernel tests skipped: {reason}");
     }
-    let tests: [(&str, fn()); 26] = [
-        ("active_closer_is_seen_whole_ipv4", active_close_ipv4),
-        ("active_closer_is_seen_whole_ipv6", active_close_ipv6),
-        ("owner_is_the_process_not_the_cpu_task", owners_per_process),
-        (
-            "close_wait_lasts_as_long_as_the_peer_waits",
-            close_wait_duration,
-        ),
-        (
-            "fin_wait2_after_shutdown_lasts_until_peer_fin",
-            fin_wait2_after_shutdown,
-        ),
-        (
-            "close_after_shutdown_is_not_a_transition",
-            close_after_shutdown,
-        ),
-        ("pid_filter_keeps_only_the_client_socket", pid_filter_client),
-        (
-            "pid_filter_keeps_only_the_accepted_socket",
-            pid_filter_server,
-        ),
-        ("cli_trace_json_streams_and_summarises", cli_trace_json),
-        (
-            "cli_summary_json_has_per_state_histograms",
-            cli_summary_json,
-        ),
-        (
-            "unprivileged_user_is_told_what_is_missing",
-            unprivileged_user,
-        ),
-        ("tracefs_is_mounted_when_missing", tracefs_missing),
-        (
-            "netns_deletion_cancels_every_time_wait",
-            netns_deletion_cancels,
-        ),
-        (
-            "orphaned_fin_wait2_then_time_wait_at_peer_fin",
-            orphaned_fin_wait2,
-        ),
-        ("three_closers_own_their_time_waits", three_closers),
-        (
-            "time_wait_expires_after_60s_when_the_wheel_fires",
-            time_wait_expiry,
-        ),
-        (
-            "top_view_in_tmux_shows_the_closer_and_quits_cleanly",
-            top_in_tmux,
-        ),
-        (
-            "record_counts_exactly_the_workloads_connections",
-            record_counts_the_workload,
-        ),
-        ("record_threshold_breaks_with_exit_3", record_thresholds),
-        (
-            "record_passes_the_commands_exit_through",
-            record_exit_passthrough,
-        ),
-        ("record_ctrl_c_stops_the_command_and_reports", record_ctrl_c),
-        (
-            "record_bad_output_fails_before_the_command",
-            record_bad_output,
-        ),
-        ("readme_ci_snippet_runs", readme_ci_snippet),
-        ("doctor_matches_sysctl_and_nstat", doctor_matches_the_host),
-        ("ports_held_matches_ss_within_one_percent", ports_match_ss),
-        ("metrics_scrape_matches_the_summary", metrics_match_summary),
-    ];
     support::quiet_skips();
-    let trials = tests
-        .into_iter()
-        .map(|(name, test)| {
+    let trials = TESTS
+        .iter()
+        .map(|&(name, test)| {
             let skip = skip.clone();
             Trial::ignorable_test(name, move || {
                 if let Some(reason) = skip {

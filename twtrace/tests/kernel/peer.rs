@@ -100,6 +100,13 @@ impl Peer {
         spawn(netns, &format!("maker {count} close"))
     }
 
+    /// Starts a process that, once told to go, opens and closes loopback
+    /// connections as fast as it can for `seconds` (the server closing
+    /// first, so client ports never run out), then prints `done`.
+    pub fn churner(netns: &Netns, seconds: u64) -> Self {
+        spawn(netns, &format!("churn {seconds} close"))
+    }
+
     /// Waits for the peer to print `done`.
     pub fn wait_done(&mut self) {
         let stdout = self.child.stdout.as_mut().expect("peer stdout");
@@ -170,6 +177,7 @@ pub fn run_if_peer() -> Option<ExitCode> {
         "server" => serve(addr, ending),
         "client" => connect(addr.parse().expect("server address"), ending),
         "maker" => make_time_waits(addr.parse().expect("count"), ending_text == "auto"),
+        "churn" => churn(Duration::from_secs(addr.parse().expect("seconds"))),
         other => panic!("unknown peer kind {other}"),
     }
     Some(ExitCode::SUCCESS)
@@ -200,6 +208,24 @@ fn make_time_waits(count: usize, auto: bool) {
     println!("done");
     std::io::stdout().flush().expect("flush");
     // Stay alive until the test is done with us.
+    let _ = std::io::stdin().read_line(&mut go);
+}
+
+fn churn(length: Duration) {
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).expect("waiting for go");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let server = listener.local_addr().expect("local addr");
+    let deadline = std::time::Instant::now() + length;
+    while std::time::Instant::now() < deadline {
+        let mut client = TcpStream::connect(server).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        drop(accepted);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).expect("read to EOF");
+    }
+    println!("done");
+    std::io::stdout().flush().expect("flush");
     let _ = std::io::stdin().read_line(&mut go);
 }
 
