@@ -3,6 +3,7 @@
 
 mod bench;
 mod cpio;
+mod fuzz;
 mod setup;
 mod vm;
 
@@ -41,6 +42,13 @@ enum Task {
     /// smoke run of the benchmark, and the kernel tests on every kernel of
     /// the VM matrix.
     Test,
+    /// Fuzz the ring-buffer decoder and the teardown model (cargo fuzz,
+    /// installed into .tools on first use).
+    Fuzz {
+        /// How long to fuzz.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// The kernel tests on each kernel of the matrix: the host's natively,
     /// the others booted under qemu (root; installs qemu and busybox).
     VmTest {
@@ -76,6 +84,7 @@ fn main() -> ExitCode {
         Task::Test => setup::run()
             .and_then(|tools| setup::test_tools().map(|()| tools))
             .and_then(|tools| test(&tools)),
+        Task::Fuzz { seconds } => setup::run().and_then(|tools| fuzz::run(&tools, seconds)),
         Task::VmTest { kernel, test_args } => setup::run()
             .and_then(|_| setup::test_tools())
             .and_then(|()| build())
@@ -209,6 +218,12 @@ fn test(tools: &setup::Tools) -> anyhow::Result<()> {
     if let Err(error) = smoke {
         eprintln!("xtask: bench smoke run failed: {error:#}");
     }
+    // Hostile ring-buffer records, for a bounded time.
+    let fuzzed = fuzz::run(tools, 60);
+    let fuzz_ok = fuzzed.is_ok();
+    if let Err(error) = fuzzed {
+        eprintln!("xtask: fuzzing failed: {error:#}");
+    }
     // The same kernel tests on the other kernels of the matrix; the host's
     // column is the run above.
     let matrix = vm::run(
@@ -224,8 +239,9 @@ fn test(tools: &setup::Tools) -> anyhow::Result<()> {
     }
     // One closing line for the whole suite: cargo's own last line belongs
     // to whichever test binary happened to run last.
-    let passed = totals.passed + u64::from(smoke_ok) + u64::from(matrix_ok);
-    let failed = totals.failed + u64::from(!smoke_ok) + u64::from(!matrix_ok);
+    let extra = [smoke_ok, fuzz_ok, matrix_ok];
+    let passed = totals.passed + extra.iter().filter(|ok| **ok).count() as u64;
+    let failed = totals.failed + extra.iter().filter(|ok| !**ok).count() as u64;
     println!(
         "{passed} passed, {failed} failed, {} skipped",
         totals.ignored
