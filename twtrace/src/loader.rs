@@ -61,7 +61,7 @@ impl Default for TracerOptions {
             ports: Vec::new(),
             family: None,
             all_states: false,
-            ring_bytes: 256 * 1024,
+            ring_bytes: 4096 * 1024,
             max_sockets: DEFAULT_MAX_SOCKETS,
             kernel_log: None,
             follow_forks: false,

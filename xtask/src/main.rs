@@ -5,6 +5,7 @@ mod bench;
 mod cpio;
 mod fuzz;
 mod setup;
+mod soak;
 mod vm;
 
 use std::{
@@ -42,6 +43,15 @@ enum Task {
     /// smoke run of the benchmark, and the kernel tests on every kernel of
     /// the VM matrix.
     Test,
+    /// A steady churn for minutes with `twtrace summary` and `twtrace trace
+    /// -o json` attached: no crash, no loss, flat RSS, bounded maps (root).
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Connections per second.
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+    },
     /// Fuzz the ring-buffer decoder and the teardown model (cargo fuzz,
     /// installed into .tools on first use).
     Fuzz {
@@ -84,6 +94,10 @@ fn main() -> ExitCode {
         Task::Test => setup::run()
             .and_then(|tools| setup::test_tools().map(|()| tools))
             .and_then(|tools| test(&tools)),
+        Task::Soak { minutes, rate } => setup::run()
+            .and_then(|_| setup::test_tools())
+            .and_then(|()| build_bench())
+            .and_then(|()| soak::run(&soak::Options { minutes, rate })),
         Task::Fuzz { seconds } => setup::run().and_then(|tools| fuzz::run(&tools, seconds)),
         Task::VmTest { kernel, test_args } => setup::run()
             .and_then(|_| setup::test_tools())
@@ -218,6 +232,16 @@ fn test(tools: &setup::Tools) -> anyhow::Result<()> {
     if let Err(error) = smoke {
         eprintln!("xtask: bench smoke run failed: {error:#}");
     }
+    // A short soak: steady load, both tracers attached, long enough for
+    // the first TIME_WAIT expiries (60 s in), which come in bursts.
+    let soaked = soak::run(&soak::Options {
+        minutes: 1.5,
+        rate: 2000,
+    });
+    let soak_ok = soaked.is_ok();
+    if let Err(error) = soaked {
+        eprintln!("xtask: soak failed: {error:#}");
+    }
     // Hostile ring-buffer records, for a bounded time.
     let fuzzed = fuzz::run(tools, 60);
     let fuzz_ok = fuzzed.is_ok();
@@ -239,7 +263,7 @@ fn test(tools: &setup::Tools) -> anyhow::Result<()> {
     }
     // One closing line for the whole suite: cargo's own last line belongs
     // to whichever test binary happened to run last.
-    let extra = [smoke_ok, fuzz_ok, matrix_ok];
+    let extra = [smoke_ok, soak_ok, fuzz_ok, matrix_ok];
     let passed = totals.passed + extra.iter().filter(|ok| **ok).count() as u64;
     let failed = totals.failed + extra.iter().filter(|ok| !**ok).count() as u64;
     println!(

@@ -4,7 +4,9 @@
 //! them), so TIME_WAIT sockets never exhaust the ephemeral ports: a port
 //! is only taken per destination.
 //!
-//! `churn SECONDS client|server [THREADS]` prints one JSON object.
+//! `churn SECONDS client|server [THREADS [RATE]]` prints one JSON object.
+//! RATE (connections per second, all threads together; 0 or none for as
+//! fast as possible) gives the soak test a steady load.
 
 use std::{
     io::Read,
@@ -22,6 +24,9 @@ fn main() {
     let seconds: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5.0);
     let client_closes = args.get(2).is_none_or(|s| s == "client");
     let threads: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(2);
+    let rate: f64 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    #[expect(clippy::cast_precision_loss, reason = "a thread count")]
+    let pace = (rate > 0.0).then(|| Duration::from_secs_f64(threads as f64 / rate));
 
     let listener = TcpListener::bind("0.0.0.0:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
@@ -35,7 +40,9 @@ fn main() {
     let clients: Vec<_> = (0..threads)
         .map(|t| {
             let (stop, done) = (stop.clone(), done.clone());
-            thread::spawn(move || connect_loop(port, t, threads, client_closes, &stop, &done))
+            thread::spawn(move || {
+                connect_loop(port, t, threads, client_closes, pace, &stop, &done);
+            })
         })
         .collect();
     thread::sleep(Duration::from_secs_f64(seconds));
@@ -69,13 +76,22 @@ fn connect_loop(
     thread_index: usize,
     threads: usize,
     client_closes: bool,
+    pace: Option<Duration>,
     stop: &AtomicBool,
     done: &AtomicU64,
 ) {
     let mut buf = [0u8; 64];
+    let mut next = Instant::now();
     // Each thread walks its own share of 127.0.1.1 .. 127.0.255.254.
     let mut n = thread_index;
     while !stop.load(Ordering::Relaxed) {
+        if let Some(pace) = pace {
+            // A fixed schedule, so a slow moment is caught up, not lost.
+            next += pace;
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
+        }
         let host = n % (255 * 254);
         n += threads;
         let octet = |v: usize| u8::try_from(v).unwrap_or(1);
