@@ -18,6 +18,21 @@ fn twtrace(args: &[&str], stdout: Stdio) -> Command {
     command
 }
 
+/// `twtrace trace -o json` for these processes, into `out`, attached.
+fn trace_pids_into(pids: &[u32], out: &Path) -> Child {
+    let file = std::fs::File::create(out).expect("output file");
+    let mut args = vec!["trace".to_string(), "-o".into(), "json".into()];
+    for pid in pids {
+        args.extend(["--pid".to_string(), pid.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = twtrace(&args, Stdio::from(file))
+        .spawn()
+        .expect("starting twtrace");
+    wait_attached(&mut child);
+    child
+}
+
 fn signal(child: &Child, signal: libc::c_int) {
     let pid = libc::pid_t::try_from(child.id()).expect("pid");
     // SAFETY: sending a signal to our own child process.
@@ -196,19 +211,8 @@ pub fn two_instances_are_independent() {
     let mut second_maker = Peer::time_wait_maker(&netns, 6);
     let out_a = dir.join("a.jsonl");
     let out_b = dir.join("b.jsonl");
-    let start = |pid: u32, out: &Path| {
-        let file = std::fs::File::create(out).expect("output file");
-        let mut child = twtrace(
-            &["trace", "-o", "json", "--pid", &pid.to_string()],
-            Stdio::from(file),
-        )
-        .spawn()
-        .expect("starting twtrace");
-        wait_attached(&mut child);
-        child
-    };
-    let a = start(first_maker.pid, &out_a);
-    let mut b = start(second_maker.pid, &out_b);
+    let a = trace_pids_into(&[first_maker.pid], &out_a);
+    let mut b = trace_pids_into(&[second_maker.pid], &out_b);
     let a_objects = bpf_objects_of(a.id());
     first_maker.go();
     first_maker.wait_done();
@@ -255,22 +259,7 @@ pub fn reader_stall_is_counted_and_recovered() {
     let mut churner = Peer::churner(&churn_netns, 7);
     let mut maker = Peer::time_wait_maker(&netns, 10);
     let out = dir.join("stream.jsonl");
-    let file = std::fs::File::create(&out).expect("output file");
-    let mut tracer = twtrace(
-        &[
-            "trace",
-            "-o",
-            "json",
-            "--pid",
-            &churner.pid.to_string(),
-            "--pid",
-            &maker.pid.to_string(),
-        ],
-        Stdio::from(file),
-    )
-    .spawn()
-    .expect("starting twtrace");
-    wait_attached(&mut tracer);
+    let mut tracer = trace_pids_into(&[churner.pid, maker.pid], &out);
     churner.go();
     std::thread::sleep(Duration::from_secs(1));
     signal(&tracer, libc::SIGSTOP);
@@ -326,22 +315,7 @@ pub fn traced_pid_exits_mid_run() {
     let mut leaver = Peer::time_wait_maker(&netns, 3);
     let mut stayer = Peer::time_wait_maker(&netns, 4);
     let out = dir.join("stream.jsonl");
-    let file = std::fs::File::create(&out).expect("output file");
-    let mut tracer = twtrace(
-        &[
-            "trace",
-            "-o",
-            "json",
-            "--pid",
-            &leaver.pid.to_string(),
-            "--pid",
-            &stayer.pid.to_string(),
-        ],
-        Stdio::from(file),
-    )
-    .spawn()
-    .expect("starting twtrace");
-    wait_attached(&mut tracer);
+    let mut tracer = trace_pids_into(&[leaver.pid, stayer.pid], &out);
     let leaver_pid = leaver.pid;
     leaver.go();
     leaver.wait_done();
