@@ -339,7 +339,9 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
-mount -t tmpfs tmpfs /tmp
+# No tmpfs on /tmp: the initramfs root is writable already, and a
+# checkout under /tmp (CI's clones) would be hidden by it.
+chmod 1777 /tmp
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /dev/shm
 mount -t bpf bpf /sys/fs/bpf
