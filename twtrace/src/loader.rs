@@ -458,8 +458,18 @@ fn attach_all(
                 Ok(()) => programs.push(program),
                 Err(error) => {
                     tw_enabled = false;
+                    // Debian's kernels make perf_event_paranoid=3 (their
+                    // default) refuse perf_event_open without CAP_SYS_ADMIN.
+                    let hint = if !raw
+                        && crate::sys::read_sysctl_u64("/proc/sys/kernel/perf_event_paranoid")
+                            .is_ok_and(|p| p > 2)
+                    {
+                        "; with kernel.perf_event_paranoid=3 this kernel may need CAP_SYS_ADMIN, or `sysctl kernel.perf_event_paranoid=2`"
+                    } else {
+                        ""
+                    };
                     warnings.push(format!(
-                        "tracepoint timer:{event} unavailable ({error:#}): TIME_WAIT lifetimes are incomplete"
+                        "tracepoint timer:{event} unavailable ({error:#}{hint}): TIME_WAIT lifetimes are incomplete"
                     ));
                 }
             }
