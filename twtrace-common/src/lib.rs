@@ -334,7 +334,13 @@ pub mod counter {
     pub const TW_UNTRACKED_END: u32 = 3;
     /// Mini-socket records that could not be stored.
     pub const TW_UPDATE_FAILED: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// Children of a followed process (`record`) that could not be added
+    /// to the pid filter: their sockets are not traced.
+    pub const FOLLOW_FAILED: u32 = 5;
+    /// Program runs nested deeper than `MAX_NESTING` on one CPU, which
+    /// skipped the TIME_WAIT bookkeeping they would have done.
+    pub const TOO_DEEPLY_NESTED: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Map and program names both sides agree on.
@@ -368,6 +374,13 @@ pub const DEFAULT_MAX_TW: u32 = 262_144;
 /// How soon after a tw timer's first arming the full socket's hand-over
 /// must follow on the same CPU (it is the next thing `tcp_time_wait` does).
 pub const HANDOVER_WINDOW_NS: u64 = 10_000_000;
+/// Per-CPU scratch slots: one for each context a program can run in at
+/// once on a CPU (task, softirq, hardirq, NMI), so a program that
+/// interrupts another never shares its scratch state.
+pub const MAX_NESTING: u32 = 4;
+/// `TCP_TIMEWAIT_LEN`: how long a TIME_WAIT mini-socket lives, compiled
+/// into the kernel (not a sysctl).
+pub const TIME_WAIT_LEN_SECS: u64 = 60;
 /// Capacity of the pid and port filter maps.
 pub const MAX_FILTER_ENTRIES: u32 = 64;
 

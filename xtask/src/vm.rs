@@ -250,7 +250,8 @@ pub fn parse_test_line(line: &str) -> Option<(String, Outcome)> {
         }
         _ => return None,
     };
-    Some((name.to_string(), outcome))
+    // libtest-mimic pads names to a column: the name is what --list says.
+    Some((name.trim_end().to_string(), outcome))
 }
 
 /// A kernel image from Debian's archive, unpacked under `target/vm`
@@ -743,6 +744,10 @@ mod tests {
         assert_eq!(
             parse_test_line("test a_b ... ignored (no BTF)"),
             Some(("a_b".into(), Outcome::Skip("no BTF".into())))
+        );
+        assert_eq!(
+            parse_test_line("test a_b                  ... ok"),
+            Some(("a_b".into(), Outcome::Pass))
         );
         assert_eq!(parse_test_line("running 3 tests"), None);
         assert_eq!(parse_test_line("test result: ok. 3 passed"), None);

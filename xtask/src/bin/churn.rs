@@ -32,10 +32,10 @@ fn main() {
     let port = listener.local_addr().expect("addr").port();
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
-    {
-        let stop = stop.clone();
-        thread::spawn(move || serve(&listener, client_closes, &stop));
-    }
+    // The server serves until the process ends: a client's last
+    // connection may still be queued for accept() when the clock runs
+    // out, and it waits for the server's answer.
+    thread::spawn(move || serve(&listener, client_closes));
     let started = Instant::now();
     let clients: Vec<_> = (0..threads)
         .map(|t| {
@@ -57,9 +57,9 @@ fn main() {
     println!("{{\"connections\":{n},\"seconds\":{elapsed:.3},\"rate\":{rate:.1}}}");
 }
 
-fn serve(listener: &TcpListener, client_closes: bool, stop: &AtomicBool) {
+fn serve(listener: &TcpListener, client_closes: bool) {
     let mut buf = [0u8; 64];
-    while !stop.load(Ordering::Relaxed) {
+    loop {
         let Ok((mut stream, _)) = listener.accept() else {
             continue;
         };
@@ -102,6 +102,8 @@ fn connect_loop(
         let Ok(mut stream) = TcpStream::connect(server) else {
             continue;
         };
+        // Never hang on a peer that went away: a stuck read ends the run.
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
         if !client_closes {
             let _ = stream.read(&mut buf);
         }

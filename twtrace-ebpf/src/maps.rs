@@ -1,0 +1,74 @@
+//! Every map and load-time global the programs share. The loader sizes
+//! the maps and fills the globals before load (`twtrace_common::names`).
+
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use twtrace_common::{
+    DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TW, Filter, ListenerKey, MAX_FILTER_ENTRIES, MAX_NESTING,
+    SetStateLayout, SockLayout, SockRecord, TwConfig, TwRecord, TwScratch, counter,
+};
+
+/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists, no shared lock.
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+/// Unread bytes in the ring past which a submit wakes the reader; the
+/// loader sets it to a quarter of the ring.
+#[unsafe(no_mangle)]
+pub static WAKEUP_AT_BYTES: Global<u64> = Global::new(64 * 1024);
+
+#[unsafe(no_mangle)]
+pub static FILTER: Global<Filter> = Global::new(Filter::NONE);
+
+#[unsafe(no_mangle)]
+pub static TW_CONFIG: Global<TwConfig> = Global::new(TwConfig::DISABLED);
+
+#[unsafe(no_mangle)]
+pub static SOCK_LAYOUT: Global<SockLayout> = Global::new(SockLayout::UNKNOWN);
+
+#[unsafe(no_mangle)]
+pub static SET_STATE_LAYOUT: Global<SetStateLayout> = Global::new(SetStateLayout::DEFAULT);
+
+/// The loader sizes it (`--ring-kib`).
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// What was lost, by cause (`twtrace_common::counter`).
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Per live socket, keyed by the kernel's `struct sock *`. LRU so that
+/// sockets whose CLOSE we never see (or a burst beyond capacity) cannot
+/// exhaust the map; the loader sizes it.
+#[map]
+pub static SOCKS: LruHashMap<u64, SockRecord> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, BPF_F_NO_COMMON_LRU);
+
+/// Who called listen() on each listening address: a socket accepted from
+/// it belongs to that process until its own use (send, receive, close)
+/// says otherwise. Without this, an accepted socket that is closed before
+/// any data moves would have no owner at its first teardown transition.
+#[map]
+pub static LISTENERS: LruHashMap<ListenerKey, SockRecord> = LruHashMap::with_max_entries(4096, 0);
+
+#[map]
+pub static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
+
+#[map]
+pub static FILTER_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
+
+/// Live TIME_WAIT mini-sockets, keyed by their timer's address. The loader
+/// sizes it from `net.ipv4.tcp_max_tw_buckets`.
+#[map]
+pub static TWS: LruHashMap<u64, TwRecord> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_TW, BPF_F_NO_COMMON_LRU);
+
+/// One scratch slot per nesting depth on each CPU (see `nesting`).
+#[map]
+pub static TW_SCRATCH: PerCpuArray<TwScratch> = PerCpuArray::with_max_entries(MAX_NESTING, 0);
+
+/// How many scratch-using programs run on this CPU right now.
+#[map]
+pub static NESTING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

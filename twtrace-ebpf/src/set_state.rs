@@ -1,0 +1,211 @@
+//! `inet_sock_set_state`: every state change of a full TCP socket. Keeps
+//! each socket's record (owner, when it entered its state), hands a
+//! closing socket over to its TIME_WAIT mini-socket, and streams the
+//! transitions into teardown states.
+
+use aya_ebpf::{
+    EbpfContext,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use twtrace_common::{AF_INET, AF_INET6, Filter, IPPROTO_TCP, SockRecord, counter, tcp_state};
+
+use crate::{
+    emit::{self, InState},
+    kernel::{bump, in_state, kread, now_ns, read},
+    maps::{FILTER, FILTER_PIDS, FILTER_PORTS, SET_STATE_LAYOUT, SOCK_LAYOUT, SOCKS},
+    owner, timewait,
+};
+
+/// The fields of one state change that twtrace uses.
+pub struct SetState {
+    pub sock_id: u64,
+    pub old_state: u8,
+    pub new_state: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// The classic tracepoint, whose record layout comes from tracefs: the
+/// fallback when BTF does not give `struct sock`'s layout.
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    if try_classic(&ctx).is_err() {
+        bump(counter::READ_FAILED);
+    }
+    0
+}
+
+/// The same tracepoint, raw: `(sk, oldstate, newstate)`, with the socket's
+/// fields read through BTF offsets. Preferred: no record to build, and a
+/// per-program recursion guard instead of the one that makes the kernel
+/// skip a classic tracepoint program whenever another runs on the CPU.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
+    if try_raw(&ctx).is_err() {
+        bump(counter::READ_FAILED);
+    }
+    0
+}
+
+fn is_traced_family(filter: &Filter, family: u16) -> bool {
+    (family == AF_INET || family == AF_INET6) && (filter.family == 0 || family == filter.family)
+}
+
+fn try_raw(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let l = SOCK_LAYOUT.load();
+    let sk: u64 = ctx.arg(0);
+    if kread::<u16>(sk + u64::from(l.protocol))? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let family: u16 = kread(sk + u64::from(l.family))?;
+    let filter = FILTER.load();
+    if !is_traced_family(&filter, family) {
+        return Ok(());
+    }
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    if family == AF_INET6 {
+        saddr = kread(sk + u64::from(l.v6_rcv_saddr))?;
+        daddr = kread(sk + u64::from(l.v6_daddr))?;
+    } else {
+        saddr[..4].copy_from_slice(&kread::<[u8; 4]>(sk + u64::from(l.rcv_saddr))?);
+        daddr[..4].copy_from_slice(&kread::<[u8; 4]>(sk + u64::from(l.daddr))?);
+    }
+    // The states are ints in the prototype; they fit in a byte.
+    let s = SetState {
+        sock_id: sk,
+        old_state: ctx.arg::<u64>(1) as u8,
+        new_state: ctx.arg::<u64>(2) as u8,
+        sport: u16::from_be(kread(sk + u64::from(l.sport))?),
+        dport: u16::from_be(kread(sk + u64::from(l.dport))?),
+        family,
+        saddr,
+        daddr,
+    };
+    handle(ctx, &filter, &s)
+}
+
+fn try_classic(ctx: &TracePointContext) -> Result<(), i64> {
+    let layout = SET_STATE_LAYOUT.load();
+    if read::<u16>(ctx, layout.protocol)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let filter = FILTER.load();
+    let family: u16 = read(ctx, layout.family)?;
+    if !is_traced_family(&filter, family) {
+        return Ok(());
+    }
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    if family == AF_INET6 {
+        saddr = read(ctx, layout.saddr_v6)?;
+        daddr = read(ctx, layout.daddr_v6)?;
+    } else {
+        saddr[..4].copy_from_slice(&read::<[u8; 4]>(ctx, layout.saddr)?);
+        daddr[..4].copy_from_slice(&read::<[u8; 4]>(ctx, layout.daddr)?);
+    }
+    let s = SetState {
+        sock_id: read(ctx, layout.skaddr)?,
+        // The kernel's states fit in a byte; the record stores them as i32.
+        old_state: read::<i32>(ctx, layout.oldstate)? as u8,
+        new_state: read::<i32>(ctx, layout.newstate)? as u8,
+        sport: read(ctx, layout.sport)?,
+        dport: read(ctx, layout.dport)?,
+        family,
+        saddr,
+        daddr,
+    };
+    handle(ctx, &filter, &s)
+}
+
+/// Everything after reading the tracepoint: the socket's record, the
+/// TIME_WAIT hand-over, filters, and the event.
+fn handle<C: EbpfContext>(ctx: &C, filter: &Filter, s: &SetState) -> Result<(), i64> {
+    // close() after shutdown() re-enters the same state (FIN_WAIT1 or
+    // LAST_ACK, via tcp_close_state). Not a transition: the time in state
+    // runs on; but it is a close() by the owner.
+    if s.old_state == s.new_state {
+        owner::closed_again(s.sock_id);
+        return Ok(());
+    }
+    let now = now_ns();
+    let (record, in_state) = update_record(s, now);
+    owner::track_listener(s, &record);
+    let emit = passes_filters(filter, record.pid, s.sport, s.dport);
+    // The full socket's CLOSE after FIN_WAIT2 or CLOSING may be only its
+    // hand-over to a mini-socket: the connection lives on, it is no close.
+    if s.new_state == tcp_state::CLOSE
+        && (s.old_state == tcp_state::FIN_WAIT2 || s.old_state == tcp_state::CLOSING)
+        && timewait::take_over(ctx, s, &record, in_state, now, emit)
+    {
+        return Ok(());
+    }
+    let wanted = filter.all_states != 0 || is_connection_teardown(s.old_state, s.new_state);
+    if wanted && emit {
+        emit::sock_transition(ctx, s, &record, now, in_state);
+    }
+    Ok(())
+}
+
+/// Moves the socket's record to its new state, learning its owner where
+/// the kernel runs for it, and returns the record and the time it spent
+/// in its old state.
+fn update_record(s: &SetState, now: u64) -> (SockRecord, InState) {
+    // A socket leaving CLOSE (connect, listen) or LISTEN (a child cloned
+    // from its listener) is new: whatever a recycled address left behind
+    // must not leak into it.
+    let born = s.old_state == tcp_state::CLOSE || s.old_state == tcp_state::LISTEN;
+    let owner_context = owner::in_owner_context(s.old_state, s.new_state);
+    let existing = if born {
+        None
+    } else {
+        SOCKS.get_ptr_mut(s.sock_id)
+    };
+    let result = if let Some(existing) = existing {
+        // SAFETY: the pointer comes from a successful lookup and the value
+        // lives until deleted; only this socket's own events touch it, and
+        // the kernel serialises those under the socket's lock (softirq
+        // work on a socket a task holds waits in its backlog).
+        let existing = unsafe { &mut *existing };
+        let spent = in_state(existing.since_ns, now);
+        existing.since_ns = now;
+        if owner_context {
+            owner::set_to_current(existing);
+        }
+        (*existing, spent)
+    } else {
+        let record = owner::of_new_socket(s, owner_context, now);
+        if s.new_state != tcp_state::CLOSE && SOCKS.insert(s.sock_id, record, 0).is_err() {
+            bump(counter::SOCK_UPDATE_FAILED);
+        }
+        (record, in_state(0, now))
+    };
+    if s.new_state == tcp_state::CLOSE {
+        // The address will be reused for another socket: end the record.
+        let _ = SOCKS.remove(s.sock_id);
+    }
+    result
+}
+
+fn passes_filters(filter: &Filter, pid: u32, sport: u16, dport: u16) -> bool {
+    if filter.pids_enabled != 0 && FILTER_PIDS.get_ptr(pid).is_none() {
+        return false;
+    }
+    if filter.ports_enabled != 0
+        && FILTER_PORTS.get_ptr(sport).is_none()
+        && FILTER_PORTS.get_ptr(dport).is_none()
+    {
+        return false;
+    }
+    true
+}
+
+/// A move into a teardown state, except a listener closing: that ends no
+/// connection.
+fn is_connection_teardown(old: u8, new: u8) -> bool {
+    tcp_state::is_teardown(new) && !(old == tcp_state::LISTEN && new == tcp_state::CLOSE)
+}
