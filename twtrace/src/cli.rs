@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{loader::Family, output::stream::Format};
+use crate::{loader::Family, output::Format};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -84,22 +84,6 @@ pub fn parse_netstat(text: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// How many ports `ip_local_reserved_ports` holds back ("1000,2000-2010").
-#[must_use]
-pub fn count_reserved_ports(text: &str) -> u64 {
-    text.trim()
-        .split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(|p| match p.trim().split_once('-') {
-            Some((a, b)) => match (a.parse::<u64>(), b.parse::<u64>()) {
-                (Ok(a), Ok(b)) if b >= a => b - a + 1,
-                _ => 0,
-            },
-            None => u64::from(p.trim().parse::<u64>().is_ok()),
-        })
-        .sum()
-}
-
 impl HostSnapshot {
     #[must_use]
     pub fn read() -> Self {
@@ -163,7 +147,7 @@ impl HostSnapshot {
             overflow_per_s,
             port_range: sys::local_port_range().ok(),
             reserved_ports: fs::read_to_string(format!("{SYSCTL}/ip_local_reserved_ports"))
-                .map_or(0, |t| count_reserved_ports(&t)),
+                .map_or(0, |t| sys::count_reserved_ports(&t)),
             tw_reuse: sysctl("tcp_tw_reuse"),
             tw_reuse_delay_ms: sysctl("tcp_tw_reuse_delay"),
             max_tw_buckets: sysctl("tcp_max_tw_buckets"),
@@ -176,9 +160,8 @@ impl HostSnapshot {
     /// Ephemeral ports `connect()` can use: the range less reserved ones.
     #[must_use]
     pub fn usable_ports(&self) -> Option<u64> {
-        self.port_range.map(|(lo, hi)| {
-            (u64::from(hi.saturating_sub(lo)) + 1).saturating_sub(self.reserved_ports)
-        })
+        self.port_range
+            .map(|range| sys::usable_ports(range, self.reserved_ports))
     }
 }
 
@@ -202,16 +185,19 @@ fn finding(
 
 /// The findings, most severe first within prerequisites and health.
 #[must_use]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one rule after another, in the order shown"
-)]
 pub fn assess(h: &HostSnapshot) -> Vec<Finding> {
-    use Severity::{Error, Info, Ok, Warn};
     let mut f = Vec::new();
-    let opt = |v: Option<u64>| v.map_or_else(|| "unreadable".to_owned(), |v| v.to_string());
+    prerequisites(h, &mut f);
+    hooks(h, &mut f);
+    time_wait_health(h, &mut f);
+    ports(h, &mut f);
+    teardown_sysctls(h, &mut f);
+    f
+}
 
-    // Prerequisites.
+/// Can twtrace trace here at all, and what will it miss.
+fn prerequisites(h: &HostSnapshot, f: &mut Vec<Finding>) {
+    use Severity::{Error, Ok, Warn};
     f.push(if h.missing_capabilities.is_empty() {
         finding(
             "privileges",
@@ -255,6 +241,11 @@ pub fn assess(h: &HostSnapshot) -> Vec<Finding> {
         finding("btf", Warn, "kernel BTF", "missing", "Orphaned FIN_WAIT2 mini-sockets will be reported as TIME_WAIT, and the slower classic tracepoint is used.",
             "Use a kernel built with CONFIG_DEBUG_INFO_BTF=y.")
     });
+}
+
+/// Whether TIME_WAIT can be followed, and which tracepoints are missing.
+fn hooks(h: &HostSnapshot, f: &mut Vec<Finding>) {
+    use Severity::{Error, Ok, Warn};
     f.push(if h.tw_timer_handler {
         finding(
             "tw_timer_handler",
@@ -297,8 +288,12 @@ pub fn assess(h: &HostSnapshot) -> Vec<Finding> {
             "twtrace warns at start about what it cannot show.",
         )
     });
+}
 
-    // TIME_WAIT health.
+/// TIME_WAIT now against the kernel's limit, overflows, and the counters.
+fn time_wait_health(h: &HostSnapshot, f: &mut Vec<Finding>) {
+    use Severity::{Info, Ok, Warn};
+    let opt = |v: Option<u64>| v.map_or_else(|| "unreadable".to_owned(), |v| v.to_string());
     let tw = h.time_wait.unwrap_or(0);
     if let Some(max) = h.max_tw_buckets {
         let near = max > 0 && tw.saturating_mul(10) >= max.saturating_mul(9);
@@ -326,18 +321,29 @@ pub fn assess(h: &HostSnapshot) -> Vec<Finding> {
         },
     ));
     f.push(finding("tw_counters", Info, "TIME_WAIT counters since boot",
-        format!("TW {} (ended by timer), TWRecycled {}, TWKilled {}",
+        format!("TW {}, TWRecycled {}, TWKilled {}",
             opt(h.netstat.get("TW").copied()), opt(h.netstat.get("TWRecycled").copied()), opt(h.netstat.get("TWKilled").copied())),
-        "TW: TIME_WAIT sockets that ran their 60 s; TWRecycled: reused for a new outgoing connection (tcp_tw_reuse); TWKilled: ended early.",
+        "TW: TIME_WAIT mini-sockets born with a timeout over 4 s; TWKilled: born with a shorter one (an orphaned FIN_WAIT2 with a small tcp_fin_timeout) — together, every birth; TWRecycled: ports taken over by tcp_tw_reuse. None counts an expiry.",
         ""));
+}
+
+/// The ephemeral ports TIME_WAIT can exhaust.
+fn ports(h: &HostSnapshot, f: &mut Vec<Finding>) {
+    use Severity::{Ok, Warn};
+    let tw = h.time_wait.unwrap_or(0);
     if let Some(usable) = h.usable_ports() {
         let (lo, hi) = h.port_range.unwrap_or_default();
         let risky = usable > 0 && tw.saturating_mul(2) >= usable;
         f.push(finding("ports", if risky { Warn } else { Ok }, "ephemeral ports",
             format!("{usable} usable ({lo}-{hi}, {} reserved), {tw} sockets in TIME_WAIT", h.reserved_ports),
             "A TIME_WAIT socket holds its port only toward the same remote address and port; when one client talks to one server address, TIME_WAIT can exhaust the range and connect() fails with EADDRNOTAVAIL.",
-            if risky { "Reuse connections (pooling, keep-alive), spread over more destination addresses, or widen ip_local_port_range; `twtrace ports` (coming) shows which destination is at risk." } else { "" }));
+            if risky { "Reuse connections (pooling, keep-alive), spread over more destination addresses, or widen ip_local_port_range; `twtrace ports` shows which destination is at risk." } else { "" }));
     }
+}
+
+/// The teardown sysctls, with what each really does on this kernel.
+fn teardown_sysctls(h: &HostSnapshot, f: &mut Vec<Finding>) {
+    use Severity::{Info, Ok, Warn};
     if let Some(reuse) = h.tw_reuse {
         let (severity, value) = match reuse {
             0 => (Info, "0: never reuse a TIME_WAIT port for connect()"),
@@ -396,7 +402,6 @@ pub fn assess(h: &HostSnapshot) -> Vec<Finding> {
             "",
         )
     });
-    f
 }
 
 /// The exit code doctor documents: 0 healthy, 4 warnings, 5 twtrace cannot
@@ -511,8 +516,8 @@ mod tests {
             "TcpExt: SyncookiesSent TW TWRecycled\nTcpExt: 0 42 7\nIpExt: InNoRoutes\nIpExt: 0\n";
         let n = parse_netstat(text);
         assert_eq!((n["TW"], n["TWRecycled"]), (42, 7));
-        assert_eq!(count_reserved_ports("\n"), 0);
-        assert_eq!(count_reserved_ports("1000,2000-2010\n"), 12);
+        assert_eq!(sys::count_reserved_ports("\n"), 0);
+        assert_eq!(sys::count_reserved_ports("1000,2000-2010\n"), 12);
         let mut h = healthy();
         h.reserved_ports = 232;
         assert_eq!(h.usable_ports(), Some(28_000));

@@ -76,11 +76,90 @@ impl fmt::Display for TcpState {
     }
 }
 
+/// A task's name as the kernel keeps it: at most 16 bytes, NUL padded, not
+/// always UTF-8. Fixed-size and `Copy`, so following owners through the
+/// hot path (decode, model, histograms, live view, metrics) allocates
+/// nothing; text is made only when something is shown.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Comm([u8; 16]);
+
+impl Comm {
+    /// What an unknown owner is shown as.
+    pub const UNKNOWN: Self = Self(*b"-\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0");
+
+    #[must_use]
+    pub const fn from_kernel(bytes: [u8; 16]) -> Self {
+        Self(bytes)
+    }
+
+    /// The name's bytes, up to the first NUL.
+    #[must_use]
+    pub fn as_bytes(&self) -> &[u8] {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
+        &self.0[..end]
+    }
+
+    /// The name as text (invalid UTF-8 replaced); borrowed when valid.
+    #[must_use]
+    pub fn to_str(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(self.as_bytes())
+    }
+}
+
+impl From<&str> for Comm {
+    /// Truncated to 15 bytes, as the kernel truncates a task's name.
+    fn from(name: &str) -> Self {
+        let mut bytes = [0u8; 16];
+        let len = name.len().min(15);
+        bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+        Self(bytes)
+    }
+}
+
+impl fmt::Display for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.to_str())
+    }
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.to_str())
+    }
+}
+
+impl serde::Serialize for Comm {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_str())
+    }
+}
+
 /// The process a socket belongs to, as learnt in the kernel.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Owner {
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
+}
+
+/// Which side of a connection closed it first — the one rule every count
+/// of "who closes first" uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CloseSide {
+    /// This socket's owner closed first: ESTABLISHED -> FIN_WAIT1
+    /// (simultaneous closes included). It will hold the TIME_WAIT.
+    Active,
+    /// The peer closed first: ESTABLISHED -> CLOSE_WAIT.
+    Passive,
+}
+
+impl CloseSide {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Passive => "passive",
+        }
+    }
 }
 
 /// How a TIME_WAIT mini-socket ended.
@@ -157,6 +236,16 @@ pub struct Transition {
 }
 
 impl Transition {
+    /// The close this transition is, if it is the start of one.
+    #[must_use]
+    pub fn close_side(&self) -> Option<CloseSide> {
+        match (self.old, self.new) {
+            (TcpState::Established, TcpState::FinWait1) => Some(CloseSide::Active),
+            (TcpState::Established, TcpState::CloseWait) => Some(CloseSide::Passive),
+            _ => None,
+        }
+    }
+
     #[must_use]
     pub fn family(&self) -> &'static str {
         if self.src.is_ipv4() { "ipv4" } else { "ipv6" }
@@ -202,7 +291,11 @@ pub fn decode_raw(bytes: &[u8]) -> Result<TransitionEvent, DecodeError> {
 
 /// Decodes and validates one ring-buffer record.
 pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
-    let raw = decode_raw(bytes)?;
+    from_raw(&decode_raw(bytes)?)
+}
+
+/// Validates a record of the right size.
+pub fn from_raw(raw: &TransitionEvent) -> Result<KernelEvent, DecodeError> {
     let (src_ip, dst_ip) = match raw.family {
         AF_INET => (IpAddr::V4(ipv4(&raw.saddr)), IpAddr::V4(ipv4(&raw.daddr))),
         AF_INET6 => (
@@ -212,9 +305,9 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
         other => return Err(DecodeError::UnknownFamily(other)),
     };
     let state = |value| TcpState::from_kernel(value).ok_or(DecodeError::UnknownState(value));
-    let owner = (raw.pid != 0).then(|| Owner {
+    let owner = (raw.pid != 0).then_some(Owner {
         pid: raw.pid,
-        comm: comm_to_string(&raw.comm),
+        comm: Comm::from_kernel(raw.comm),
     });
     let event_kind = match raw.kind {
         kind::SOCK => EventKind::Sock,
@@ -257,13 +350,6 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
 
 fn ipv4(bytes: &[u8; 16]) -> Ipv4Addr {
     Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])
-}
-
-/// The kernel's `comm` is NUL padded and not guaranteed UTF-8.
-#[must_use]
-pub fn comm_to_string(comm: &[u8; 16]) -> String {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
 #[cfg(test)]
@@ -326,7 +412,7 @@ pub(crate) mod tests {
             t.owner,
             Some(Owner {
                 pid: 4242,
-                comm: "curl".into()
+                comm: Comm::from("curl")
             })
         );
         assert_eq!(t.in_state_ns, Some(1_500));
@@ -412,8 +498,13 @@ pub(crate) mod tests {
     fn comm_stops_at_nul_and_tolerates_bad_utf8() {
         let mut comm = [0u8; 16];
         comm[..3].copy_from_slice(&[b'a', 0xff, b'b']);
-        assert_eq!(comm_to_string(&comm), "a\u{fffd}b");
-        assert_eq!(comm_to_string(&[b'x'; 16]), "x".repeat(16));
+        assert_eq!(Comm::from_kernel(comm).to_string(), "a\u{fffd}b");
+        assert_eq!(Comm::from_kernel([b'x'; 16]).to_string(), "x".repeat(16));
+        assert_eq!(Comm::UNKNOWN.to_string(), "-");
+        assert_eq!(
+            Comm::from("a-very-long-command-name").to_string(),
+            "a-very-long-com"
+        );
     }
 
     #[test]

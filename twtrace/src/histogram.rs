@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::event::{TcpState, Transition};
+use crate::event::{CloseSide, Comm, TcpState, Transition};
 
 /// 1 µs .. 10 min at 3 significant digits, in nanoseconds.
 const LOWEST_NS: u64 = 1_000;
@@ -103,24 +103,24 @@ impl StateStats {
 }
 
 /// The process a socket belonged to; pid 0 for "not known".
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct OwnerKey {
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
 }
 
 impl OwnerKey {
     /// The transition's owner, or pid 0 / comm `-` when it was not learnt.
     #[must_use]
     pub fn of(t: &Transition) -> Self {
-        t.owner.as_ref().map_or_else(
-            || Self {
+        t.owner.map_or(
+            Self {
                 pid: 0,
-                comm: "-".into(),
+                comm: Comm::UNKNOWN,
             },
             |o| Self {
                 pid: o.pid,
-                comm: o.comm.clone(),
+                comm: o.comm,
             },
         )
     }
@@ -148,16 +148,16 @@ pub struct TeardownStats {
 impl TeardownStats {
     pub fn record(&mut self, t: &Transition) {
         let owner = self.owners.entry(OwnerKey::of(t)).or_default();
-        match (t.old, t.new) {
-            (TcpState::Established, TcpState::FinWait1) => {
+        match t.close_side() {
+            Some(CloseSide::Active) => {
                 self.active_closes += 1;
                 owner.active_closes += 1;
             }
-            (TcpState::Established, TcpState::CloseWait) => {
+            Some(CloseSide::Passive) => {
                 self.passive_closes += 1;
                 owner.passive_closes += 1;
             }
-            _ => {}
+            None => {}
         }
         if let Some(ns) = t.in_state_ns {
             self.overall.record(t.old, ns);
@@ -179,7 +179,7 @@ mod tests {
             sock_id: 1,
             owner: (pid != 0).then(|| Owner {
                 pid,
-                comm: format!("p{pid}"),
+                comm: Comm::from(format!("p{pid}").as_str()),
             }),
             src: "127.0.0.1:1".parse().unwrap(),
             dst: "127.0.0.1:2".parse().unwrap(),

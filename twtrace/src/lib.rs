@@ -14,6 +14,7 @@ pub mod loader;
 pub mod model;
 pub mod output;
 pub mod ports;
+pub mod session;
 pub mod sys;
 pub mod threshold;
 pub mod top;

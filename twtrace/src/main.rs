@@ -2,8 +2,8 @@ use std::{io, process::ExitCode};
 
 use clap::Parser;
 use twtrace::{
-    cli::{Cli, Command},
-    commands::record::Outcome,
+    cli::Cli,
+    commands::{self, Outcome},
 };
 
 fn main() -> ExitCode {
@@ -42,31 +42,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        let done = Ok(Outcome::Exit(0));
-        match cli.command {
-            None => twtrace::commands::top::run(cli.top, kernel_log)
-                .await
-                .and(done),
-            Some(Command::Top(args)) => twtrace::commands::top::run(args, kernel_log)
-                .await
-                .and(done),
-            Some(Command::Trace(args)) => twtrace::commands::trace::run(args, kernel_log)
-                .await
-                .and(done),
-            Some(Command::Summary(args)) => twtrace::commands::summary::run(args, kernel_log)
-                .await
-                .and(done),
-            Some(Command::Record(args)) => twtrace::commands::record::run(args, kernel_log).await,
-            Some(Command::Doctor(args)) => twtrace::commands::doctor::run(&args),
-            Some(Command::Ports(args)) => twtrace::commands::ports::run(args, kernel_log)
-                .await
-                .and(done),
-            Some(Command::Serve(args)) => twtrace::commands::serve::run(args, kernel_log)
-                .await
-                .and(done),
-        }
-    });
+    let result = runtime.block_on(commands::run(cli.command, cli.top, kernel_log));
     drop(runtime);
     match result {
         Ok(Outcome::Exit(code)) => ExitCode::from(code),

@@ -15,14 +15,13 @@
 
 use std::collections::HashMap;
 
+use twtrace_common::TIME_WAIT_LEN_SECS;
+
 use crate::event::{EventKind, KernelEvent, TcpState, Transition, TwEnd};
 
 /// How long a cancel waits for a re-arm or expiry of the same timer. The
 /// kernel emits those microseconds later; this leaves room for a busy CPU.
 pub const CANCEL_GRACE_NS: u64 = 20_000_000;
-
-/// `TCP_TIMEWAIT_LEN`: compiled into the kernel.
-pub const TIME_WAIT_SECS: u64 = 60;
 
 #[derive(Debug)]
 pub struct TeardownModel {
@@ -216,8 +215,8 @@ impl TeardownModel {
     }
 
     /// Kernel time at which the mini-socket's TIME_WAIT began, from its
-    /// timer: armed for `TIME_WAIT_SECS` then, so it began at
-    /// `expires - TIME_WAIT_SECS * HZ` jiffies, mapped to nanoseconds through
+    /// timer: armed for `TIME_WAIT_LEN_SECS` then, so it began at
+    /// `expires - TIME_WAIT_LEN_SECS * HZ` jiffies, mapped to nanoseconds through
     /// the birth anchor. Clamped to what is possible: after the FIN_WAIT2
     /// began and no later than the end.
     fn time_wait_began(
@@ -230,7 +229,7 @@ impl TeardownModel {
         if tw.expires == 0 || tw.birth_ns == 0 {
             return None;
         }
-        let began_jiffies = i128::from(tw.expires) - i128::from(TIME_WAIT_SECS * hz);
+        let began_jiffies = i128::from(tw.expires) - i128::from(TIME_WAIT_LEN_SECS * hz);
         let delta_jiffies = began_jiffies - i128::from(tw.birth_jiffies);
         let ns = i128::from(tw.birth_ns) + delta_jiffies * 1_000_000_000 / i128::from(hz);
         // Not `clamp`: records the kernel got wrong (or bytes that are not

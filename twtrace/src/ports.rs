@@ -7,9 +7,9 @@ use serde::Serialize;
 
 use crate::model::Route;
 
-/// How long each active close holds its port (`TCP_TIMEWAIT_LEN`, as
-/// `model::TIME_WAIT_SECS`).
-const HOLD_SECS: f64 = 60.0;
+/// How long each active close holds its port: `TCP_TIMEWAIT_LEN`.
+#[expect(clippy::cast_precision_loss, reason = "60")]
+const HOLD_SECS: f64 = twtrace_common::TIME_WAIT_LEN_SECS as f64;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Forecast {
@@ -78,12 +78,12 @@ pub struct CloseCounter {
 impl CloseCounter {
     pub fn record(&mut self, t: &crate::event::Transition, ephemeral: Option<(u16, u16)>) {
         use crate::event::TcpState::{
-            Close, CloseWait, Closing, Established, FinWait1, FinWait2, LastAck, TimeWait,
+            Close, CloseWait, Closing, FinWait1, FinWait2, LastAck, TimeWait,
         };
         let Some(route) = Route::of(t, ephemeral) else {
             return;
         };
-        if t.old == Established && t.new == FinWait1 {
+        if t.close_side() == Some(crate::event::CloseSide::Active) {
             *self.counts.entry(route).or_default() += 1;
         }
         match t.new {

@@ -315,8 +315,57 @@ pub fn local_port_range() -> anyhow::Result<(u16, u16)> {
 /// Ephemeral ports `connect()` may use: `ip_local_port_range` less
 /// `ip_local_reserved_ports`.
 pub fn usable_ephemeral_ports() -> anyhow::Result<u64> {
-    let (low, high) = local_port_range()?;
-    let reserved = fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
-        .map_or(0, |t| crate::doctor::count_reserved_ports(&t));
-    Ok((u64::from(high.saturating_sub(low)) + 1).saturating_sub(reserved))
+    Ok(usable_ports(local_port_range()?, reserved_ports()))
+}
+
+/// The ports `ip_local_reserved_ports` holds back (0 if unreadable).
+#[must_use]
+pub fn reserved_ports() -> u64 {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports")
+        .map_or(0, |t| count_reserved_ports(&t))
+}
+
+/// The one rule for usable ephemeral ports: the inclusive range less the
+/// reserved ones. (Strictly, only reserved ports inside the range count;
+/// the kernel's default reserves none.)
+#[must_use]
+pub fn usable_ports((low, high): (u16, u16), reserved: u64) -> u64 {
+    (u64::from(high.saturating_sub(low)) + 1).saturating_sub(reserved)
+}
+
+/// How many ports `ip_local_reserved_ports` holds back ("1000,2000-2010").
+#[must_use]
+pub fn count_reserved_ports(text: &str) -> u64 {
+    text.trim()
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| match p.trim().split_once('-') {
+            Some((a, b)) => match (a.parse::<u64>(), b.parse::<u64>()) {
+                (Ok(a), Ok(b)) if b >= a => b - a + 1,
+                _ => 0,
+            },
+            None => u64::from(p.trim().parse::<u64>().is_ok()),
+        })
+        .sum()
+}
+
+/// Tells a service manager that tracing is attached (systemd's
+/// `sd_notify` protocol: `READY=1` to the datagram socket named by
+/// `NOTIFY_SOCKET`, `@` for the abstract namespace). Tests use it too: a
+/// machine-readable "attached", unlike the line on stderr.
+pub fn notify_ready() {
+    use std::os::{linux::net::SocketAddrExt, unix::net};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let address = match path.strip_prefix('@') {
+        Some(name) => net::SocketAddr::from_abstract_name(name.as_bytes()),
+        None => net::SocketAddr::from_pathname(&path),
+    };
+    let sent = address
+        .and_then(|address| net::UnixDatagram::unbound()?.send_to_addr(b"READY=1", &address));
+    if let Err(error) = sent {
+        log::warn!("telling NOTIFY_SOCKET={path} that twtrace is ready: {error}");
+    }
 }

@@ -97,16 +97,15 @@ pub fn has_event(root: &Path, category: &str, name: &str) -> bool {
     root.join("events").join(category).join(name).is_dir()
 }
 
-/// Reads and parses `events/<category>/<name>/format`.
-pub fn read_format(root: &Path, category: &str, name: &str) -> anyhow::Result<EventFormat> {
+/// Reads `events/<category>/<name>/format`.
+pub fn read_format_text(root: &Path, category: &str, name: &str) -> anyhow::Result<String> {
     let path = root.join("events").join(category).join(name).join("format");
-    let text = fs::read_to_string(&path).with_context(|| {
+    fs::read_to_string(&path).with_context(|| {
         format!(
             "reading {} (does this kernel have the {category}:{name} tracepoint?)",
             path.display()
         )
-    })?;
-    Ok(parse_format(&text))
+    })
 }
 
 /// Parses the `field:TYPE NAME; offset:N; size:N; signed:N;` lines of a

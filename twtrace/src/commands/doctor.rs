@@ -6,9 +6,9 @@ use serde::Serialize;
 
 use crate::{
     cli::DoctorArgs,
-    commands::record::Outcome,
+    commands::Outcome,
     doctor::{self, Finding, HostSnapshot, Severity},
-    output::stream::Format,
+    output::Format,
 };
 
 #[derive(Serialize)]

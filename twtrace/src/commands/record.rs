@@ -3,7 +3,6 @@
 //! exit like the command did.
 
 use std::{
-    cell::{Cell, RefCell},
     fs::File,
     io::{self, BufWriter, Write},
     ops::ControlFlow,
@@ -17,25 +16,19 @@ use anyhow::Context;
 
 use crate::{
     cli::RecordArgs,
-    commands::session::{self, Announce},
+    commands::{self, Outcome},
+    event::Transition,
     histogram::TeardownStats,
+    loader::Tracer,
     output::{
         record::{self, RecordReport, RunMeta},
         summary::SummaryReport,
     },
+    session::{self, Announce, Consumer, Status},
 };
 
 /// Exit code when the command succeeded but a `--fail-if` threshold broke.
 pub const EXIT_THRESHOLD_BROKEN: u8 = 3;
-
-/// How `record` wants the process to end.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
-    Exit(u8),
-    /// The command died of this signal: die of it too, like a shell would
-    /// report it.
-    Signal(i32),
-}
 
 /// Fails before tracing when the command cannot be run: a path that is no
 /// executable file, or a name not found on `PATH`.
@@ -69,88 +62,116 @@ fn create(path: Option<&Path>, what: &str) -> anyhow::Result<Option<BufWriter<Fi
     .transpose()
 }
 
+/// The command, started once twtrace is attached, and what its
+/// connections did; the run stops when it exits.
+struct Workload<'a> {
+    command: &'a [String],
+    /// Follow the command and its children only (not `--all`).
+    follow: bool,
+    child: Option<Child>,
+    exit: Option<ExitStatus>,
+    stats: TeardownStats,
+}
+
+impl Consumer for Workload<'_> {
+    fn attached(&mut self, tracer: &mut Tracer) -> anyhow::Result<()> {
+        // Follow ourselves across the fork, then only the command: the
+        // kernel adds the child before it can run a single instruction.
+        let me = std::process::id();
+        if self.follow {
+            tracer.follow(me)?;
+        }
+        let spawned = Command::new(&self.command[0])
+            .args(&self.command[1..])
+            .spawn()
+            .with_context(|| format!("cannot run `{}`", self.command[0]));
+        if self.follow {
+            tracer.unfollow(me)?;
+        }
+        self.child = Some(spawned?);
+        Ok(())
+    }
+
+    fn transition(&mut self, t: &Transition) -> io::Result<()> {
+        self.stats.record(t);
+        Ok(())
+    }
+
+    fn tick(&mut self, _status: &Status) -> io::Result<ControlFlow<()>> {
+        let Some(running) = self.child.as_mut() else {
+            return Ok(ControlFlow::Continue(()));
+        };
+        Ok(match running.try_wait()? {
+            Some(status) => {
+                self.exit = Some(status);
+                ControlFlow::Break(())
+            }
+            None => ControlFlow::Continue(()),
+        })
+    }
+}
+
 pub async fn run(
     args: RecordArgs,
     kernel_log: Option<log::LevelFilter>,
 ) -> anyhow::Result<Outcome> {
     runnable(&args.command[0])?;
-    let json = create(args.json.as_deref(), "JSON report")?;
-    let hlog = create(args.hlog.as_deref(), "interval log")?;
-    let bench = create(args.bench_json.as_deref(), "benchmark file")?;
-    let mut options = session::tracer_options(&args.filter, &args.capacity, false, kernel_log);
+    let outputs = Outputs {
+        json: create(args.json.as_deref(), "JSON report")?,
+        hlog: create(args.hlog.as_deref(), "interval log")?,
+        bench: create(args.bench_json.as_deref(), "benchmark file")?,
+    };
+    let mut options = commands::tracer_options(&args.filter, &args.capacity, false, kernel_log);
     options.follow_forks = !args.all;
-
     let start = SystemTime::now();
     let started = Instant::now();
-    let child: RefCell<Option<Child>> = RefCell::new(None);
-    let exit: Cell<Option<ExitStatus>> = Cell::new(None);
-    let teardown = RefCell::new(TeardownStats::default());
-    let end = session::run(
-        &options,
-        None,
-        Announce::OnStderr,
-        |tracer| {
-            // Follow ourselves across the fork, then only the command: the
-            // kernel adds the child before it can run a single instruction.
-            let me = std::process::id();
-            if !args.all {
-                tracer.follow(me)?;
-            }
-            let spawned = Command::new(&args.command[0])
-                .args(&args.command[1..])
-                .spawn()
-                .with_context(|| format!("cannot run `{}`", args.command[0]));
-            if !args.all {
-                tracer.unfollow(me)?;
-            }
-            *child.borrow_mut() = Some(spawned?);
-            Ok(())
-        },
-        |t| {
-            teardown.borrow_mut().record(t);
-            Ok(())
-        },
-        |_| {
-            let mut child = child.borrow_mut();
-            let Some(running) = child.as_mut() else {
-                return Ok(ControlFlow::Continue(()));
-            };
-            Ok(match running.try_wait()? {
-                Some(status) => {
-                    exit.set(Some(status));
-                    ControlFlow::Break(())
-                }
-                None => ControlFlow::Continue(()),
-            })
-        },
-    )
-    .await;
+    let mut workload = Workload {
+        command: &args.command,
+        follow: !args.all,
+        child: None,
+        exit: None,
+        stats: TeardownStats::default(),
+    };
+    let end = session::run(&options, None, Announce::OnStderr, &mut workload).await;
     // Stopped by a signal (or an error): stop the command too, and still
     // report what was measured.
-    if let Some(mut running) = child.borrow_mut().take()
-        && exit.get().is_none()
+    if let Some(mut running) = workload.child.take()
+        && workload.exit.is_none()
     {
-        exit.set(Some(stop(&mut running)?));
+        workload.exit = Some(stop(&mut running)?);
     }
     let session = end?;
-    let status = exit.get().context("the command never ran")?;
-    let teardown = teardown.into_inner();
-    let summary = SummaryReport::of_session(&teardown, &session);
-    let mut report = RecordReport::new(
-        summary.clone(),
-        RunMeta {
-            command: args.command.clone(),
-            all: args.all,
-            start,
-            kernel: record::kernel_release(),
-            exit_code: status.code(),
-            exit_signal: status.signal(),
-        },
-        session.mini_socket_peak,
-    );
+    let status = workload.exit.context("the command never ran")?;
+    let summary = SummaryReport::of_session(&workload.stats, &session);
+    let meta = RunMeta {
+        command: args.command.clone(),
+        all: args.all,
+        start,
+        kernel: record::kernel_release(),
+        exit_code: status.code(),
+        exit_signal: status.signal(),
+    };
+    let mut report = RecordReport::new(summary.clone(), meta, session.mini_socket_peak);
     let broken = report.check(&args.fail_if);
-    let outputs = Outputs { json, hlog, bench };
-    outputs.write(&report, &teardown, start, started.elapsed(), &args.command)?;
+    outputs.write(
+        &report,
+        &workload.stats,
+        start,
+        started.elapsed(),
+        &args.command,
+    )?;
+    tell(&summary, &report)?;
+    Ok(match (status.code(), status.signal()) {
+        (Some(0), _) if broken => Outcome::Exit(EXIT_THRESHOLD_BROKEN),
+        (Some(code), _) => Outcome::Exit(u8::try_from(code).unwrap_or(1)),
+        (None, Some(signal)) => Outcome::Signal(signal),
+        (None, None) => Outcome::Exit(1),
+    })
+}
+
+/// The summary and each threshold's verdict, on stderr (stdout is the
+/// command's).
+fn tell(summary: &SummaryReport, report: &RecordReport) -> io::Result<()> {
     let mut err = io::stderr().lock();
     summary.write_text(&mut err)?;
     for t in &report.thresholds {
@@ -162,12 +183,7 @@ pub async fn run(
             t.actual
         )?;
     }
-    Ok(match (status.code(), status.signal()) {
-        (Some(0), _) if broken => Outcome::Exit(EXIT_THRESHOLD_BROKEN),
-        (Some(code), _) => Outcome::Exit(u8::try_from(code).unwrap_or(1)),
-        (None, Some(signal)) => Outcome::Signal(signal),
-        (None, None) => Outcome::Exit(1),
-    })
+    Ok(())
 }
 
 /// The report files, opened before the command started.

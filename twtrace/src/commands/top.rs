@@ -3,8 +3,7 @@
 //! text every interval, like `top -b`.
 
 use std::{
-    cell::RefCell,
-    io::{self, IsTerminal, Write},
+    io::{self, IsTerminal, StdoutLock, Write},
     ops::ControlFlow,
     sync::{
         Arc,
@@ -15,13 +14,20 @@ use std::{
 };
 
 use anyhow::Context;
-use ratatui::crossterm::event::{self, Event, KeyEventKind};
+use ratatui::{
+    DefaultTerminal,
+    crossterm::event::{self, Event, KeyEvent, KeyEventKind},
+};
 
 use crate::{
     cli::TopArgs,
-    commands::session::{self, Announce, Status},
+    commands,
+    event::Transition,
+    loader::TracerOptions,
     output::metrics::Metrics,
-    ports, sys,
+    ports,
+    session::{self, Announce, Consumer, Status},
+    sys,
     top::{
         model::{HostFacts, TopModel, TopSnapshot},
         view::{self, Action, ViewState},
@@ -29,84 +35,181 @@ use crate::{
 };
 
 pub async fn run(args: TopArgs, kernel_log: Option<log::LevelFilter>) -> anyhow::Result<()> {
-    session::check_pids_exist(&args.filter)?;
-    let options = session::tracer_options(&args.filter, &args.capacity, false, kernel_log);
+    commands::check_pids_exist(&args.filter)?;
+    let options = commands::tracer_options(&args.filter, &args.capacity, false, kernel_log);
     let metrics = Metrics::serve_if(args.metrics_addr).await?;
-    if args.batch || !io::stdout().is_terminal() {
-        run_batch(&args, &options, metrics.as_ref()).await
+    let batch = args.batch || !io::stdout().is_terminal();
+    // The terminal draws at once; a printed table waits for its interval.
+    let counting = Counting::new(&args, metrics, batch);
+    if batch {
+        run_batch(&args, &options, counting).await
     } else {
-        run_terminal(&args, &options, metrics.as_ref()).await
+        run_terminal(&args, &options, counting).await
     }
 }
 
-/// What the header and the detail show besides the model: the host's
-/// counts and the port forecast.
-fn host_facts(status: &Status, closes: &ports::CloseCounter, elapsed_ns: u64) -> HostFacts {
-    let usable = sys::usable_ephemeral_ports().unwrap_or(0);
-    #[expect(clippy::cast_precision_loss, reason = "seconds")]
-    let seconds = elapsed_ns as f64 / 1e9;
-    HostFacts {
-        routes: closes.forecasts(&status.held_by_route, usable, seconds),
-        kernel_time_wait: sys::time_wait_sockets_now().ok(),
-        port_range: sys::local_port_range().ok(),
-        events_lost: status.loss.events_lost(),
-        tw_evictions: status.tw_evictions,
-        time_wait_tracking: status.time_wait_tracking,
-        held_by_pid: status.held_by_pid.clone(),
+/// What both views count, and when the next snapshot is due.
+struct Counting {
+    model: TopModel,
+    closes: ports::CloseCounter,
+    port_range: Option<(u16, u16)>,
+    metrics: Option<Metrics>,
+    started_ns: u64,
+    interval_ns: u64,
+    next_ns: u64,
+}
+
+impl Counting {
+    fn new(args: &TopArgs, metrics: Option<Metrics>, first_after_interval: bool) -> Self {
+        let started_ns = sys::monotonic_ns();
+        let interval_ns = u64::try_from(args.interval.as_nanos()).unwrap_or(u64::MAX);
+        Self {
+            model: TopModel::new(started_ns),
+            closes: ports::CloseCounter::default(),
+            port_range: sys::local_port_range().ok(),
+            metrics,
+            started_ns,
+            interval_ns,
+            next_ns: if first_after_interval {
+                started_ns.saturating_add(interval_ns)
+            } else {
+                0
+            },
+        }
+    }
+
+    fn record(&mut self, t: &Transition) -> io::Result<()> {
+        self.model.record(t);
+        self.closes.record(t, self.port_range);
+        self.metrics.transition(t)
+    }
+
+    /// A snapshot, when the interval has passed since the last one and
+    /// the view wants one (not while paused).
+    fn snapshot_if_due(
+        &mut self,
+        status: &Status,
+        wanted: bool,
+    ) -> io::Result<Option<TopSnapshot>> {
+        let _ = self.metrics.tick(status)?;
+        let now = sys::monotonic_ns();
+        if now < self.next_ns {
+            return Ok(None);
+        }
+        self.next_ns = now.saturating_add(self.interval_ns);
+        if !wanted {
+            return Ok(None);
+        }
+        let facts = self.host_facts(status, now.saturating_sub(self.started_ns));
+        Ok(Some(self.model.snapshot(now, facts)))
+    }
+
+    /// What the header and the detail show besides the model: the host's
+    /// counts, the port forecast, the warnings.
+    fn host_facts(&self, status: &Status, elapsed_ns: u64) -> HostFacts {
+        let usable = sys::usable_ephemeral_ports().ok();
+        #[expect(clippy::cast_precision_loss, reason = "seconds")]
+        let seconds = elapsed_ns as f64 / 1e9;
+        HostFacts {
+            routes: self
+                .closes
+                .forecasts(&status.held_by_route, usable.unwrap_or(0), seconds),
+            kernel_time_wait: sys::time_wait_sockets_now().ok(),
+            port_range: self.port_range,
+            usable_ports: usable,
+            warnings: status.warnings.clone(),
+            events_lost: status.loss.events_lost(),
+            tw_evictions: status.tw_evictions,
+            time_wait_tracking: status.time_wait_tracking,
+            held_by_pid: status.held_by_pid.clone(),
+        }
     }
 }
 
-/// Plain text every interval; stops after `--count` tables or `--duration`.
+/// Plain text every interval; stops after `--count` tables.
+struct Batch {
+    counting: Counting,
+    out: StdoutLock<'static>,
+    printed: u64,
+    count: Option<u64>,
+}
+
+impl Consumer for Batch {
+    fn transition(&mut self, t: &Transition) -> io::Result<()> {
+        self.counting.record(t)
+    }
+
+    fn tick(&mut self, status: &Status) -> io::Result<ControlFlow<()>> {
+        let Some(snapshot) = self.counting.snapshot_if_due(status, true)? else {
+            return Ok(ControlFlow::Continue(()));
+        };
+        writeln!(
+            self.out,
+            "{}",
+            view::render_plain(&snapshot, &ViewState::default())
+        )?;
+        self.out.flush()?;
+        self.printed += 1;
+        Ok(if self.count.is_some_and(|count| self.printed >= count) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        })
+    }
+}
+
 async fn run_batch(
     args: &TopArgs,
-    options: &crate::loader::TracerOptions,
-    metrics: Option<&Metrics>,
+    options: &TracerOptions,
+    counting: Counting,
 ) -> anyhow::Result<()> {
-    let started_ns = sys::monotonic_ns();
-    let model = RefCell::new(TopModel::new(started_ns));
-    let closes = RefCell::new(ports::CloseCounter::default());
-    let port_range = sys::local_port_range().ok();
-    let interval_ns = u64::try_from(args.interval.as_nanos()).unwrap_or(u64::MAX);
-    let mut next_ns = sys::monotonic_ns() + interval_ns;
-    let mut printed = 0u64;
-    let state = ViewState::default();
-    let mut out = io::stdout().lock();
-    session::run(
-        options,
-        args.duration,
-        Announce::OnStderr,
-        |_| Ok(()),
-        |t| {
-            model.borrow_mut().record(t);
-            closes.borrow_mut().record(t, port_range);
-            if let Some(m) = metrics {
-                m.record(t);
-            }
-            Ok(())
-        },
-        |status| {
-            if let Some(m) = metrics {
-                m.update(status);
-            }
-            let now = sys::monotonic_ns();
-            if now < next_ns {
-                return Ok(ControlFlow::Continue(()));
-            }
-            next_ns = now + interval_ns;
-            let facts = host_facts(status, &closes.borrow(), now.saturating_sub(started_ns));
-            let snapshot = model.borrow_mut().snapshot(now, facts);
-            writeln!(out, "{}", view::render_plain(&snapshot, &state))?;
-            out.flush()?;
-            printed += 1;
-            Ok(if args.count.is_some_and(|count| printed >= count) {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            })
-        },
-    )
-    .await?;
+    let mut batch = Batch {
+        counting,
+        out: io::stdout().lock(),
+        printed: 0,
+        count: args.count,
+    };
+    session::run(options, args.duration, Announce::OnStderr, &mut batch).await?;
     Ok(())
+}
+
+/// The ratatui view: redrawn every interval, and at once on a key or a
+/// resize.
+struct Terminal {
+    counting: Counting,
+    screen: DefaultTerminal,
+    keys: mpsc::Receiver<Option<KeyEvent>>,
+    snapshot: TopSnapshot,
+    state: ViewState,
+}
+
+impl Consumer for Terminal {
+    fn transition(&mut self, t: &Transition) -> io::Result<()> {
+        self.counting.record(t)
+    }
+
+    fn tick(&mut self, status: &Status) -> io::Result<ControlFlow<()>> {
+        let mut redraw = false;
+        while let Ok(input) = self.keys.try_recv() {
+            redraw = true;
+            if let Some(key) = input {
+                let rows = view::visible_rows(&self.snapshot, &self.state).len();
+                if self.state.handle_key(key, rows) == Action::Quit {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
+        }
+        if let Some(snapshot) = self.counting.snapshot_if_due(status, !self.state.paused)? {
+            self.snapshot = snapshot;
+            redraw = true;
+        }
+        if redraw {
+            let (snapshot, state) = (&self.snapshot, &self.state);
+            self.screen
+                .draw(|frame| view::render(frame, snapshot, state))?;
+        }
+        Ok(ControlFlow::Continue(()))
+    }
 }
 
 /// Restores the terminal however the view ends (ratatui's panic hook
@@ -121,74 +224,28 @@ impl Drop for TerminalGuard {
 
 async fn run_terminal(
     args: &TopArgs,
-    options: &crate::loader::TracerOptions,
-    metrics: Option<&Metrics>,
+    options: &TracerOptions,
+    counting: Counting,
 ) -> anyhow::Result<()> {
     // Nothing may write over the view: logs are off while it is up.
     let previous_log_level = log::max_level();
     log::set_max_level(log::LevelFilter::Off);
-
     let (keys_tx, keys) = mpsc::channel();
     let stop_input = Arc::new(AtomicBool::new(false));
     let input = {
         let stop = stop_input.clone();
         std::thread::spawn(move || read_input(&keys_tx, &stop))
     };
-
-    let mut terminal = ratatui::try_init().context("setting up the terminal")?;
+    let screen = ratatui::try_init().context("setting up the terminal")?;
     let guard = TerminalGuard;
-    let started_ns = sys::monotonic_ns();
-    let model = RefCell::new(TopModel::new(started_ns));
-    let closes = RefCell::new(ports::CloseCounter::default());
-    let port_range = sys::local_port_range().ok();
-    let interval_ns = u64::try_from(args.interval.as_nanos()).unwrap_or(u64::MAX);
-    let mut next_ns = 0;
-    let mut snapshot = TopSnapshot::default();
-    let mut state = ViewState::default();
-    let result = session::run(
-        options,
-        args.duration,
-        Announce::Silently,
-        |_| Ok(()),
-        |t| {
-            model.borrow_mut().record(t);
-            closes.borrow_mut().record(t, port_range);
-            if let Some(m) = metrics {
-                m.record(t);
-            }
-            Ok(())
-        },
-        |status| {
-            if let Some(m) = metrics {
-                m.update(status);
-            }
-            let mut redraw = false;
-            while let Ok(input) = keys.try_recv() {
-                redraw = true;
-                if let Some(key) = input {
-                    let rows = view::visible_rows(&snapshot, &state).len();
-                    if state.handle_key(key, rows) == Action::Quit {
-                        return Ok(ControlFlow::Break(()));
-                    }
-                }
-            }
-            let now = sys::monotonic_ns();
-            if now >= next_ns {
-                next_ns = now + interval_ns;
-                if !state.paused {
-                    let facts =
-                        host_facts(status, &closes.borrow(), now.saturating_sub(started_ns));
-                    snapshot = model.borrow_mut().snapshot(now, facts);
-                    redraw = true;
-                }
-            }
-            if redraw {
-                terminal.draw(|frame| view::render(frame, &snapshot, &state))?;
-            }
-            Ok(ControlFlow::Continue(()))
-        },
-    )
-    .await;
+    let mut view = Terminal {
+        counting,
+        screen,
+        keys,
+        snapshot: TopSnapshot::default(),
+        state: ViewState::default(),
+    };
+    let result = session::run(options, args.duration, Announce::Silently, &mut view).await;
     drop(guard);
     stop_input.store(true, Ordering::Relaxed);
     let _ = input.join();
@@ -197,7 +254,7 @@ async fn run_terminal(
 }
 
 /// Forwards key presses (`Some`) and resizes (`None`, redraw only).
-fn read_input(keys: &mpsc::Sender<Option<event::KeyEvent>>, stop: &AtomicBool) {
+fn read_input(keys: &mpsc::Sender<Option<KeyEvent>>, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match event::poll(Duration::from_millis(100)) {
             Ok(true) => {}

@@ -3,11 +3,11 @@
 //! held now, and what was lost. Labels stay low-cardinality: no pid, no
 //! port, no address.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{io, net::SocketAddr, ops::ControlFlow, sync::Arc};
 
 use anyhow::Context;
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
@@ -17,9 +17,9 @@ use tokio::{
 };
 
 use crate::{
-    commands::session::Status,
-    event::{TcpState, Transition},
+    event::{Comm, Transition},
     histogram::TEARDOWN_STATES,
+    session::{Consumer, Status},
 };
 
 /// Not 9090/9091/9100 (Prometheus, Pushgateway, node exporter).
@@ -30,25 +30,46 @@ const BUCKETS: [f64; 16] = [
     1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 61.0, 120.0,
 ];
 
+// Label sets are fixed-size (static names, the kernel's 16-byte comm):
+// recording an event looks its series up without allocating.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
-    state: String,
+    state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CloseLabels {
     /// `active` (closed first) or `passive`.
-    side: String,
-    comm: String,
+    side: &'static str,
+    comm: Comm,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LossLabel {
-    kind: String,
+    kind: &'static str,
+}
+
+impl EncodeLabelValue for Comm {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, &self.to_str())
+    }
 }
 
 fn new_histogram() -> Histogram {
     Histogram::new(BUCKETS)
+}
+
+/// Fed by the session like any consumer; read by the HTTP server.
+impl Consumer for Metrics {
+    fn transition(&mut self, t: &Transition) -> io::Result<()> {
+        self.record(t);
+        Ok(())
+    }
+
+    fn tick(&mut self, status: &Status) -> io::Result<ControlFlow<()>> {
+        self.update(status);
+        Ok(ControlFlow::Continue(()))
+    }
 }
 
 /// The metrics, shared between the tracing loop and the HTTP server.
@@ -99,7 +120,7 @@ impl Metrics {
         // Every state appears from the start, so rates work from scrape one.
         for state in TEARDOWN_STATES {
             let _ = time_in_state.get_or_create(&StateLabel {
-                state: state.name().to_owned(),
+                state: state.name(),
             });
         }
         Self {
@@ -119,20 +140,17 @@ impl Metrics {
             let seconds = ns as f64 / 1e9;
             self.time_in_state
                 .get_or_create(&StateLabel {
-                    state: t.old.name().to_owned(),
+                    state: t.old.name(),
                 })
                 .observe(seconds);
         }
-        let side = match (t.old, t.new) {
-            (TcpState::Established, TcpState::FinWait1) => "active",
-            (TcpState::Established, TcpState::CloseWait) => "passive",
-            _ => return,
+        let Some(side) = t.close_side() else {
+            return;
         };
-        let comm = t.owner.as_ref().map_or("-", |o| o.comm.as_str());
         self.closes
             .get_or_create(&CloseLabels {
-                side: side.to_owned(),
-                comm: comm.to_owned(),
+                side: side.name(),
+                comm: t.owner.map_or(Comm::UNKNOWN, |o| o.comm),
             })
             .inc();
     }
@@ -150,9 +168,7 @@ impl Metrics {
             ("tw_evictions", status.tw_evictions),
         ] {
             self.lost
-                .get_or_create(&LossLabel {
-                    kind: kind.to_owned(),
-                })
+                .get_or_create(&LossLabel { kind })
                 .set(i64::try_from(value).unwrap_or(i64::MAX));
         }
     }

@@ -4,20 +4,18 @@ use std::io::{self, Write};
 
 use serde::Serialize;
 
-use crate::{event::Transition, units};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    Text,
-    Json,
-}
+use super::Format;
+use crate::{
+    event::{Comm, Transition},
+    units,
+};
 
 #[derive(Serialize)]
-struct TransitionLine<'a> {
+struct TransitionLine {
     r#type: &'static str,
     ts_ns: i128,
     pid: u32,
-    comm: &'a str,
+    comm: Comm,
     family: &'static str,
     src: String,
     dst: String,
@@ -60,7 +58,7 @@ impl<W: Write> StreamWriter<W> {
         let (pid, comm) = t
             .owner
             .as_ref()
-            .map_or((0, "-"), |owner| (owner.pid, owner.comm.as_str()));
+            .map_or((0, Comm::UNKNOWN), |owner| (owner.pid, owner.comm));
         match self.format {
             Format::Text => writeln!(
                 self.out,

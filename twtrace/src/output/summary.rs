@@ -6,9 +6,9 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 use crate::{
-    commands::session::SessionEnd,
     histogram::{StateStats, TeardownStats},
     loader::LossReport,
+    session::SessionEnd,
     units,
 };
 
@@ -66,7 +66,7 @@ impl SummaryReport {
             .iter()
             .map(|(owner, s)| ProcessReport {
                 pid: owner.pid,
-                comm: owner.comm.clone(),
+                comm: owner.comm.to_string(),
                 active_closes: s.active_closes,
                 passive_closes: s.passive_closes,
                 states: s.states.stats(),
@@ -238,7 +238,7 @@ mod tests {
                 sock_id: 0,
                 owner: Some(Owner {
                     pid,
-                    comm: format!("p{pid}"),
+                    comm: format!("p{pid}").as_str().into(),
                 }),
                 src: "127.0.0.1:1".parse().unwrap(),
                 dst: "127.0.0.1:2".parse().unwrap(),

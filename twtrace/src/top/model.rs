@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::{
-    event::{TcpState, Transition},
+    event::{CloseSide, TcpState, Transition},
     histogram::{OwnerKey, StateHistograms, StateStats},
 };
 
@@ -63,6 +63,10 @@ pub struct HostFacts {
     pub kernel_time_wait: Option<u64>,
     /// `net.ipv4.ip_local_port_range`.
     pub port_range: Option<(u16, u16)>,
+    /// Ephemeral ports `connect()` may use: the range less reserved ports.
+    pub usable_ports: Option<u64>,
+    /// Features this kernel cannot give (shown in the live view's header).
+    pub warnings: Vec<String>,
     pub events_lost: u64,
     pub tw_evictions: u64,
     pub time_wait_tracking: bool,
@@ -100,16 +104,6 @@ pub struct Header {
     pub host: HostFacts,
     /// How long the model has been counting.
     pub elapsed_ns: u64,
-}
-
-impl Header {
-    /// Usable ephemeral ports, from the configured range.
-    #[must_use]
-    pub fn port_range_size(&self) -> Option<u32> {
-        self.host
-            .port_range
-            .map(|(low, high)| u32::from(high.saturating_sub(low)) + 1)
-    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -151,18 +145,13 @@ impl TopModel {
 
     pub fn record(&mut self, t: &Transition) {
         let owner = self.owners.entry(OwnerKey::of(t)).or_default();
-        let closed = match (t.old, t.new) {
-            (TcpState::Established, TcpState::FinWait1) => {
-                owner.active += 1;
-                true
-            }
-            (TcpState::Established, TcpState::CloseWait) => {
-                owner.passive += 1;
-                true
-            }
-            _ => false,
-        };
-        if closed {
+        let side = t.close_side();
+        match side {
+            Some(CloseSide::Active) => owner.active += 1,
+            Some(CloseSide::Passive) => owner.passive += 1,
+            None => {}
+        }
+        if side.is_some() {
             let remote = Remote::of(t);
             if let Some(count) = owner.remotes.get_mut(&remote) {
                 *count += 1;
@@ -209,7 +198,7 @@ impl TopModel {
             }
             rows.push(ProcessRow {
                 pid: key.pid,
-                comm: key.comm.clone(),
+                comm: key.comm.to_string(),
                 active_per_s: rate(da, period),
                 passive_per_s: rate(dp, period),
                 time_wait_now,
@@ -228,7 +217,7 @@ impl TopModel {
         self.previous = self
             .owners
             .iter()
-            .map(|(k, c)| (k.clone(), (c.active, c.passive)))
+            .map(|(k, c)| (*k, (c.active, c.passive)))
             .collect();
         self.previous_ns = now_ns;
         rows.sort_by(|a, b| a.pid.cmp(&b.pid).then_with(|| a.comm.cmp(&b.comm)));
@@ -250,7 +239,7 @@ mod tests {
             sock_id: 1,
             owner: Some(Owner {
                 pid,
-                comm: format!("p{pid}"),
+                comm: crate::event::Comm::from(format!("p{pid}").as_str()),
             }),
             src: src.parse().unwrap(),
             dst: dst.parse().unwrap(),
@@ -363,17 +352,5 @@ mod tests {
         let snap = model.snapshot(S, HostFacts::default());
         assert_eq!(snap.rows[0].remotes, [("127.0.0.2:6379".to_string(), 2)]);
         assert_eq!(snap.rows[1].remotes, [("127.0.0.3:*".to_string(), 3)]);
-    }
-
-    #[test]
-    fn port_range_size_is_inclusive() {
-        let header = Header {
-            host: HostFacts {
-                port_range: Some((32768, 60999)),
-                ..HostFacts::default()
-            },
-            ..Header::default()
-        };
-        assert_eq!(header.port_range_size(), Some(28232));
     }
 }

@@ -235,7 +235,7 @@ pub fn header_lines(snapshot: &TopSnapshot, state: &ViewState) -> [String; 2] {
         .host
         .kernel_time_wait
         .map_or_else(|| "?".to_owned(), |n| n.to_string());
-    let ports = match (h.host.port_range, h.port_range_size()) {
+    let ports = match (h.host.port_range, h.host.usable_ports) {
         (Some((low, high)), Some(size)) => format!("{size} ({low}-{high})"),
         _ => "?".to_owned(),
     };
@@ -293,14 +293,21 @@ pub fn render_plain(snapshot: &TopSnapshot, state: &ViewState) -> String {
 
 /// Draws the whole screen.
 pub fn render(frame: &mut Frame, snapshot: &TopSnapshot, state: &ViewState) {
+    let mut lines: Vec<Line> = header_lines(snapshot, state)
+        .into_iter()
+        .map(Line::from)
+        .collect();
+    // What this kernel cannot give: nothing else may write over the view.
+    lines.extend(snapshot.header.host.warnings.iter().map(|w| {
+        Line::from(format!("warning: {w}")).style(Style::new().add_modifier(Modifier::BOLD))
+    }));
     let [header, body, footer] = Layout::vertical([
-        Constraint::Length(2),
+        Constraint::Length(u16::try_from(lines.len()).unwrap_or(u16::MAX)),
         Constraint::Min(3),
         Constraint::Length(1),
     ])
     .areas(frame.area());
-    let [h1, h2] = header_lines(snapshot, state);
-    frame.render_widget(Paragraph::new(vec![Line::from(h1), Line::from(h2)]), header);
+    frame.render_widget(Paragraph::new(lines), header);
 
     let rows = visible_rows(snapshot, state);
     let selected = state.selected.min(rows.len().saturating_sub(1));
@@ -492,6 +499,8 @@ mod tests {
                 host: HostFacts {
                     kernel_time_wait: Some(45),
                     port_range: Some((32768, 60999)),
+                    usable_ports: Some(28232),
+                    warnings: Vec::new(),
                     events_lost: 0,
                     tw_evictions: 0,
                     time_wait_tracking: true,

@@ -4,14 +4,15 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    ops::ControlFlow,
     time::{Duration, Instant},
 };
 
+use crate::peer::{Ending, Netns, Peer};
 use twtrace::{
     event::{KernelEvent, TcpState, Transition, TwEnd},
     loader::{LossReport, Tracer, TracerOptions},
-    model::TeardownModel,
-    sys,
+    session::{self, Announce, Consumer, Status},
 };
 
 pub type Step = (TcpState, TcpState);
@@ -63,10 +64,47 @@ pub struct Traced {
     pub transitions: Vec<Transition>,
 }
 
+/// Collects what a test traces through the same session loop as the
+/// CLI: runs `drive` once attached, and stops a little after `done`.
+struct Collect<D, F> {
+    drive: Option<D>,
+    done: F,
+    traced: Traced,
+    done_at: Option<Instant>,
+}
+
+impl<D: FnOnce(), F: Fn(&[Transition]) -> bool> Consumer for Collect<D, F> {
+    fn attached(&mut self, _tracer: &mut Tracer) -> anyhow::Result<()> {
+        if let Some(drive) = self.drive.take() {
+            drive();
+        }
+        Ok(())
+    }
+
+    fn kernel_event(&mut self, event: &KernelEvent) {
+        self.traced.raw.push(event.clone());
+    }
+
+    fn transition(&mut self, t: &Transition) -> std::io::Result<()> {
+        self.traced.transitions.push(t.clone());
+        Ok(())
+    }
+
+    fn tick(&mut self, _status: &Status) -> std::io::Result<ControlFlow<()>> {
+        // Anything late (e.g. a stray duplicate) must show up in assertions.
+        const LINGER: Duration = Duration::from_millis(100);
+        if self.done_at.is_none() && (self.done)(&self.traced.transitions) {
+            self.done_at = Some(Instant::now());
+        }
+        Ok(match self.done_at {
+            Some(at) if at.elapsed() >= LINGER => ControlFlow::Break(()),
+            _ => ControlFlow::Continue(()),
+        })
+    }
+}
+
 /// Starts the tracer, runs `drive` (which makes the traffic), then collects
 /// transitions until `done` says the picture is complete or `limit` passes.
-/// `drive` gets a callback that reports what has been seen so far, for
-/// steps that must wait on the kernel.
 pub fn trace_until(
     options: &TracerOptions,
     limit: Duration,
@@ -77,51 +115,34 @@ pub fn trace_until(
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(async {
-        let mut tracer = Tracer::start(options).expect("loading and attaching twtrace");
-        drive();
-        let deadline = Instant::now() + limit;
-        let mut model = TeardownModel::new(sys::kernel_hz());
-        let mut raw = Vec::new();
-        let mut batch = Vec::new();
-        let mut seen = Vec::new();
-        while !done(&seen) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            let wait = left.min(Duration::from_millis(50));
-            let _ = tokio::time::timeout(wait, tracer.next_batch(&mut batch)).await;
-            for event in batch.drain(..) {
-                raw.push(event.clone());
-                model.push(event, &mut seen);
-            }
-            model.flush(sys::monotonic_ns(), &mut seen);
-        }
-        // Anything late (e.g. a stray duplicate) must show up in assertions.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        tracer.drain(&mut batch);
-        for event in batch.drain(..) {
-            raw.push(event.clone());
-            model.push(event, &mut seen);
-        }
-        model.finish(&mut seen);
-        let loss = tracer.loss().expect("reading loss counters");
-        // Recursion misses are not asserted: with several tracers loaded at
-        // once (tests run in parallel), the kernel skips a tracing program
-        // whenever a tracepoint fires in an interrupt while any classic
-        // tracepoint program runs on that CPU, mostly for unrelated timers.
-        // A miss that mattered fails the content assertions instead.
-        let unexplained = LossReport {
-            recursion_misses: 0,
-            ..loss
-        };
-        assert_eq!(unexplained.events_lost(), 0, "events lost: {loss:?}");
-        Traced {
-            raw,
-            transitions: seen,
-        }
-    })
+    let mut collect = Collect {
+        drive: Some(drive),
+        done,
+        traced: Traced {
+            raw: Vec::new(),
+            transitions: Vec::new(),
+        },
+        done_at: None,
+    };
+    let end = runtime
+        .block_on(session::run(
+            options,
+            Some(limit),
+            Announce::Silently,
+            &mut collect,
+        ))
+        .expect("loading and attaching twtrace");
+    // Recursion misses are not asserted: with several tracers loaded at
+    // once (tests run in parallel), the kernel skips a tracing program
+    // whenever a tracepoint fires in an interrupt while any classic
+    // tracepoint program runs on that CPU, mostly for unrelated timers.
+    // A miss that mattered fails the content assertions instead.
+    let unexplained = LossReport {
+        recursion_misses: 0,
+        ..end.loss
+    };
+    assert_eq!(unexplained.events_lost(), 0, "events lost: {:?}", end.loss);
+    collect.traced
 }
 
 pub fn trace_while(
@@ -173,3 +194,159 @@ pub const PASSIVE_CLOSE: [Step; 3] = [
     (TcpState::CloseWait, TcpState::LastAck),
     (TcpState::LastAck, TcpState::Close),
 ];
+
+/// A client and a server process in a namespace of their own.
+pub struct Exchange {
+    pub netns: Netns,
+    pub client: Option<Peer>,
+    pub server: Option<Peer>,
+    pub client_pid: u32,
+    pub server_pid: u32,
+    pub server_addr: SocketAddr,
+}
+
+impl Exchange {
+    pub fn new(bind: &str, client_ending: Ending, server_ending: Ending) -> Self {
+        let netns = Netns::new();
+        let server = Peer::server(&netns, bind, server_ending);
+        let server_addr = server.addr.expect("server address");
+        let client = Peer::client(&netns, server_addr, client_ending);
+        Self {
+            client_pid: client.pid,
+            server_pid: server.pid,
+            client: Some(client),
+            server: Some(server),
+            netns,
+            server_addr,
+        }
+    }
+
+    /// Ports repeat across namespaces and pids do not: filter on both, so
+    /// tests running in parallel never see each other's sockets.
+    pub fn options(&self) -> TracerOptions {
+        TracerOptions {
+            ports: vec![self.server_addr.port()],
+            pids: vec![self.client_pid, self.server_pid],
+            ..TracerOptions::default()
+        }
+    }
+
+    /// Lets the client connect, waits for both ends to finish, then deletes
+    /// the namespace, which ends the TIME_WAIT socket early.
+    pub fn run_then_end(&mut self) {
+        self.client.as_mut().expect("client").go();
+        self.client.take().expect("client").finish();
+        self.server.take().expect("server").finish();
+        std::thread::sleep(Duration::from_millis(50));
+        self.netns.delete();
+    }
+}
+
+/// True once the client's mini-socket and the server's socket have ended.
+pub fn whole_teardown(seen: &[Transition]) -> bool {
+    seen.iter().any(|t| t.end.is_some())
+        && seen
+            .iter()
+            .any(|t| t.old == TcpState::LastAck && t.new == TcpState::Close)
+}
+
+/// The client's local address: the one socket that talks to the server
+/// port from elsewhere.
+pub fn client_local(seen: &[Transition], server: SocketAddr) -> SocketAddr {
+    match seen.iter().find(|t| t.dst == server) {
+        Some(t) => t.src,
+        None => panic!("no client socket seen: {:?}", by_socket(seen)),
+    }
+}
+
+/// Starts the real binary with `args`, filtered to the exchange's
+/// sockets, and waits until it is attached.
+pub fn spawn_twtrace(args: &[&str], ex: &Exchange) -> std::process::Child {
+    spawn_attached(
+        std::process::Command::new(env!("CARGO_BIN_EXE_twtrace"))
+            .args(args)
+            .args(["--port", &ex.server_addr.port().to_string()])
+            .args(["--pid", &ex.client_pid.to_string()])
+            .args(["--pid", &ex.server_pid.to_string()])
+            .stdout(std::process::Stdio::piped()),
+    )
+}
+
+/// Spawns twtrace and waits until it says it is attached the way a
+/// service manager hears it (`READY=1` on `NOTIFY_SOCKET`), failing with
+/// its stderr if it exits first. Its stderr is drained from then on.
+pub fn spawn_attached(command: &mut std::process::Command) -> std::process::Child {
+    use std::{io::Read, os::unix::net::UnixDatagram};
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("twtrace-ready-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let socket = UnixDatagram::bind(&path).expect("binding the readiness socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("socket timeout");
+    let mut child = command
+        .env("NOTIFY_SOCKET", &path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting twtrace");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut message = [0u8; 64];
+    loop {
+        if let Ok(n) = socket.recv(&mut message) {
+            assert_eq!(&message[..n], b"READY=1");
+            break;
+        }
+        if let Some(status) = child.try_wait().expect("waiting on twtrace") {
+            let mut stderr = String::new();
+            let _ = child
+                .stderr
+                .take()
+                .expect("stderr")
+                .read_to_string(&mut stderr);
+            panic!("twtrace exited ({status}) before attaching: {stderr}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "twtrace did not attach within 30 s"
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+    // Keep draining so the child never blocks on a full pipe.
+    let mut stderr = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    child
+}
+
+pub fn interrupt(child: &std::process::Child) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+}
+
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("twtrace-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+pub fn command_stdout(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn nstat_value(name: &str) -> u64 {
+    // -a: absolute values since boot; -z: print zeros too.
+    command_stdout("nstat", &["-az", name])
+        .lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("nstat has no {name}"))
+}

@@ -1,0 +1,287 @@
+//! Every hook twtrace attaches, in one table: the program, where it
+//! attaches, and the feature it serves. Which hooks a run needs follows
+//! from the kernel's facts and the options; a hook that fails to attach
+//! costs its feature, with one warning naming what is lost — except the
+//! state-change hook, without which there is nothing to trace.
+
+use aya::{
+    Ebpf,
+    programs::{RawTracePoint, TracePoint},
+};
+use twtrace_common::names;
+
+use super::{TracerOptions, probe::KernelFacts};
+
+/// Where a program attaches.
+#[derive(Clone, Copy, Debug)]
+pub enum Point {
+    /// A raw tracepoint (`category` for messages, `event`): per-program
+    /// recursion guard, the arguments as the kernel passes them.
+    Raw(&'static str, &'static str),
+    /// A classic tracepoint (`category`, `event`): its record as tracefs
+    /// describes it.
+    Classic(&'static str, &'static str),
+}
+
+/// What a group of hooks gives the user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Feature {
+    /// Every state change of a full socket: without it, nothing.
+    Transitions,
+    /// Owners of accepted sockets learnt at their first send.
+    OwnerAtSend,
+    /// The same, at their first receive.
+    OwnerAtReceive,
+    /// TIME_WAIT mini-sockets' birth, substate and end.
+    TimeWait,
+    /// `record`'s command and the children it forks.
+    FollowForks,
+}
+
+pub struct Hook {
+    pub program: &'static str,
+    pub point: Point,
+    pub feature: Feature,
+}
+
+pub const HOOKS: &[Hook] = &[
+    Hook {
+        program: names::PROG_SET_STATE_RAW,
+        point: Point::Raw("sock", "inet_sock_set_state"),
+        feature: Feature::Transitions,
+    },
+    Hook {
+        program: names::PROG_SET_STATE,
+        point: Point::Classic("sock", "inet_sock_set_state"),
+        feature: Feature::Transitions,
+    },
+    // Debian 12's 6.1 has no tcp_sendmsg_locked.
+    Hook {
+        program: names::PROG_SENDMSG,
+        point: Point::Raw("tcp", "tcp_sendmsg_locked"),
+        feature: Feature::OwnerAtSend,
+    },
+    Hook {
+        program: names::PROG_RCV_SPACE,
+        point: Point::Raw("tcp", "tcp_rcv_space_adjust"),
+        feature: Feature::OwnerAtReceive,
+    },
+    Hook {
+        program: names::PROG_TIMER_START,
+        point: Point::Classic("timer", "timer_start"),
+        feature: Feature::TimeWait,
+    },
+    Hook {
+        program: names::PROG_TIMER_EXPIRE,
+        point: Point::Raw("timer", "timer_expire_entry"),
+        feature: Feature::TimeWait,
+    },
+    Hook {
+        program: names::PROG_TIMER_CANCEL,
+        point: Point::Raw("timer", "timer_cancel"),
+        feature: Feature::TimeWait,
+    },
+    Hook {
+        program: names::PROG_FORK,
+        point: Point::Classic("sched", "sched_process_fork"),
+        feature: Feature::FollowForks,
+    },
+];
+
+impl Hook {
+    /// Whether this run uses the hook.
+    fn wanted(&self, facts: &KernelFacts, options: &TracerOptions) -> bool {
+        match self.feature {
+            // The raw program where BTF gives struct sock's layout.
+            Feature::Transitions => {
+                (self.program == names::PROG_SET_STATE_RAW) == facts.sock.is_some()
+            }
+            Feature::OwnerAtSend | Feature::OwnerAtReceive => true,
+            Feature::TimeWait => facts.time_wait_possible(),
+            Feature::FollowForks => options.follow_forks,
+        }
+    }
+
+    fn point_name(&self) -> String {
+        let (Point::Raw(category, event) | Point::Classic(category, event)) = self.point;
+        format!("{category}:{event}")
+    }
+
+    /// The warning when this hook could not be attached.
+    fn lost(&self, facts: &KernelFacts, error: &anyhow::Error) -> String {
+        let what = if is_not_found(error) {
+            format!("this kernel has no tracepoint {}", self.point_name())
+        } else {
+            format!(
+                "tracepoint {} could not be attached ({error:#})",
+                self.point_name()
+            )
+        };
+        match self.feature {
+            Feature::OwnerAtSend => format!(
+                "{what}: accepted sockets count as their listener's owner's until their first receive or close()"
+            ),
+            Feature::OwnerAtReceive => format!(
+                "{what}: accepted sockets count as their listener's owner's until their first send or close()"
+            ),
+            _ => {
+                // Debian's kernels make perf_event_paranoid=3 (their
+                // default) refuse perf_event_open without CAP_SYS_ADMIN.
+                let hint = if matches!(self.point, Point::Classic(..))
+                    && facts.perf_event_paranoid.is_some_and(|p| p > 2)
+                {
+                    "; with kernel.perf_event_paranoid=3 this kernel may need CAP_SYS_ADMIN, or `sysctl kernel.perf_event_paranoid=2`"
+                } else {
+                    ""
+                };
+                format!(
+                    "tracepoint {} unavailable ({error:#}{hint}): TIME_WAIT lifetimes are incomplete",
+                    self.point_name()
+                )
+            }
+        }
+    }
+}
+
+/// What attaching gave.
+pub struct Attached {
+    pub programs: Vec<&'static str>,
+    pub time_wait: bool,
+    pub warnings: Vec<String>,
+}
+
+/// Attaches every hook this run wants, from the table.
+pub fn attach_all(
+    ebpf: &mut Ebpf,
+    facts: &KernelFacts,
+    options: &TracerOptions,
+) -> anyhow::Result<Attached> {
+    let mut attached = Attached {
+        programs: Vec::new(),
+        time_wait: facts.time_wait_possible(),
+        warnings: Vec::new(),
+    };
+    for hook in HOOKS.iter().filter(|h| h.wanted(facts, options)) {
+        match attach(ebpf, hook) {
+            Ok(()) => attached.programs.push(hook.program),
+            Err(error) => match hook.feature {
+                Feature::Transitions => {
+                    return Err(
+                        error.context(format!("attaching to the {} tracepoint", hook.point_name()))
+                    );
+                }
+                Feature::FollowForks => {
+                    return Err(error.context(
+                        "attaching to sched:sched_process_fork (needed to follow the command's children)",
+                    ));
+                }
+                Feature::TimeWait => {
+                    attached.time_wait = false;
+                    attached.warnings.push(hook.lost(facts, &error));
+                }
+                Feature::OwnerAtSend | Feature::OwnerAtReceive => {
+                    attached.warnings.push(hook.lost(facts, &error));
+                }
+            },
+        }
+    }
+    Ok(attached)
+}
+
+fn attach(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<()> {
+    let program = ebpf
+        .program_mut(hook.program)
+        .ok_or_else(|| anyhow::anyhow!("the eBPF object lacks {}", hook.program))?;
+    match hook.point {
+        Point::Raw(_, tracepoint) => {
+            let program: &mut RawTracePoint = program.try_into()?;
+            program.load()?;
+            program.attach(tracepoint)?;
+        }
+        Point::Classic(category, event) => {
+            let program: &mut TracePoint = program.try_into()?;
+            program.load()?;
+            program.attach(category, event)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether attaching failed because the kernel has no such tracepoint.
+fn is_not_found(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_hook_names_a_program_of_the_embedded_object_once() {
+        let object = super::super::EBPF_OBJECT;
+        let mut seen: Vec<&str> = Vec::new();
+        for hook in HOOKS {
+            assert!(!seen.contains(&hook.program), "{} twice", hook.program);
+            seen.push(hook.program);
+            let name = hook.program.as_bytes();
+            assert!(
+                object
+                    .windows(name.len() + 1)
+                    .any(|w| w[..name.len()] == *name && w[name.len()] == 0),
+                "the eBPF object has no symbol {}",
+                hook.program
+            );
+        }
+    }
+
+    #[test]
+    fn warnings_name_the_tracepoint_and_the_feature_lost() {
+        let facts = KernelFacts {
+            set_state: twtrace_common::SetStateLayout::DEFAULT,
+            sock: None,
+            time_wait: twtrace_common::TwConfig::DISABLED,
+            fork_child_pid: None,
+            tw_capacity: 1024,
+            tw_alive_at_start: 0,
+            perf_event_paranoid: Some(3),
+            warnings: Vec::new(),
+        };
+        let missing = anyhow::Error::from(std::io::Error::from(std::io::ErrorKind::NotFound));
+        let send = HOOKS
+            .iter()
+            .find(|h| h.feature == Feature::OwnerAtSend)
+            .unwrap();
+        assert_eq!(
+            send.lost(&facts, &missing),
+            "this kernel has no tracepoint tcp:tcp_sendmsg_locked: accepted sockets count as their listener's owner's until their first receive or close()"
+        );
+        let start = HOOKS
+            .iter()
+            .find(|h| h.program == names::PROG_TIMER_START)
+            .unwrap();
+        let refused = anyhow::anyhow!("permission denied");
+        assert!(
+            start
+                .lost(&facts, &refused)
+                .contains("perf_event_paranoid=2")
+        );
+        let options = TracerOptions::default();
+        let wanted: Vec<&str> = HOOKS
+            .iter()
+            .filter(|h| h.wanted(&facts, &options))
+            .map(|h| h.program)
+            .collect();
+        assert_eq!(
+            wanted,
+            [
+                names::PROG_SET_STATE,
+                names::PROG_SENDMSG,
+                names::PROG_RCV_SPACE
+            ]
+        );
+    }
+}

@@ -1,0 +1,384 @@
+//! Loading the embedded eBPF object, attaching it, and reading what it
+//! streams and what it lost. `probe` describes the running kernel once,
+//! `hooks` holds the table of what attaches where; this module loads the
+//! object with those facts and owns the result.
+
+use std::{io, os::fd::AsFd};
+
+use anyhow::{Context, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+};
+use tokio::io::{Interest, unix::AsyncFd};
+use twtrace_common::{
+    AF_INET, AF_INET6, DEFAULT_MAX_SOCKETS, Filter, MAX_FILTER_ENTRIES, SockLayout, counter, names,
+};
+
+use crate::{sys, tracefs};
+
+pub mod hooks;
+pub mod probe;
+
+use probe::KernelFacts;
+
+/// The kernel program, built by build.rs and embedded so the binary is
+/// self-contained.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace.bpf.o"));
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// What to trace; everything here is applied in the kernel.
+#[derive(Clone, Debug)]
+pub struct TracerOptions {
+    /// Only sockets owned by these processes (tgids); empty for all.
+    pub pids: Vec<u32>,
+    /// Only sockets with one of these as local or remote port; empty for all.
+    pub ports: Vec<u16>,
+    pub family: Option<Family>,
+    /// Stream every transition, not only those into teardown states.
+    pub all_states: bool,
+    /// Ring buffer size in bytes: a power of two, at least one page.
+    pub ring_bytes: u32,
+    /// Capacity of the per-socket record map.
+    pub max_sockets: u32,
+    /// Carry the kernel program's aya-log diagnostics to the `log` crate.
+    pub kernel_log: Option<log::LevelFilter>,
+    /// Add the children that processes in `pids` fork to `pids`, in the
+    /// kernel (`record`); `pids` may then start empty and be filled with
+    /// `Tracer::follow`.
+    pub follow_forks: bool,
+}
+
+impl Default for TracerOptions {
+    fn default() -> Self {
+        Self {
+            pids: Vec::new(),
+            ports: Vec::new(),
+            family: None,
+            all_states: false,
+            ring_bytes: 4096 * 1024,
+            max_sockets: DEFAULT_MAX_SOCKETS,
+            kernel_log: None,
+            follow_forks: false,
+        }
+    }
+}
+
+/// How often the reader drains the ring when the kernel did not wake it.
+const POLL_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Processes `record` can follow: the command and everything it forks.
+const FOLLOWED_PIDS: u32 = 65_536;
+
+/// Everything that was lost on the way, so none of it is silent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LossReport {
+    /// Transitions dropped in the kernel because the ring buffer was full.
+    pub ringbuf_full: u64,
+    /// Transitions whose tracepoint record could not be read.
+    pub read_failed: u64,
+    /// Socket records the kernel could not store (owner/time then unknown).
+    pub sock_update_failed: u64,
+    /// Program runs the kernel skipped to avoid nesting, over all programs.
+    pub recursion_misses: u64,
+    /// Records the userspace decoder rejected (counted by the session,
+    /// which decodes).
+    pub decode_errors: u64,
+    /// TIME_WAIT mini-sockets that ended without twtrace holding their
+    /// record: alive before twtrace started, or evicted from its LRU map.
+    pub tw_untracked_ends: u64,
+    /// Mini-socket records the kernel could not store.
+    pub tw_update_failed: u64,
+    /// Children of `record`'s command the kernel could not follow.
+    pub follow_failed: u64,
+    /// Program runs nested too deeply on a CPU to keep TIME_WAIT state.
+    pub too_deeply_nested: u64,
+}
+
+impl LossReport {
+    /// Transitions that never reached the output.
+    #[must_use]
+    pub fn events_lost(&self) -> u64 {
+        self.ringbuf_full + self.read_failed + self.recursion_misses + self.decode_errors
+    }
+}
+
+/// A loaded and attached twtrace. Dropping it detaches and unloads
+/// everything (the kernel frees programs and maps with their last fd).
+pub struct Tracer {
+    ebpf: Ebpf,
+    /// TIME_WAIT mini-sockets alive when tracing began (`/proc/net/sockstat`):
+    /// their ends are expected to be untracked.
+    tw_alive_at_start: u64,
+    tw_enabled: bool,
+    events: AsyncFd<RingBuf<MapData>>,
+    programs: Vec<&'static str>,
+    warnings: Vec<String>,
+    _logger_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Tracer {
+    /// Checks the environment, loads the program and attaches it. Must run
+    /// inside a tokio runtime (the ring buffer is polled through it).
+    pub fn start(options: &TracerOptions) -> anyhow::Result<Self> {
+        validate(options)?;
+        tokio::runtime::Handle::try_current()
+            .context("Tracer::start must be called inside a tokio runtime")?;
+        sys::check_privileges()?;
+        let facts = KernelFacts::probe(&tracefs::root()?)?;
+        let mut ebpf = load(options, &facts)?;
+        fill_filter_map::<u32>(&mut ebpf, names::FILTER_PIDS, &options.pids)?;
+        fill_filter_map::<u16>(&mut ebpf, names::FILTER_PORTS, &options.ports)?;
+        let logger_task = match options.kernel_log {
+            Some(level) if level != log::LevelFilter::Off => Some(spawn_kernel_logger(&mut ebpf)?),
+            _ => None,
+        };
+        let attached = hooks::attach_all(&mut ebpf, &facts, options)?;
+        let ring = RingBuf::try_from(
+            ebpf.take_map(names::EVENTS)
+                .context("the eBPF object lacks its EVENTS map")?,
+        )?;
+        // SAFETY: the RingBuf owns its map fd, which stays open and unchanged
+        // until the AsyncFd (which owns the RingBuf) is dropped.
+        let events = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(io::Error::from)
+            .context("registering the ring buffer with tokio")?;
+        let mut warnings = facts.warnings.clone();
+        warnings.extend(attached.warnings);
+        Ok(Self {
+            ebpf,
+            tw_alive_at_start: facts.tw_alive_at_start,
+            tw_enabled: attached.time_wait,
+            events,
+            programs: attached.programs,
+            warnings,
+            _logger_task: logger_task,
+        })
+    }
+
+    /// Features that could not be attached on this kernel, one line each.
+    #[must_use]
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Adds a process to those traced (with `follow_forks`, its future
+    /// children follow it).
+    pub fn follow(&mut self, pid: u32) -> anyhow::Result<()> {
+        let mut map: HashMap<&mut MapData, u32, u8> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::FILTER_PIDS)
+                .context("the eBPF object lacks its FILTER_PIDS map")?,
+        )?;
+        map.insert(pid, 1, 0)
+            .with_context(|| format!("following pid {pid}"))
+    }
+
+    /// Stops following a process (its already-forked children stay).
+    pub fn unfollow(&mut self, pid: u32) -> anyhow::Result<()> {
+        let mut map: HashMap<&mut MapData, u32, u8> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::FILTER_PIDS)
+                .context("the eBPF object lacks its FILTER_PIDS map")?,
+        )?;
+        map.remove(&pid)
+            .with_context(|| format!("unfollowing pid {pid}"))
+    }
+
+    /// Whether TIME_WAIT mini-sockets are followed on this kernel.
+    #[must_use]
+    pub fn time_wait_enabled(&self) -> bool {
+        self.tw_enabled
+    }
+
+    /// Waits until the kernel has streamed a ring's quarter, or `POLL_EVERY`
+    /// passed, then hands every record available to `each`, in order. The
+    /// kernel wakes the reader only past that mark: a wake-up per event
+    /// costs more than the event itself. Records are read in place, never
+    /// copied: `each` decodes them.
+    pub async fn next_batch(&mut self, each: impl FnMut(&[u8])) -> anyhow::Result<()> {
+        match tokio::time::timeout(POLL_EVERY, self.events.readable_mut()).await {
+            Ok(guard) => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                drain_ring(guard.get_inner_mut(), each);
+                guard.clear_ready();
+            }
+            Err(_) => drain_ring(self.events.get_mut(), each),
+        }
+        Ok(())
+    }
+
+    /// Hands what is in the ring buffer now to `each`, without waiting.
+    pub fn drain(&mut self, each: impl FnMut(&[u8])) {
+        drain_ring(self.events.get_mut(), each);
+    }
+
+    /// Counts of what was lost, from the kernel's counters and the
+    /// programs' recursion misses.
+    pub fn loss(&self) -> anyhow::Result<LossReport> {
+        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(names::COUNTERS)
+                .context("the eBPF object lacks its COUNTERS map")?,
+        )?;
+        let sum = |index: u32| -> anyhow::Result<u64> {
+            Ok(counters.get(&index, 0)?.iter().copied().sum())
+        };
+        let mut recursion_misses = 0;
+        for name in &self.programs {
+            recursion_misses += self.program_stats(name)?.recursion_misses;
+        }
+        Ok(LossReport {
+            ringbuf_full: sum(counter::RINGBUF_FULL)?,
+            read_failed: sum(counter::READ_FAILED)?,
+            sock_update_failed: sum(counter::SOCK_UPDATE_FAILED)?,
+            recursion_misses,
+            decode_errors: 0,
+            tw_untracked_ends: sum(counter::TW_UNTRACKED_END)?,
+            tw_update_failed: sum(counter::TW_UPDATE_FAILED)?,
+            follow_failed: sum(counter::FOLLOW_FAILED)?,
+            too_deeply_nested: sum(counter::TOO_DEEPLY_NESTED)?,
+        })
+    }
+
+    /// The kernel's run-time statistics of one attached program.
+    pub fn program_stats(&self, name: &str) -> anyhow::Result<sys::ProgStats> {
+        let program = self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("no program {name}"))?;
+        sys::prog_stats(&program.fd()?.as_fd())
+    }
+
+    /// Mini-socket records evicted from the kernel's LRU map (an estimate:
+    /// untracked ends beyond those alive when tracing began).
+    pub fn tw_evictions(&self) -> anyhow::Result<u64> {
+        Ok(self
+            .loss()?
+            .tw_untracked_ends
+            .saturating_sub(self.tw_alive_at_start))
+    }
+
+    /// Names of the attached programs.
+    #[must_use]
+    pub fn programs(&self) -> &[&'static str] {
+        &self.programs
+    }
+}
+
+/// Loads the object, sized and configured for this run and this kernel.
+fn load(options: &TracerOptions, facts: &KernelFacts) -> anyhow::Result<Ebpf> {
+    let filter = Filter {
+        family: match options.family {
+            None => 0,
+            Some(Family::V4) => AF_INET,
+            Some(Family::V6) => AF_INET6,
+        },
+        pids_enabled: u8::from(!options.pids.is_empty() || options.follow_forks),
+        ports_enabled: u8::from(!options.ports.is_empty()),
+        all_states: u8::from(options.all_states),
+        follow_forks: u8::from(options.follow_forks),
+        fork_child_pid: match (options.follow_forks, facts.fork_child_pid) {
+            (false, _) => 0,
+            (true, Some(offset)) => offset,
+            (true, None) => bail!(
+                "tracepoint sched:sched_process_fork has no usable child_pid on this kernel (needed to follow the command's children)"
+            ),
+        },
+    };
+    let log_level: u8 = match options.kernel_log {
+        None | Some(log::LevelFilter::Off) => 0,
+        Some(level) => level as u8,
+    };
+    let followed = if options.follow_forks {
+        FOLLOWED_PIDS
+    } else {
+        MAX_FILTER_ENTRIES
+    };
+    EbpfLoader::new()
+        .override_global(names::GLOBAL_FILTER, &filter, true)
+        .override_global(names::GLOBAL_SET_STATE_LAYOUT, &facts.set_state, true)
+        .override_global(names::GLOBAL_TW_CONFIG, &facts.time_wait, true)
+        .override_global(
+            names::GLOBAL_SOCK_LAYOUT,
+            facts.sock.as_ref().unwrap_or(&SockLayout::UNKNOWN),
+            true,
+        )
+        .override_global(aya_log::LEVEL, &log_level, false)
+        .override_global(
+            names::GLOBAL_WAKEUP_AT_BYTES,
+            &u64::from(options.ring_bytes / 4),
+            true,
+        )
+        .map_max_entries(names::EVENTS, options.ring_bytes)
+        .map_max_entries(names::SOCKS, options.max_sockets)
+        .map_max_entries(names::TWS, facts.tw_capacity)
+        .map_max_entries(names::FILTER_PIDS, followed)
+        .load(EBPF_OBJECT)
+        .context("loading twtrace's eBPF programs into the kernel (see `dmesg` and run with -v for the verifier log)")
+}
+
+fn validate(options: &TracerOptions) -> anyhow::Result<()> {
+    if !options.ring_bytes.is_power_of_two() || options.ring_bytes < 4096 {
+        bail!(
+            "ring buffer size must be a power of two of at least 4 KiB, got {} bytes",
+            options.ring_bytes
+        );
+    }
+    if options.max_sockets == 0 {
+        bail!("the socket map needs at least one entry");
+    }
+    for (what, count) in [
+        ("--pid", options.pids.len()),
+        ("--port", options.ports.len()),
+    ] {
+        if count > MAX_FILTER_ENTRIES as usize {
+            bail!("at most {MAX_FILTER_ENTRIES} {what} values, got {count}");
+        }
+    }
+    Ok(())
+}
+
+fn fill_filter_map<K: aya::Pod>(ebpf: &mut Ebpf, name: &str, keys: &[K]) -> anyhow::Result<()> {
+    let mut map: HashMap<&mut MapData, K, u8> = HashMap::try_from(
+        ebpf.map_mut(name)
+            .with_context(|| format!("the eBPF object lacks its {name} map"))?,
+    )?;
+    for key in keys {
+        map.insert(key, 1, 0)
+            .with_context(|| format!("filling {name}"))?;
+    }
+    Ok(())
+}
+
+fn spawn_kernel_logger(ebpf: &mut Ebpf) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let logger =
+        aya_log::EbpfLogger::init(ebpf).context("setting up the kernel program's log channel")?;
+    // SAFETY: the logger owns its ring buffer fd, open and unchanged for as
+    // long as the AsyncFd that owns the logger.
+    let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .map_err(io::Error::from)
+        .context("registering the kernel log channel with tokio")?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
+}
+
+/// Hands each record in the ring buffer to `each`.
+fn drain_ring(ring: &mut RingBuf<MapData>, mut each: impl FnMut(&[u8])) {
+    while let Some(item) = ring.next() {
+        each(&item);
+    }
+}

@@ -1,0 +1,351 @@
+//! What the running kernel offers twtrace, found once before loading:
+//! tracepoint record layouts (tracefs), struct offsets (BTF, parsed once),
+//! the TIME_WAIT timer's handler (kallsyms) and the sysctls that size the
+//! maps. `KernelFacts::from_sources` is pure, so each kernel's quirks are
+//! unit-tested from fixture files; `KernelFacts::probe` reads the host.
+
+use std::path::Path;
+
+use anyhow::Context;
+use twtrace_common::{DEFAULT_MAX_TW, SetStateLayout, SockLayout, TwConfig};
+
+use crate::{btf::Btf, sys, tracefs};
+
+/// Member offsets of kernel structs: the running kernel's BTF, or a
+/// table in tests.
+pub trait StructLayouts {
+    fn member_offset(&self, name: &str, member: &str) -> anyhow::Result<u32>;
+}
+
+impl StructLayouts for Btf {
+    fn member_offset(&self, name: &str, member: &str) -> anyhow::Result<u32> {
+        Btf::member_offset(self, name, member)
+    }
+}
+
+/// The raw inputs, each as the host gives it (or why it could not).
+pub struct Sources<'a> {
+    pub set_state_format: &'a str,
+    pub timer_start_format: anyhow::Result<String>,
+    pub fork_format: anyhow::Result<String>,
+    pub layouts: anyhow::Result<&'a dyn StructLayouts>,
+    /// Address of `tw_timer_handler`.
+    pub tw_timer_handler: anyhow::Result<u64>,
+    /// `net.ipv4.tcp_max_tw_buckets`.
+    pub max_tw_buckets: Option<u64>,
+    /// TIME_WAIT sockets alive now (`/proc/net/sockstat`).
+    pub time_wait_now: Option<u64>,
+    /// `kernel.perf_event_paranoid`.
+    pub perf_event_paranoid: Option<u64>,
+}
+
+/// Everything loading and attaching need to know about this kernel.
+#[derive(Clone, Debug)]
+pub struct KernelFacts {
+    pub set_state: SetStateLayout,
+    /// `struct sock` offsets for the raw `inet_sock_set_state` program;
+    /// `None`: the classic tracepoint is used.
+    pub sock: Option<SockLayout>,
+    /// `TwConfig::DISABLED` when TIME_WAIT cannot be followed.
+    pub time_wait: TwConfig,
+    /// Offset of `child_pid` in `sched:sched_process_fork`.
+    pub fork_child_pid: Option<u16>,
+    /// Entries for the mini-socket map.
+    pub tw_capacity: u32,
+    pub tw_alive_at_start: u64,
+    pub perf_event_paranoid: Option<u64>,
+    /// What is only partly available, one line each.
+    pub warnings: Vec<String>,
+}
+
+impl KernelFacts {
+    /// Reads this host's tracefs, BTF, kallsyms and sysctls.
+    pub fn probe(tracefs_root: &Path) -> anyhow::Result<Self> {
+        let format =
+            |category: &str, event: &str| tracefs::read_format_text(tracefs_root, category, event);
+        let set_state_format = format("sock", "inet_sock_set_state")?;
+        let btf = Btf::from_sys_fs();
+        let layouts: anyhow::Result<&dyn StructLayouts> = match &btf {
+            Ok(btf) => Ok(btf),
+            Err(error) => Err(anyhow::anyhow!("{error:#}")),
+        };
+        let tw_timer_handler = sys::kallsyms_lookup("tw_timer_handler").and_then(|found| {
+            found.context(
+                "symbol tw_timer_handler not in /proc/kallsyms (or its address is hidden: run as root)",
+            )
+        });
+        Self::from_sources(&Sources {
+            set_state_format: &set_state_format,
+            timer_start_format: format("timer", "timer_start"),
+            fork_format: format("sched", "sched_process_fork"),
+            layouts,
+            tw_timer_handler,
+            max_tw_buckets: sys::read_sysctl_u64("/proc/sys/net/ipv4/tcp_max_tw_buckets").ok(),
+            time_wait_now: sys::time_wait_sockets_now().ok(),
+            perf_event_paranoid: sys::read_sysctl_u64("/proc/sys/kernel/perf_event_paranoid").ok(),
+        })
+    }
+
+    /// The facts from their sources; fails only when twtrace cannot trace
+    /// at all (no usable `inet_sock_set_state`).
+    pub fn from_sources(sources: &Sources<'_>) -> anyhow::Result<Self> {
+        let set_state = set_state_layout(&tracefs::parse_format(sources.set_state_format))?;
+        let mut warnings = Vec::new();
+        let time_wait = match time_wait_config(sources) {
+            Ok((config, partial)) => {
+                warnings.extend(partial);
+                config
+            }
+            Err(error) => {
+                warnings.push(format!(
+                    "TIME_WAIT tracking unavailable ({error:#}): no TIME_WAIT transitions or lifetimes; the full socket's hand-over to it shows as a close"
+                ));
+                TwConfig::DISABLED
+            }
+        };
+        let fork_child_pid = sources.fork_format.as_ref().ok().and_then(|text| {
+            tracefs::parse_format(text)
+                .offset("sched:sched_process_fork", "child_pid", 4)
+                .ok()
+        });
+        // Each network namespace holds up to tcp_max_tw_buckets mini-sockets;
+        // the map holds at least that many, as the LRU evicts beyond it.
+        let tw_capacity = sources
+            .max_tw_buckets
+            .and_then(|n| u32::try_from(n).ok())
+            .map_or(DEFAULT_MAX_TW, |n| n.clamp(1024, 4 << 20));
+        Ok(Self {
+            set_state,
+            sock: sources
+                .layouts
+                .as_ref()
+                .ok()
+                .and_then(|l| sock_layout(*l).ok()),
+            time_wait,
+            fork_child_pid,
+            tw_capacity,
+            tw_alive_at_start: sources.time_wait_now.unwrap_or(0),
+            perf_event_paranoid: sources.perf_event_paranoid,
+            warnings,
+        })
+    }
+
+    #[must_use]
+    pub fn time_wait_possible(&self) -> bool {
+        self.time_wait.handler != 0
+    }
+}
+
+fn set_state_layout(format: &tracefs::EventFormat) -> anyhow::Result<SetStateLayout> {
+    const EVENT: &str = "sock:inet_sock_set_state";
+    let at = |name: &str, size: u16| format.offset(EVENT, name, size);
+    Ok(SetStateLayout {
+        skaddr: at("skaddr", 8)?,
+        oldstate: at("oldstate", 4)?,
+        newstate: at("newstate", 4)?,
+        sport: at("sport", 2)?,
+        dport: at("dport", 2)?,
+        family: at("family", 2)?,
+        protocol: at("protocol", 2)?,
+        saddr: at("saddr", 4)?,
+        daddr: at("daddr", 4)?,
+        saddr_v6: at("saddr_v6", 16)?,
+        daddr_v6: at("daddr_v6", 16)?,
+        pad: 0,
+    })
+}
+
+/// Offsets in `struct sock` for the raw `inet_sock_set_state` program.
+/// Fails where `sk_protocol` is a bitfield (before 5.6): the classic
+/// tracepoint is used there.
+fn sock_layout(btf: &dyn StructLayouts) -> anyhow::Result<SockLayout> {
+    let common = btf.member_offset("sock", "__sk_common")?;
+    let at = |member: &str| -> anyhow::Result<u16> {
+        Ok(u16::try_from(
+            common + btf.member_offset("sock_common", member)?,
+        )?)
+    };
+    Ok(SockLayout {
+        family: at("skc_family")?,
+        protocol: u16::try_from(btf.member_offset("sock", "sk_protocol")?)?,
+        sport: u16::try_from(btf.member_offset("inet_sock", "inet_sport")?)?,
+        dport: at("skc_dport")?,
+        rcv_saddr: at("skc_rcv_saddr")?,
+        daddr: at("skc_daddr")?,
+        v6_rcv_saddr: at("skc_v6_rcv_saddr")?,
+        v6_daddr: at("skc_v6_daddr")?,
+    })
+}
+
+/// What following TIME_WAIT mini-sockets needs on this kernel, with
+/// warnings for what is only partly available.
+fn time_wait_config(sources: &Sources<'_>) -> anyhow::Result<(TwConfig, Vec<String>)> {
+    let handler = *sources
+        .tw_timer_handler
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    let text = sources
+        .timer_start_format
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    let start = tracefs::parse_format(text);
+    let at = |name: &str| start.offset("timer:timer_start", name, 8);
+    let mut config = TwConfig {
+        handler,
+        start_timer: at("timer")?,
+        start_function: at("function")?,
+        start_expires: at("expires")?,
+        start_now: at("now")?,
+        // Older kernels (6.1) lack it; the expiry test then bounds by a
+        // bucket guess.
+        start_bucket_expiry: at("bucket_expiry").unwrap_or(0),
+        ..TwConfig::DISABLED
+    };
+    let mut warnings = Vec::new();
+    match sources
+        .layouts
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .and_then(|l| timer_offsets(*l, &mut config))
+    {
+        Ok(()) => config.has_btf = 1,
+        Err(error) => warnings.push(format!(
+            "kernel BTF unusable ({error:#}): orphaned FIN_WAIT2 mini-sockets are reported as TIME_WAIT"
+        )),
+    }
+    Ok((config, warnings))
+}
+
+/// Where the mini-socket's fields sit relative to its embedded timer.
+fn timer_offsets(btf: &dyn StructLayouts, config: &mut TwConfig) -> anyhow::Result<()> {
+    let timer = btf.member_offset("inet_timewait_sock", "tw_timer")?;
+    // The mini-socket starts with the same `struct sock_common` as a socket.
+    let common = btf.member_offset("inet_timewait_sock", "__tw_common")?;
+    let from_timer = |offset: u32| i16::try_from(i64::from(offset) - i64::from(timer));
+    config.timer_function_off = u16::try_from(btf.member_offset("timer_list", "function")?)?;
+    config.timer_expires_off = u16::try_from(btf.member_offset("timer_list", "expires")?)?;
+    config.substate_from_timer =
+        from_timer(btf.member_offset("inet_timewait_sock", "tw_substate")?)?;
+    config.sport_from_timer = from_timer(common + btf.member_offset("sock_common", "skc_num")?)?;
+    config.dport_from_timer = from_timer(common + btf.member_offset("sock_common", "skc_dport")?)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    const SET_STATE_6_18: &str = include_str!("fixtures/inet_sock_set_state-6.18.format");
+    const TIMER_START_6_18: &str = include_str!("fixtures/timer_start-6.18.format");
+    const TIMER_START_6_1: &str = include_str!("fixtures/timer_start-6.1.format");
+    const FORK_6_18: &str = include_str!("fixtures/sched_process_fork-6.18.format");
+    /// `struct member offset` lines, read from 6.18's BTF.
+    const BTF_6_18: &str = include_str!("fixtures/btf-offsets-6.18.txt");
+
+    struct Table(HashMap<(String, String), u32>);
+
+    impl Table {
+        fn parse(text: &str) -> Self {
+            Self(
+                text.lines()
+                    .filter_map(|line| {
+                        let mut words = line.split_whitespace();
+                        let (s, m, o) = (words.next()?, words.next()?, words.next()?);
+                        Some(((s.to_owned(), m.to_owned()), o.parse().ok()?))
+                    })
+                    .collect(),
+            )
+        }
+    }
+
+    impl StructLayouts for Table {
+        fn member_offset(&self, name: &str, member: &str) -> anyhow::Result<u32> {
+            self.0
+                .get(&(name.to_owned(), member.to_owned()))
+                .copied()
+                .with_context(|| format!("no {name}.{member}"))
+        }
+    }
+
+    fn sources<'a>(timer_start: &str, layouts: Option<&'a Table>) -> Sources<'a> {
+        Sources {
+            set_state_format: SET_STATE_6_18,
+            timer_start_format: Ok(timer_start.to_owned()),
+            fork_format: Ok(FORK_6_18.to_owned()),
+            layouts: layouts
+                .map(|t| t as &dyn StructLayouts)
+                .context("no BTF here"),
+            tw_timer_handler: Ok(0xffff_ffff_8100_0000),
+            max_tw_buckets: Some(131_072),
+            time_wait_now: Some(7),
+            perf_event_paranoid: Some(2),
+        }
+    }
+
+    #[test]
+    fn kernel_6_18_gives_everything() {
+        let btf = Table::parse(BTF_6_18);
+        let facts = KernelFacts::from_sources(&sources(TIMER_START_6_18, Some(&btf))).unwrap();
+        assert_eq!(facts.set_state, SetStateLayout::DEFAULT);
+        assert!(facts.sock.is_some());
+        assert_eq!(facts.time_wait.start_bucket_expiry, 32);
+        assert_eq!(facts.time_wait.start_now, 40);
+        assert_eq!(facts.time_wait.has_btf, 1);
+        assert!(facts.time_wait.substate_from_timer < 0);
+        assert_eq!(facts.fork_child_pid, Some(20));
+        assert_eq!((facts.tw_capacity, facts.tw_alive_at_start), (131_072, 7));
+        assert!(facts.warnings.is_empty(), "{:?}", facts.warnings);
+    }
+
+    #[test]
+    fn kernel_6_1_timer_start_has_no_bucket_expiry() {
+        let btf = Table::parse(BTF_6_18);
+        let facts = KernelFacts::from_sources(&sources(TIMER_START_6_1, Some(&btf))).unwrap();
+        assert_eq!(facts.time_wait.start_bucket_expiry, 0);
+        assert_eq!(facts.time_wait.start_now, 32);
+        assert!(facts.time_wait_possible());
+    }
+
+    #[test]
+    fn without_btf_the_classic_tracepoint_and_a_warning() {
+        let facts = KernelFacts::from_sources(&sources(TIMER_START_6_18, None)).unwrap();
+        assert_eq!(facts.sock, None);
+        assert_eq!(facts.time_wait.has_btf, 0);
+        assert!(facts.time_wait_possible());
+        assert_eq!(facts.warnings.len(), 1);
+        assert!(
+            facts.warnings[0].contains("orphaned FIN_WAIT2"),
+            "{:?}",
+            facts.warnings
+        );
+    }
+
+    #[test]
+    fn without_the_handler_no_time_wait_and_why() {
+        let mut s = sources(TIMER_START_6_18, None);
+        s.tw_timer_handler = Err(anyhow::anyhow!(
+            "symbol tw_timer_handler not in /proc/kallsyms"
+        ));
+        s.max_tw_buckets = None;
+        let facts = KernelFacts::from_sources(&s).unwrap();
+        assert!(!facts.time_wait_possible());
+        assert_eq!(facts.tw_capacity, DEFAULT_MAX_TW);
+        assert!(
+            facts.warnings[0]
+                .starts_with("TIME_WAIT tracking unavailable (symbol tw_timer_handler")
+        );
+    }
+
+    #[test]
+    fn a_set_state_record_without_its_fields_is_an_error() {
+        let mut s = sources(TIMER_START_6_18, None);
+        s.set_state_format = TIMER_START_6_18;
+        let error = KernelFacts::from_sources(&s).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("inet_sock_set_state"),
+            "{error:#}"
+        );
+    }
+}

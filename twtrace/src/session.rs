@@ -1,0 +1,319 @@
+//! One tracing run: load and attach, decode what the kernel streams, turn
+//! it into transitions (the teardown model), and hand each to a
+//! `Consumer` until the duration ends, a signal arrives or the consumer
+//! stops; then say what was lost. Every command runs through this loop.
+
+use std::{collections::HashMap, io, ops::ControlFlow, time::Duration};
+
+use anyhow::Context;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    time::{Instant, MissedTickBehavior, interval, sleep_until},
+};
+
+use crate::{
+    event::{self, KernelEvent, Transition},
+    histogram::TeardownStats,
+    loader::{LossReport, Tracer, TracerOptions},
+    model::{Route, TeardownModel},
+    sys,
+};
+
+/// What a command does with a run. `transition` sees every transition
+/// once; `tick` runs after each batch and at least every 25 ms (to flush
+/// output or draw) and may stop the run.
+pub trait Consumer {
+    /// Once attached, before the first event (`record` starts its command
+    /// here, so none of its connections is missed).
+    fn attached(&mut self, _tracer: &mut Tracer) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Each decoded kernel event, before the teardown model turns it into
+    /// transitions (the kernel tests assert on these).
+    fn kernel_event(&mut self, _event: &KernelEvent) {}
+
+    fn transition(&mut self, t: &Transition) -> io::Result<()>;
+
+    fn tick(&mut self, _status: &Status) -> io::Result<ControlFlow<()>> {
+        Ok(ControlFlow::Continue(()))
+    }
+}
+
+impl<C: Consumer> Consumer for Option<C> {
+    fn attached(&mut self, tracer: &mut Tracer) -> anyhow::Result<()> {
+        self.as_mut().map_or(Ok(()), |c| c.attached(tracer))
+    }
+
+    fn transition(&mut self, t: &Transition) -> io::Result<()> {
+        self.as_mut().map_or(Ok(()), |c| c.transition(t))
+    }
+
+    fn tick(&mut self, status: &Status) -> io::Result<ControlFlow<()>> {
+        self.as_mut()
+            .map_or(Ok(ControlFlow::Continue(())), |c| c.tick(status))
+    }
+}
+
+/// Two consumers fed the same run; either may stop it.
+impl<A: Consumer, B: Consumer> Consumer for (A, B) {
+    fn attached(&mut self, tracer: &mut Tracer) -> anyhow::Result<()> {
+        self.0.attached(tracer)?;
+        self.1.attached(tracer)
+    }
+
+    fn transition(&mut self, t: &Transition) -> io::Result<()> {
+        self.0.transition(t)?;
+        self.1.transition(t)
+    }
+
+    fn tick(&mut self, status: &Status) -> io::Result<ControlFlow<()>> {
+        let first = self.0.tick(status)?;
+        let second = self.1.tick(status)?;
+        Ok(if first.is_break() || second.is_break() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        })
+    }
+}
+
+impl Consumer for TeardownStats {
+    fn transition(&mut self, t: &Transition) -> io::Result<()> {
+        self.record(t);
+        Ok(())
+    }
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct SessionEnd {
+    pub events: u64,
+    pub duration_ns: u64,
+    pub loss: LossReport,
+    pub tw_evictions: u64,
+    pub time_wait_tracking: bool,
+    /// Most TIME_WAIT mini-sockets (in either substate) alive at once.
+    pub mini_socket_peak: u64,
+}
+
+/// What a live consumer shows besides transitions, refreshed every second.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    pub loss: LossReport,
+    pub tw_evictions: u64,
+    pub time_wait_tracking: bool,
+    /// Features this kernel cannot give, one line each.
+    pub warnings: Vec<String>,
+    /// Mini-sockets alive per owner pid (see `TeardownModel::held_by_pid`).
+    pub held_by_pid: HashMap<u32, u64>,
+    /// Ephemeral ports held per route (see `TeardownModel::held_by_route`).
+    pub held_by_route: HashMap<Route, u64>,
+}
+
+/// Whether to print the start line and warnings on stderr; the live view
+/// shows them itself, as nothing may write over it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Announce {
+    OnStderr,
+    Silently,
+}
+
+/// How often pending mini-socket cancels are checked (so an early end
+/// shows within ~50 ms), and how often the consumer's `tick` runs.
+const FLUSH_EVERY: Duration = Duration::from_millis(25);
+/// How often loss counters are read for `Status`.
+const STATUS_EVERY_NS: u64 = 1_000_000_000;
+
+/// Runs one session to its end (see the module's summary).
+pub async fn run(
+    options: &TracerOptions,
+    duration: Option<Duration>,
+    announce: Announce,
+    consumer: &mut impl Consumer,
+) -> anyhow::Result<SessionEnd> {
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut session = Session::start(options, announce)?;
+    consumer.attached(&mut session.tracer)?;
+    let deadline = duration.map(|d| Instant::now() + d);
+    let mut flush = interval(FLUSH_EVERY);
+    flush.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let fault = fault::Injected::from_env();
+    loop {
+        let Session {
+            tracer, pipeline, ..
+        } = &mut session;
+        tokio::select! {
+            ready = tracer.next_batch(|record| pipeline.push(record, consumer)) => ready?,
+            _ = flush.tick() => {}
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => break,
+        }
+        session.deliver(sys::monotonic_ns(), consumer)?;
+        if consumer.tick(&session.status)?.is_break() {
+            break;
+        }
+        fault.check();
+    }
+    session.finish(consumer)
+}
+
+/// The loader's records on their way to transitions.
+struct Pipeline {
+    model: TeardownModel,
+    transitions: Vec<Transition>,
+    decode_errors: u64,
+}
+
+impl Pipeline {
+    fn push(&mut self, record: &[u8], consumer: &mut impl Consumer) {
+        match event::decode(record) {
+            Ok(event) => {
+                consumer.kernel_event(&event);
+                self.model.push(event, &mut self.transitions);
+            }
+            Err(error) => {
+                self.decode_errors += 1;
+                log::debug!("rejected a ring-buffer record: {error}");
+            }
+        }
+    }
+}
+
+struct Session {
+    tracer: Tracer,
+    pipeline: Pipeline,
+    status: Status,
+    status_read_ns: u64,
+    events: u64,
+    started_ns: u64,
+}
+
+impl Session {
+    fn start(options: &TracerOptions, announce: Announce) -> anyhow::Result<Self> {
+        let tracer = Tracer::start(options)?;
+        if announce == Announce::OnStderr {
+            for warning in tracer.warnings() {
+                eprintln!("twtrace: warning: {warning}");
+            }
+            eprintln!("twtrace: tracing TCP teardown; Ctrl-C to stop");
+        }
+        // For scripts and service managers: attached, nothing missed from now.
+        sys::notify_ready();
+        let status = Status {
+            time_wait_tracking: tracer.time_wait_enabled(),
+            warnings: tracer.warnings().to_vec(),
+            ..Status::default()
+        };
+        let model =
+            TeardownModel::new(sys::kernel_hz()).with_port_range(sys::local_port_range().ok());
+        Ok(Self {
+            tracer,
+            pipeline: Pipeline {
+                model,
+                transitions: Vec::with_capacity(1024),
+                decode_errors: 0,
+            },
+            status,
+            status_read_ns: 0,
+            events: 0,
+            started_ns: sys::monotonic_ns(),
+        })
+    }
+
+    /// Ends the mini-sockets whose cancel nothing followed, hands every
+    /// finished transition to the consumer, and refreshes the status once
+    /// a second.
+    fn deliver(&mut self, now_ns: u64, consumer: &mut impl Consumer) -> anyhow::Result<()> {
+        let pipeline = &mut self.pipeline;
+        pipeline.model.flush(now_ns, &mut pipeline.transitions);
+        self.events += pipeline.transitions.len() as u64;
+        for t in pipeline.transitions.drain(..) {
+            consumer.transition(&t)?;
+        }
+        if now_ns.saturating_sub(self.status_read_ns) >= STATUS_EVERY_NS {
+            self.refresh_status()?;
+            self.status_read_ns = now_ns;
+        }
+        Ok(())
+    }
+
+    fn refresh_status(&mut self) -> anyhow::Result<()> {
+        self.status.loss = self.loss()?;
+        self.status.tw_evictions = self.tracer.tw_evictions()?;
+        let model = &self.pipeline.model;
+        self.status.held_by_pid.clone_from(model.held_by_pid());
+        self.status.held_by_route.clone_from(model.held_by_route());
+        Ok(())
+    }
+
+    fn loss(&self) -> anyhow::Result<LossReport> {
+        Ok(LossReport {
+            decode_errors: self.pipeline.decode_errors,
+            ..self.tracer.loss()?
+        })
+    }
+
+    /// What the kernel streamed before the stop is still reported.
+    fn finish(mut self, consumer: &mut impl Consumer) -> anyhow::Result<SessionEnd> {
+        let Self {
+            tracer, pipeline, ..
+        } = &mut self;
+        tracer.drain(|record| pipeline.push(record, consumer));
+        pipeline.model.finish(&mut pipeline.transitions);
+        self.deliver(0, consumer)?;
+        self.refresh_status()?;
+        let _ = consumer.tick(&self.status)?;
+        Ok(SessionEnd {
+            events: self.events,
+            duration_ns: sys::monotonic_ns().saturating_sub(self.started_ns),
+            loss: self.status.loss,
+            tw_evictions: self.status.tw_evictions,
+            time_wait_tracking: self.tracer.time_wait_enabled(),
+            mini_socket_peak: self.pipeline.model.mini_sockets().1,
+        })
+    }
+}
+
+/// Fault injection for the leak tests, compiled only into test builds
+/// (`--features fault-injection`): `TWTRACE_FAULT=panic-after-1s` panics
+/// in the middle of tracing, to show that a panic leaves nothing loaded in
+/// the kernel and the terminal restored.
+#[cfg(feature = "fault-injection")]
+mod fault {
+    use tokio::time::{Duration, Instant};
+
+    pub struct Injected(Option<Instant>);
+
+    impl Injected {
+        pub fn from_env() -> Self {
+            Self(
+                (std::env::var_os("TWTRACE_FAULT").is_some_and(|f| f == "panic-after-1s"))
+                    .then(|| Instant::now() + Duration::from_secs(1)),
+            )
+        }
+
+        pub fn check(&self) {
+            assert!(
+                self.0.is_none_or(|at| Instant::now() < at),
+                "TWTRACE_FAULT=panic-after-1s: injected panic"
+            );
+        }
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+mod fault {
+    pub struct Injected;
+
+    impl Injected {
+        pub fn from_env() -> Self {
+            Self
+        }
+
+        #[expect(clippy::unused_self, reason = "the same call as the test build's")]
+        pub fn check(&self) {}
+    }
+}
