@@ -196,32 +196,20 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The test build of twtrace: with the fault injection the leak tests use
+/// (`TWTRACE_FAULT`), which release builds never have.
+pub const TEST_FEATURES: [&str; 2] = ["--features", "twtrace/fault-injection"];
+
 fn test(tools: &setup::Tools) -> anyhow::Result<()> {
-    check(
-        cargo().args(["fmt", "--all", "--check"]),
-        "cargo fmt --check",
-    )?;
-    check(
-        cargo().args([
-            "clippy",
-            "--release",
-            "--locked",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]),
-        "cargo clippy (userspace)",
-    )?;
-    check(
-        &mut tools.ebpf_cargo(&["clippy", "--", "-D", "warnings"]),
-        "cargo clippy (eBPF program)",
-    )?;
+    lint(tools)?;
     build_bench()?;
     // Release: loading from a debug build takes ~3x longer, and the kernel
     // tests load the program once per test.
-    let (totals, host_results) =
-        run_tests(cargo().args(["test", "--release", "--locked", "--no-fail-fast"]))?;
+    let (totals, host_results) = run_tests(
+        cargo()
+            .args(["test", "--release", "--locked", "--no-fail-fast"])
+            .args(TEST_FEATURES),
+    )?;
     // The benchmark harness must not rot: a tiny run of every configuration.
     let smoke = bench::run(&bench::Options {
         seconds: 0.5,
@@ -273,6 +261,33 @@ fn test(tools: &setup::Tools) -> anyhow::Result<()> {
     if failed > 0 {
         bail!("{failed} tests failed");
     }
+    Ok(())
+}
+
+/// Formatting and clippy with warnings denied, on both sides.
+fn lint(tools: &setup::Tools) -> anyhow::Result<()> {
+    check(
+        cargo().args(["fmt", "--all", "--check"]),
+        "cargo fmt --check",
+    )?;
+    check(
+        cargo().args([
+            "clippy",
+            "--release",
+            "--locked",
+            "--all-targets",
+            TEST_FEATURES[0],
+            TEST_FEATURES[1],
+            "--",
+            "-D",
+            "warnings",
+        ]),
+        "cargo clippy (userspace)",
+    )?;
+    check(
+        &mut tools.ebpf_cargo(&["clippy", "--", "-D", "warnings"]),
+        "cargo clippy (eBPF program)",
+    )?;
     Ok(())
 }
 

@@ -191,62 +191,17 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     let root = workspace_root();
     let twtrace = root.join("target/release/twtrace");
-    let churn = root.join("target/release/churn");
     let total = options.minutes * 60.0;
     let mut tracers = vec![
         Traced::start("summary", &twtrace, &["summary", "-o", "json"])?,
         Traced::start("trace", &twtrace, &["trace", "-o", "json"])?,
     ];
-    let summary_pid = tracers[0].child.id();
-    let maps = map_ids(summary_pid);
-    let first_look: Vec<MapLook> = maps
-        .iter()
-        .map(|&id| look_at_map(id, false))
-        .collect::<anyhow::Result<_>>()?;
-    let mut peak_entries: Vec<u64> = first_look.iter().map(|m| m.entries.unwrap_or(0)).collect();
-    let mut failures: Vec<String> = Vec::new();
-
+    let mut watch = Watch::of_maps(map_ids(tracers[0].child.id()))?;
     eprintln!(
         "soak: {} connections/s for {:.1} min (server closes first)",
         options.rate, options.minutes
     );
-    let mut workload = Command::new(&churn)
-        .args([
-            &format!("{total}"),
-            "server",
-            "2",
-            &options.rate.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the churn workload (cargo xtask builds it)")?;
-    let started = Instant::now();
-    let mut next_map_look = 60.0;
-    while workload.try_wait()?.is_none() {
-        thread::sleep(Duration::from_secs(1));
-        let at = started.elapsed().as_secs_f64();
-        for tracer in &mut tracers {
-            if let Some(status) = tracer.child.try_wait()? {
-                failures.push(format!("{} died during the soak: {status}", tracer.name));
-            }
-            tracer.sample_rss(at);
-        }
-        if at >= next_map_look {
-            next_map_look += 60.0;
-            look_again(&maps, &first_look, &mut peak_entries, &mut failures, false);
-        }
-        if !failures.is_empty() {
-            let _ = workload.kill();
-            break;
-        }
-    }
-    let mut churned = String::new();
-    if let Some(mut out) = workload.stdout.take() {
-        out.read_to_string(&mut churned)?;
-    }
-    let _ = workload.wait();
-    look_again(&maps, &first_look, &mut peak_entries, &mut failures, true);
-
+    let churned = watch.churn(&root.join("target/release/churn"), options, &mut tracers)?;
     let mut report = json!({
         "minutes": options.minutes,
         "rate_target": options.rate,
@@ -254,23 +209,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     });
     let mut table = String::new();
     for tracer in &mut tracers {
-        let (line, figures) = stop_and_judge(tracer, rss_windows(total), &mut failures)?;
+        let (line, figures) = stop_and_judge(tracer, rss_windows(total), &mut watch.failures)?;
         table.push_str(&line);
         report[tracer.name] = figures;
     }
-    for (look, peak) in first_look.iter().zip(&peak_entries) {
-        let _ = writeln!(
-            table,
-            "map {:16} {:14} max {:>7}  entries at the end {:>7}  memlock {} B",
-            look.name, look.kind, look.max_entries, peak, look.memlock
-        );
-    }
-    report["maps"] = first_look
-        .iter()
-        .zip(&peak_entries)
-        .map(|(l, p)| json!({"name": l.name, "type": l.kind, "max_entries": l.max_entries, "entries_at_end": p, "bytes_memlock": l.memlock}))
-        .collect();
-    report["failures"] = json!(failures);
+    watch.report_maps(&mut table, &mut report);
+    report["failures"] = json!(watch.failures);
     println!("{table}");
     let dir = root.join("target/soak");
     fs::create_dir_all(&dir)?;
@@ -278,10 +222,109 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         dir.join("latest.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
-    if !failures.is_empty() {
-        bail!("soak failed: {}", failures.join("; "));
+    if !watch.failures.is_empty() {
+        bail!("soak failed: {}", watch.failures.join("; "));
     }
     Ok(())
+}
+
+/// The tracers' maps as first seen, their peak entries, and every failure.
+struct Watch {
+    maps: Vec<u32>,
+    first_look: Vec<MapLook>,
+    peak_entries: Vec<u64>,
+    failures: Vec<String>,
+}
+
+impl Watch {
+    fn of_maps(maps: Vec<u32>) -> anyhow::Result<Self> {
+        let first_look: Vec<MapLook> = maps
+            .iter()
+            .map(|&id| look_at_map(id, false))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
+            peak_entries: first_look.iter().map(|m| m.entries.unwrap_or(0)).collect(),
+            maps,
+            first_look,
+            failures: Vec::new(),
+        })
+    }
+
+    /// Runs the churn to its end, checking every second that the tracers
+    /// live and every minute that the maps stay within their sizes.
+    /// Returns the churn's own report.
+    fn churn(
+        &mut self,
+        churn: &std::path::Path,
+        options: &Options,
+        tracers: &mut [Traced],
+    ) -> anyhow::Result<String> {
+        let total = options.minutes * 60.0;
+        let mut workload = Command::new(churn)
+            .args([
+                &format!("{total}"),
+                "server",
+                "2",
+                &options.rate.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the churn workload (cargo xtask builds it)")?;
+        let started = Instant::now();
+        let mut next_map_look = 60.0;
+        while workload.try_wait()?.is_none() {
+            thread::sleep(Duration::from_secs(1));
+            let at = started.elapsed().as_secs_f64();
+            for tracer in tracers.iter_mut() {
+                if let Some(status) = tracer.child.try_wait()? {
+                    self.failures
+                        .push(format!("{} died during the soak: {status}", tracer.name));
+                }
+                tracer.sample_rss(at);
+            }
+            if at >= next_map_look {
+                next_map_look += 60.0;
+                self.look_again(false);
+            }
+            if !self.failures.is_empty() {
+                let _ = workload.kill();
+                break;
+            }
+        }
+        let mut churned = String::new();
+        if let Some(mut out) = workload.stdout.take() {
+            out.read_to_string(&mut churned)?;
+        }
+        let _ = workload.wait();
+        self.look_again(true);
+        Ok(churned)
+    }
+
+    fn look_again(&mut self, last: bool) {
+        look_again(
+            &self.maps,
+            &self.first_look,
+            &mut self.peak_entries,
+            &mut self.failures,
+            last,
+        );
+    }
+
+    fn report_maps(&self, table: &mut String, report: &mut Value) {
+        for (look, peak) in self.first_look.iter().zip(&self.peak_entries) {
+            let _ = writeln!(
+                table,
+                "map {:16} {:14} max {:>7}  entries at the end {:>7}  memlock {} B",
+                look.name, look.kind, look.max_entries, peak, look.memlock
+            );
+        }
+        report["maps"] = self
+            .first_look
+            .iter()
+            .zip(&self.peak_entries)
+            .map(|(l, p)| json!({"name": l.name, "type": l.kind, "max_entries": l.max_entries, "entries_at_end": p, "bytes_memlock": l.memlock}))
+            .collect();
+    }
 }
 
 /// Stops one tracer with SIGINT and judges it: clean exit, nothing lost,

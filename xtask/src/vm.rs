@@ -165,6 +165,7 @@ impl TestBinaries {
                 "--no-run",
                 "--message-format=json-render-diagnostics",
             ])
+            .args(crate::TEST_FEATURES)
             .stderr(Stdio::inherit())
             .output()
             .context("building the kernel tests")?;
