@@ -31,6 +31,16 @@ pub struct TimerFacts {
     pub substate: u8,
 }
 
+/// A mini-socket's timer, for the events about it (all 0 for a full
+/// socket's own transitions).
+struct TimerIds {
+    id: u64,
+    birth_ns: u64,
+    birth_jiffies: u64,
+    expires: u64,
+    bucket_expiry: u64,
+}
+
 /// A full socket's state change.
 // Inlined into each hook: no call, no copy of its arguments.
 #[inline(always)]
@@ -41,31 +51,15 @@ pub fn sock_transition<C: EbpfContext>(
     now: u64,
     in_state: InState,
 ) {
-    submit(ctx, |slot| {
-        slot.write(TransitionEvent {
-            saddr: s.saddr,
-            daddr: s.daddr,
-            ts_ns: now,
-            in_state_ns: in_state.0,
-            sock_id: s.sock_id,
-            tw_id: 0,
-            tw_birth_ns: 0,
-            tw_birth_jiffies: 0,
-            tw_expires: 0,
-            tw_bucket_expiry: 0,
-            pid: owner.pid,
-            flags: in_state.1,
-            sport: s.sport,
-            dport: s.dport,
-            family: s.family,
-            old_state: s.old_state,
-            new_state: s.new_state,
-            kind: kind::SOCK,
-            end_substate: 0,
-            pad: [0; 6],
-            comm: owner.comm,
-        });
-    });
+    let none = TimerIds {
+        id: 0,
+        birth_ns: 0,
+        birth_jiffies: 0,
+        expires: 0,
+        bucket_expiry: 0,
+    };
+    let what = (kind::SOCK, s.new_state);
+    socket_event(ctx, s, owner, now, in_state, what, &none);
 }
 
 /// A mini-socket took the connection over from the full socket `s`; its
@@ -81,6 +75,29 @@ pub fn tw_birth<C: EbpfContext>(
     timer: u64,
     pending: &TwScratch,
 ) {
+    let ids = TimerIds {
+        id: timer,
+        birth_ns: pending.pending_ns,
+        birth_jiffies: pending.pending_jiffies,
+        expires: pending.pending_expires,
+        bucket_expiry: pending.pending_bucket_expiry,
+    };
+    let what = (kind::TW_BIRTH, pending.pending_substate);
+    socket_event(ctx, s, owner, now, in_state, what, &ids);
+}
+
+/// An event about the full socket `s`: `what` is its kind and new state.
+// More than five arguments: BPF calls pass at most five in registers.
+#[inline(always)]
+fn socket_event<C: EbpfContext>(
+    ctx: &C,
+    s: &SetState,
+    owner: &SockRecord,
+    now: u64,
+    in_state: InState,
+    (event_kind, new_state): (u8, u8),
+    timer: &TimerIds,
+) {
     submit(ctx, |slot| {
         slot.write(TransitionEvent {
             saddr: s.saddr,
@@ -88,19 +105,19 @@ pub fn tw_birth<C: EbpfContext>(
             ts_ns: now,
             in_state_ns: in_state.0,
             sock_id: s.sock_id,
-            tw_id: timer,
-            tw_birth_ns: pending.pending_ns,
-            tw_birth_jiffies: pending.pending_jiffies,
-            tw_expires: pending.pending_expires,
-            tw_bucket_expiry: pending.pending_bucket_expiry,
+            tw_id: timer.id,
+            tw_birth_ns: timer.birth_ns,
+            tw_birth_jiffies: timer.birth_jiffies,
+            tw_expires: timer.expires,
+            tw_bucket_expiry: timer.bucket_expiry,
             pid: owner.pid,
             flags: in_state.1,
             sport: s.sport,
             dport: s.dport,
             family: s.family,
             old_state: s.old_state,
-            new_state: pending.pending_substate,
-            kind: kind::TW_BIRTH,
+            new_state,
+            kind: event_kind,
             end_substate: 0,
             pad: [0; 6],
             comm: owner.comm,
