@@ -154,6 +154,9 @@ fn handle<C: EbpfContext>(ctx: &C, filter: &Filter, s: &SetState) -> Result<(), 
 /// Moves the socket's record to its new state, learning its owner where
 /// the kernel runs for it, and returns the record and the time it spent
 /// in its old state.
+// Inlined: a call frame of its own pushed the programs past the 512-byte
+// combined stack that Linux 6.1's verifier allows.
+#[inline(always)]
 fn update_record(s: &SetState, now: u64) -> (SockRecord, InState) {
     // A socket leaving CLOSE (connect, listen) or LISTEN (a child cloned
     // from its listener) is new: whatever a recycled address left behind
