@@ -43,6 +43,11 @@ pub const IPPROTO_TCP: u16 = 6;
 /// state (it predates the tracer, or its record was evicted), so the time it
 /// spent there is unknown and `in_state_ns` is 0.
 pub const FLAG_IN_STATE_UNKNOWN: u32 = 1 << 0;
+/// `TransitionEvent::flags`: a mini-socket twtrace holds no record of (it
+/// was born before twtrace started, or its record was evicted): only
+/// `tw_id`, `ts_ns` and the ports are known. Such cancels, re-arms and
+/// expiries are streamed so that userspace can count every end.
+pub const FLAG_UNTRACKED: u32 = 1 << 1;
 
 /// `TransitionEvent::kind`: what the kernel saw.
 pub mod kind {
@@ -132,6 +137,10 @@ pub struct TwRecord {
     pub emit: u8,
     pub flags: u32,
     pub comm: [u8; 16],
+    /// `tw_snd_nxt` at birth: with the ports, tells this mini-socket from a
+    /// later one of the same 4-tuple at the same (reused) address.
+    pub snd_nxt: u32,
+    pub pad: u32,
 }
 
 /// Per-CPU scratch that links consecutive tracepoint hits on one CPU.
@@ -148,8 +157,49 @@ pub struct TwScratch {
     /// The last tw timer cancelled on this CPU and not yet explained by a
     /// re-arm or expiry.
     pub cancel_timer: u64,
+    /// Who that timer's mini-socket was: a start on the same timer is a
+    /// re-arm only if the mini-socket there is still the same one.
+    pub cancel_snd_nxt: u32,
+    pub cancel_sport: u16,
+    pub cancel_dport: u16,
     pub pending_substate: u8,
     pub pad: [u8; 7],
+}
+
+/// A mini-socket armed for the first time, by who it is: its ports and the
+/// sequence number it sends next, which its full socket's hand-over
+/// (`FIN_WAIT2`/`CLOSING -> CLOSE`) carries too, on whatever CPU that runs
+/// (the closing task may be preempted and move between the two).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BirthKey {
+    pub snd_nxt: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// What the first arming of a mini-socket's timer said.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingBirth {
+    pub timer: u64,
+    pub ns: u64,
+    pub jiffies: u64,
+    pub expires: u64,
+    pub bucket_expiry: u64,
+    pub substate: u8,
+    pub pad: [u8; 7],
+}
+
+/// Claims per hook kind and CPU (see the kernel side's `twin`).
+pub const CLAIM_SLOTS: usize = 4;
+
+/// Hits a primary program claimed, that its twin has not taken back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claims {
+    pub next: u64,
+    pub ids: [u64; CLAIM_SLOTS],
 }
 
 /// Where the TIME_WAIT machinery sits in this kernel, found at load time.
@@ -177,8 +227,15 @@ pub struct TwConfig {
     /// address of one just freed.
     pub sport_from_timer: i16,
     pub dport_from_timer: i16,
+    /// The mini-socket's `tw_snd_nxt` (`skc_tw_snd_nxt`), relative to `tw_timer`.
+    pub snd_nxt_from_timer: i16,
+    /// `skc_family` of the mini-socket, relative to `tw_timer`.
+    pub family_from_timer: i16,
     pub has_btf: u8,
-    pub pad: [u8; 11],
+    /// Non-zero when the raw `timer_start`'s second argument is
+    /// `bucket_expiry` (kernels whose record has that field).
+    pub raw_start_has_bucket: u8,
+    pub pad: [u8; 6],
 }
 
 impl TwConfig {
@@ -194,8 +251,11 @@ impl TwConfig {
         substate_from_timer: 0,
         sport_from_timer: 0,
         dport_from_timer: 0,
+        snd_nxt_from_timer: 0,
+        family_from_timer: 0,
         has_btf: 0,
-        pad: [0; 11],
+        raw_start_has_bucket: 0,
+        pad: [0; 6],
     };
 }
 
@@ -274,6 +334,9 @@ pub struct SockLayout {
     pub daddr: u16,
     pub v6_rcv_saddr: u16,
     pub v6_daddr: u16,
+    /// `tcp_sock.snd_nxt`: matches a closing socket to its mini-socket.
+    pub snd_nxt: u16,
+    pub pad: u16,
 }
 
 impl SockLayout {
@@ -288,6 +351,8 @@ impl SockLayout {
         daddr: 0,
         v6_rcv_saddr: 0,
         v6_daddr: 0,
+        snd_nxt: 0,
+        pad: 0,
     };
 }
 
@@ -329,9 +394,9 @@ pub mod counter {
     pub const READ_FAILED: u32 = 1;
     /// Socket records that could not be stored (map update failed).
     pub const SOCK_UPDATE_FAILED: u32 = 2;
-    /// TIME_WAIT mini-sockets that expired without twtrace having their
-    /// record: born before twtrace started, or evicted from the LRU map.
-    pub const TW_UNTRACKED_END: u32 = 3;
+    /// A mini-socket's first arming that no hand-over from its full socket
+    /// followed on the CPU: its birth, and so its life, went unreported.
+    pub const TW_BIRTH_MISSED: u32 = 3;
     /// Mini-socket records that could not be stored.
     pub const TW_UPDATE_FAILED: u32 = 4;
     /// Children of a followed process (`record`) that could not be added
@@ -340,7 +405,13 @@ pub mod counter {
     /// Program runs nested deeper than `MAX_NESTING` on one CPU, which
     /// skipped the TIME_WAIT bookkeeping they would have done.
     pub const TOO_DEEPLY_NESTED: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Events a hook's twin handled because the hook itself was skipped
+    /// by the kernel's recursion guard (per hook kind, `twin::*`).
+    pub const RESCUED_SET_STATE: u32 = 7;
+    pub const RESCUED_TIMER_START: u32 = 8;
+    pub const RESCUED_TIMER_CANCEL: u32 = 9;
+    pub const RESCUED_TIMER_EXPIRE: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 /// Map and program names both sides agree on.
@@ -356,6 +427,7 @@ pub mod names {
     pub const GLOBAL_TW_CONFIG: &str = "TW_CONFIG";
     pub const TWS: &str = "TWS";
     pub const PROG_TIMER_START: &str = "timer_start";
+    pub const PROG_TIMER_START_RAW: &str = "timer_start_raw";
     pub const PROG_TIMER_EXPIRE: &str = "timer_expire_entry";
     pub const PROG_TIMER_CANCEL: &str = "timer_cancel";
     pub const PROG_FORK: &str = "sched_process_fork";
@@ -363,14 +435,24 @@ pub mod names {
     pub const PROG_SET_STATE_RAW: &str = "inet_sock_set_state_raw";
     pub const GLOBAL_SOCK_LAYOUT: &str = "SOCK_LAYOUT";
     pub const GLOBAL_WAKEUP_AT_BYTES: &str = "WAKEUP_AT_BYTES";
+    pub const PROG_SET_STATE_TWIN: &str = "inet_sock_set_state_twin";
+    pub const PROG_TIMER_START_TWIN: &str = "timer_start_twin";
+    pub const PROG_TIMER_CANCEL_TWIN: &str = "timer_cancel_twin";
+    pub const PROG_TIMER_EXPIRE_TWIN: &str = "timer_expire_entry_twin";
     pub const PROG_SENDMSG: &str = "tcp_sendmsg_locked";
     pub const PROG_RCV_SPACE: &str = "tcp_rcv_space_adjust";
 }
 
 /// Default capacity of the per-socket record map (LRU; oldest evicted).
 pub const DEFAULT_MAX_SOCKETS: u32 = 131_072;
-/// Capacity of the TIME_WAIT map when the kernel's limit is unreadable.
+/// The most TIME_WAIT mini-sockets followed at once unless told otherwise
+/// (`--max-time-wait`): the namespaces' `tcp_max_tw_buckets`, summed, are
+/// capped at this.
 pub const DEFAULT_MAX_TW: u32 = 262_144;
+/// Nodes an LRU map's per-CPU free lists may hold back (the kernel's
+/// `LOCAL_FREE_TARGET`, twice over for its pending lists): maps get this
+/// much more per possible CPU, so they hold what they promise.
+pub const LRU_SLACK_PER_CPU: u32 = 256;
 /// How soon after a tw timer's first arming the full socket's hand-over
 /// must follow on the same CPU (it is the next thing `tcp_time_wait` does).
 pub const HANDOVER_WINDOW_NS: u64 = 10_000_000;
@@ -386,12 +468,14 @@ pub const MAX_FILTER_ENTRIES: u32 = 64;
 
 // Layouts are part of the kernel/user contract: catch accidental padding.
 const _: () = assert!(core::mem::size_of::<TransitionEvent>() == 136);
-const _: () = assert!(core::mem::size_of::<TwRecord>() == 96);
-const _: () = assert!(core::mem::size_of::<TwScratch>() == 56);
+const _: () = assert!(core::mem::size_of::<TwRecord>() == 104);
+const _: () = assert!(core::mem::size_of::<TwScratch>() == 64);
 const _: () = assert!(core::mem::size_of::<TwConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 32);
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 20);
-const _: () = assert!(core::mem::size_of::<SockLayout>() == 16);
+const _: () = assert!(core::mem::size_of::<SockLayout>() == 20);
+const _: () = assert!(core::mem::size_of::<BirthKey>() == 8);
+const _: () = assert!(core::mem::size_of::<PendingBirth>() == 48);
 const _: () = assert!(core::mem::size_of::<SetStateLayout>() == 24);
 const _: () = assert!(core::mem::size_of::<Filter>() == 8);
 

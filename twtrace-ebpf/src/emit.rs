@@ -6,7 +6,10 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::warn;
-use twtrace_common::{SockRecord, TransitionEvent, TwRecord, TwScratch, counter, kind, tcp_state};
+use twtrace_common::{
+    FLAG_IN_STATE_UNKNOWN, FLAG_UNTRACKED, PendingBirth, SockRecord, TransitionEvent, TwRecord,
+    counter, kind, tcp_state,
+};
 
 use crate::{
     kernel::bump,
@@ -63,7 +66,7 @@ pub fn sock_transition<C: EbpfContext>(
 }
 
 /// A mini-socket took the connection over from the full socket `s`; its
-/// timer was armed as `pending` records.
+/// timer was first armed as `pending` says.
 // More than five arguments: BPF calls pass at most five in registers.
 #[inline(always)]
 pub fn tw_birth<C: EbpfContext>(
@@ -72,17 +75,16 @@ pub fn tw_birth<C: EbpfContext>(
     owner: &SockRecord,
     now: u64,
     in_state: InState,
-    timer: u64,
-    pending: &TwScratch,
+    pending: &PendingBirth,
 ) {
     let ids = TimerIds {
-        id: timer,
-        birth_ns: pending.pending_ns,
-        birth_jiffies: pending.pending_jiffies,
-        expires: pending.pending_expires,
-        bucket_expiry: pending.pending_bucket_expiry,
+        id: pending.timer,
+        birth_ns: pending.ns,
+        birth_jiffies: pending.jiffies,
+        expires: pending.expires,
+        bucket_expiry: pending.bucket_expiry,
     };
-    let what = (kind::TW_BIRTH, pending.pending_substate);
+    let what = (kind::TW_BIRTH, pending.substate);
     socket_event(ctx, s, owner, now, in_state, what, &ids);
 }
 
@@ -205,6 +207,50 @@ fn tw_event<C: EbpfContext>(
             end_substate: facts.substate,
             pad: [0; 6],
             comm: record.comm,
+        });
+    });
+}
+
+/// A cancel, re-arm (`kind::TW_REARM`) or expiry of a mini-socket twtrace
+/// holds no record of: its timer, ports and family, nothing more.
+// More than five arguments: BPF calls pass at most five in registers.
+#[inline(always)]
+pub fn tw_untracked<C: EbpfContext>(
+    ctx: &C,
+    timer: u64,
+    now: u64,
+    event_kind: u8,
+    substate: u8,
+    (sport, dport, family): (u16, u16, u16),
+) {
+    let new_state = if event_kind == kind::TW_REARM {
+        substate
+    } else {
+        tcp_state::CLOSE
+    };
+    submit(ctx, |slot| {
+        slot.write(TransitionEvent {
+            saddr: [0; 16],
+            daddr: [0; 16],
+            ts_ns: now,
+            in_state_ns: 0,
+            sock_id: 0,
+            tw_id: timer,
+            tw_birth_ns: 0,
+            tw_birth_jiffies: 0,
+            tw_expires: 0,
+            tw_bucket_expiry: 0,
+            pid: 0,
+            flags: FLAG_UNTRACKED | FLAG_IN_STATE_UNKNOWN,
+            sport,
+            dport,
+            family,
+            old_state: substate,
+            new_state,
+            kind: event_kind,
+            end_substate: substate,
+            pad: [0; 6],
+            comm: [0; 16],
         });
     });
 }

@@ -21,6 +21,7 @@ mod maps;
 mod owner;
 mod set_state;
 mod timewait;
+mod twin;
 
 #[cfg(not(test))]
 #[panic_handler]

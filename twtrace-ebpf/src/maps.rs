@@ -7,12 +7,10 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use twtrace_common::{
-    DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TW, Filter, ListenerKey, MAX_FILTER_ENTRIES, MAX_NESTING,
-    SetStateLayout, SockLayout, SockRecord, TwConfig, TwRecord, TwScratch, counter,
+    BirthKey, Claims, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TW, Filter, ListenerKey, MAX_FILTER_ENTRIES,
+    MAX_NESTING, PendingBirth, SetStateLayout, SockLayout, SockRecord, TwConfig, TwRecord,
+    TwScratch, counter,
 };
-
-/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists, no shared lock.
-const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
 /// Unread bytes in the ring past which a submit wakes the reader; the
 /// loader sets it to a quarter of the ring.
@@ -41,10 +39,13 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::C
 
 /// Per live socket, keyed by the kernel's `struct sock *`. LRU so that
 /// sockets whose CLOSE we never see (or a burst beyond capacity) cannot
-/// exhaust the map; the loader sizes it.
+/// exhaust the map; the loader sizes it. One LRU list for all CPUs (not
+/// `BPF_F_NO_COMMON_LRU`): with per-CPU lists, nodes never move between
+/// CPUs, and inserts from few CPUs (those taking a NIC's interrupts) could
+/// use only `max_entries / ncpus` of it.
 #[map]
 pub static SOCKS: LruHashMap<u64, SockRecord> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, BPF_F_NO_COMMON_LRU);
+    LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
 /// Who called listen() on each listening address: a socket accepted from
 /// it belongs to that process until its own use (send, receive, close)
@@ -60,14 +61,23 @@ pub static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_FILTER_
 pub static FILTER_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
 
 /// Live TIME_WAIT mini-sockets, keyed by their timer's address. The loader
-/// sizes it from `net.ipv4.tcp_max_tw_buckets`.
+/// sizes it from the namespaces' `tcp_max_tw_buckets`; a common LRU list,
+/// as `SOCKS`.
 #[map]
-pub static TWS: LruHashMap<u64, TwRecord> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_TW, BPF_F_NO_COMMON_LRU);
+pub static TWS: LruHashMap<u64, TwRecord> = LruHashMap::with_max_entries(DEFAULT_MAX_TW, 0);
 
 /// One scratch slot per nesting depth on each CPU (see `nesting`).
 #[map]
 pub static TW_SCRATCH: PerCpuArray<TwScratch> = PerCpuArray::with_max_entries(MAX_NESTING, 0);
+
+/// Mini-sockets armed, awaiting their full socket's hand-over (`timewait`).
+#[map]
+pub static PENDING_BIRTHS: LruHashMap<BirthKey, PendingBirth> =
+    LruHashMap::with_max_entries(16_384, 0);
+
+/// Per hook kind, the hits its primary program claimed (`twin`).
+#[map]
+pub static CLAIMS: PerCpuArray<Claims> = PerCpuArray::with_max_entries(4, 0);
 
 /// How many scratch-using programs run on this CPU right now.
 #[map]

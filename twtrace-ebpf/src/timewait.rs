@@ -6,22 +6,58 @@
 //! moving to TIME_WAIT), `timer_expire_entry` its normal end, and a
 //! `timer_cancel` that no re-arm or expiry follows an early end.
 
+use aya_ebpf::helpers::bpf_jiffies64;
 use aya_ebpf::{
     EbpfContext,
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
 use twtrace_common::{
-    FLAG_IN_STATE_UNKNOWN, HANDOVER_WINDOW_NS, MAX_NESTING, SockRecord, TwConfig, TwRecord,
-    TwScratch, counter, kind, tcp_state,
+    BirthKey, FLAG_IN_STATE_UNKNOWN, HANDOVER_WINDOW_NS, MAX_NESTING, PendingBirth, SockRecord,
+    TwConfig, TwRecord, TwScratch, counter, kind, tcp_state,
 };
 
 use crate::{
     emit::{self, InState, TimerFacts},
     kernel::{atomic_add, bump, in_state, kread, now_ns, read},
-    maps::{NESTING, TW_CONFIG, TW_SCRATCH, TWS},
-    set_state::SetState,
+    maps::{FILTER, NESTING, PENDING_BIRTHS, SOCK_LAYOUT, TW_CONFIG, TW_SCRATCH, TWS},
+    set_state::{SetState, passes_filters},
+    twin,
 };
+
+/// Who a mini-socket is: its ports and the sequence number it sends next.
+/// The ports alone do not tell two connections of one 4-tuple apart (a
+/// client reusing its port takes the old mini-socket over with its SYN,
+/// and the next one may land at the same address).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    sport: u16,
+    dport: u16,
+    snd_nxt: u32,
+}
+
+impl Identity {
+    /// Read through the mini-socket's embedded timer; `None` without BTF.
+    fn of(cfg: &TwConfig, timer: u64) -> Option<Self> {
+        if cfg.has_btf == 0 {
+            return None;
+        }
+        let at = |off: i16| timer.wrapping_add_signed(i64::from(off));
+        Some(Self {
+            sport: kread::<u16>(at(cfg.sport_from_timer)).ok()?,
+            dport: u16::from_be(kread::<u16>(at(cfg.dport_from_timer)).ok()?),
+            snd_nxt: kread::<u32>(at(cfg.snd_nxt_from_timer)).ok()?,
+        })
+    }
+
+    fn of_record(record: &TwRecord) -> Self {
+        Self {
+            sport: record.sport,
+            dport: record.dport,
+            snd_nxt: record.snd_nxt,
+        }
+    }
+}
 
 /// This CPU's scratch slot for the current nesting depth. Programs on one
 /// CPU nest: a raw tracepoint program may run from an interrupt that
@@ -96,31 +132,131 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i64> {
         },
         substate: read_substate(&cfg, timer),
     };
-    let jiffies: u64 = read(ctx, cfg.start_now)?;
+    on_start(ctx, &cfg, timer, &facts, read(ctx, cfg.start_now)?);
+    Ok(())
+}
+
+/// The same tracepoint, raw, where BTF gives `struct timer_list`'s
+/// layout: the kernel's recursion guard for classic tracepoint programs
+/// skipped this one whenever it fired (from an interrupt) while another
+/// classic program ran on the CPU, and every skip could turn a TIME_WAIT
+/// birth into a plain close.
+#[raw_tracepoint(tracepoint = "timer_start")]
+pub fn timer_start_raw(ctx: RawTracePointContext) -> i32 {
+    let cfg = TW_CONFIG.load();
+    let timer: u64 = ctx.arg(0);
+    if is_tw_timer(&cfg, timer) {
+        twin::claim(twin::TIMER_START, timer);
+        on_raw_start(&ctx, &cfg, timer);
+    }
+    0
+}
+
+/// Its twin (`twin`): the arms the kernel skipped the program above for.
+#[raw_tracepoint(tracepoint = "timer_start")]
+pub fn timer_start_twin(ctx: RawTracePointContext) -> i32 {
+    let cfg = TW_CONFIG.load();
+    let timer: u64 = ctx.arg(0);
+    if is_tw_timer(&cfg, timer) && twin::unclaimed(twin::TIMER_START, timer) {
+        on_raw_start(&ctx, &cfg, timer);
+    }
+    0
+}
+
+fn on_raw_start(ctx: &RawTracePointContext, cfg: &TwConfig, timer: u64) {
+    let Ok(expires) = kread::<u64>(timer + u64::from(cfg.timer_expires_off)) else {
+        bump(counter::READ_FAILED);
+        return;
+    };
+    let facts = TimerFacts {
+        expires,
+        bucket_expiry: if cfg.raw_start_has_bucket == 0 {
+            0
+        } else {
+            ctx.arg(1)
+        },
+        substate: read_substate(cfg, timer),
+    };
+    // SAFETY: a helper call with no arguments and no preconditions.
+    let jiffies = unsafe { bpf_jiffies64() };
+    on_start(ctx, cfg, timer, &facts, jiffies);
+}
+
+/// A tw timer was armed: a re-arm of the mini-socket cancelled just before
+/// on this CPU, or a first arming (a birth, handed over next).
+fn on_start<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64, facts: &TimerFacts, jiffies: u64) {
     let now = now_ns();
     let Some(mut scratch) = Scratch::enter() else {
-        return Ok(());
+        return;
     };
     let scratch = scratch.get();
     // A pending timer is re-armed by detaching it (traced as a cancel) and
     // enqueueing it again, back to back on this CPU.
     if scratch.cancel_timer == timer {
         scratch.cancel_timer = 0;
-        if rearm(ctx, &cfg, timer, now, &facts) {
-            return Ok(());
+        match Identity::of(cfg, timer) {
+            // Without BTF only a record can say it is the same one.
+            None if rearm(ctx, cfg, timer, now, facts) => return,
+            None => {}
+            Some(id) if id == cancelled(scratch) => {
+                if !rearm(ctx, cfg, timer, now, facts) {
+                    // Re-armed, so no end: say so for the cancel streamed.
+                    untracked(ctx, cfg, timer, kind::TW_REARM, id);
+                }
+                return;
+            }
+            // A new mini-socket where one just ended: its first arming.
+            Some(_) => {}
         }
-        // No record of this mini-socket: the cancel was an earlier one's
-        // (a SYN taking it over, no start followed) whose memory the slab
-        // has just handed to a new mini-socket. This is its first arming.
     }
-    // First arming: tcp_time_wait() hands the connection over next.
+    if births_by_identity(cfg)
+        && let Some(id) = Identity::of(cfg, timer)
+    {
+        let key = BirthKey {
+            snd_nxt: id.snd_nxt,
+            sport: id.sport,
+            dport: id.dport,
+        };
+        let pending = PendingBirth {
+            timer,
+            ns: now,
+            jiffies,
+            expires: facts.expires,
+            bucket_expiry: facts.bucket_expiry,
+            substate: facts.substate,
+            pad: [0; 7],
+        };
+        if PENDING_BIRTHS.insert(key, pending, 0).is_err() {
+            bump(counter::TW_BIRTH_MISSED);
+        }
+        return;
+    }
+    // A first arming never handed over: that birth went unreported. (With
+    // a family filter the other family's hand-overs are not looked at.)
+    if scratch.pending_timer != 0 && FILTER.load().family == 0 {
+        bump(counter::TW_BIRTH_MISSED);
+    }
     scratch.pending_timer = timer;
     scratch.pending_ns = now;
     scratch.pending_jiffies = jiffies;
     scratch.pending_expires = facts.expires;
     scratch.pending_bucket_expiry = facts.bucket_expiry;
     scratch.pending_substate = facts.substate;
-    Ok(())
+}
+
+fn cancelled(scratch: &TwScratch) -> Identity {
+    Identity {
+        sport: scratch.cancel_sport,
+        dport: scratch.cancel_dport,
+        snd_nxt: scratch.cancel_snd_nxt,
+    }
+}
+
+/// Ports and family for an untracked mini-socket's event.
+fn id_fields(cfg: &TwConfig, timer: u64, id: Identity) -> (u16, u16, u16) {
+    let family =
+        kread::<u16>(timer.wrapping_add_signed(i64::from(cfg.family_from_timer))).unwrap_or(0);
+    (id.sport, id.dport, family)
 }
 
 /// A re-arm of a known mini-socket: its substate may have changed.
@@ -140,7 +276,7 @@ fn rearm<C: EbpfContext>(
     // SAFETY: a pointer from a successful lookup; a mini-socket's timer
     // events are serialised by the timer base's lock.
     let record = unsafe { &mut *record };
-    if !same_mini_socket(cfg, timer, record) {
+    if Identity::of(cfg, timer).is_some_and(|id| id != Identity::of_record(record)) {
         return false;
     }
     let old = record.substate;
@@ -169,23 +305,70 @@ pub fn take_over<C: EbpfContext>(
     now: u64,
     emit: bool,
 ) -> bool {
-    let Some(mut scratch) = Scratch::enter() else {
+    let cfg = TW_CONFIG.load();
+    let pending = if births_by_identity(&cfg) {
+        pending_by_identity(s)
+    } else {
+        pending_on_this_cpu(now)
+    };
+    let Some(pending) = pending else {
         return false;
     };
-    let pending = scratch.get();
-    let timer = pending.pending_timer;
-    if timer == 0 || now.saturating_sub(pending.pending_ns) > HANDOVER_WINDOW_NS {
-        return false;
-    }
-    pending.pending_timer = 0;
-    let record = tw_record(s, sock, spent, now, pending, emit);
-    if TWS.insert(timer, record, 0).is_err() {
-        bump(counter::TW_UPDATE_FAILED);
-    }
+    // A mini-socket the filters leave out needs no record: the map holds
+    // only what this run reports, so other workloads cannot crowd it out.
     if emit {
-        emit::tw_birth(ctx, s, sock, now, spent, timer, pending);
+        let mut record = tw_record(s, sock, spent, now, &pending);
+        record.snd_nxt = Identity::of(&cfg, pending.timer).map_or(0, |id| id.snd_nxt);
+        if TWS.insert(pending.timer, record, 0).is_err() {
+            bump(counter::TW_UPDATE_FAILED);
+        }
+        emit::tw_birth(ctx, s, sock, now, spent, &pending);
     }
     true
+}
+
+/// With BTF a first arming is matched to its hand-over by the mini-socket's
+/// identity, which the full socket shares, on any CPU and at any delay;
+/// without it, by coming next on the same CPU.
+fn births_by_identity(cfg: &TwConfig) -> bool {
+    cfg.has_btf != 0 && SOCK_LAYOUT.load().snd_nxt != 0
+}
+
+/// The first arming of the mini-socket taking over from `s`, if any.
+fn pending_by_identity(s: &SetState) -> Option<PendingBirth> {
+    let key = BirthKey {
+        snd_nxt: kread(s.sock_id + u64::from(SOCK_LAYOUT.load().snd_nxt)).ok()?,
+        sport: s.sport,
+        dport: s.dport,
+    };
+    // SAFETY: a pointer from a successful lookup; copied out at once.
+    let pending = PENDING_BIRTHS.get_ptr(key).map(|p| unsafe { *p })?;
+    let _ = PENDING_BIRTHS.remove(key);
+    Some(pending)
+}
+
+/// The fallback: the first arming just before on this CPU.
+fn pending_on_this_cpu(now: u64) -> Option<PendingBirth> {
+    let mut scratch = Scratch::enter()?;
+    let scratch = scratch.get();
+    if scratch.pending_timer == 0 {
+        return None;
+    }
+    let timer = core::mem::replace(&mut scratch.pending_timer, 0);
+    if now.saturating_sub(scratch.pending_ns) > HANDOVER_WINDOW_NS {
+        // Its hand-over never came in time: a birth went unreported.
+        bump(counter::TW_BIRTH_MISSED);
+        return None;
+    }
+    Some(PendingBirth {
+        timer,
+        ns: scratch.pending_ns,
+        jiffies: scratch.pending_jiffies,
+        expires: scratch.pending_expires,
+        bucket_expiry: scratch.pending_bucket_expiry,
+        substate: scratch.pending_substate,
+        pad: [0; 7],
+    })
 }
 
 // More than five arguments: BPF calls pass at most five in registers.
@@ -195,10 +378,9 @@ fn tw_record(
     sock: &SockRecord,
     spent: InState,
     now: u64,
-    pending: &TwScratch,
-    emit: bool,
+    pending: &PendingBirth,
 ) -> TwRecord {
-    let substate = pending.pending_substate;
+    let substate = pending.substate;
     // An orphaned FIN_WAIT2 goes on in the mini-socket: its time in
     // FIN_WAIT2 keeps counting from the full socket's FIN_WAIT2.
     let since_ns = if substate == tcp_state::TIME_WAIT {
@@ -213,16 +395,18 @@ fn tw_record(
         daddr: s.daddr,
         sock_id: s.sock_id,
         since_ns,
-        birth_ns: pending.pending_ns,
-        birth_jiffies: pending.pending_jiffies,
+        birth_ns: pending.ns,
+        birth_jiffies: pending.jiffies,
         pid: sock.pid,
         sport: s.sport,
         dport: s.dport,
         family: s.family,
         substate,
-        emit: u8::from(emit),
+        emit: 1,
         flags: in_state(since_ns, now).1,
         comm: sock.comm,
+        snd_nxt: 0,
+        pad: 0,
     }
 }
 
@@ -233,68 +417,132 @@ fn tw_record(
 /// everything, all the time.
 #[raw_tracepoint(tracepoint = "timer_cancel")]
 pub fn timer_cancel(ctx: RawTracePointContext) -> i32 {
-    on_cancel(&ctx, ctx.arg::<u64>(0));
+    let cfg = TW_CONFIG.load();
+    let timer: u64 = ctx.arg(0);
+    if is_tw_timer(&cfg, timer) {
+        twin::claim(twin::TIMER_CANCEL, timer);
+        on_cancel(&ctx, &cfg, timer);
+    }
+    0
+}
+
+#[raw_tracepoint(tracepoint = "timer_cancel")]
+pub fn timer_cancel_twin(ctx: RawTracePointContext) -> i32 {
+    let cfg = TW_CONFIG.load();
+    let timer: u64 = ctx.arg(0);
+    if is_tw_timer(&cfg, timer) && twin::unclaimed(twin::TIMER_CANCEL, timer) {
+        on_cancel(&ctx, &cfg, timer);
+    }
     0
 }
 
 #[raw_tracepoint(tracepoint = "timer_expire_entry")]
 pub fn timer_expire_entry(ctx: RawTracePointContext) -> i32 {
-    on_expire(&ctx, ctx.arg::<u64>(0));
+    let cfg = TW_CONFIG.load();
+    let timer: u64 = ctx.arg(0);
+    if is_tw_timer(&cfg, timer) {
+        twin::claim(twin::TIMER_EXPIRE, timer);
+        on_expire(&ctx, &cfg, timer);
+    }
     0
 }
 
-fn on_cancel<C: EbpfContext>(ctx: &C, timer: u64) {
+#[raw_tracepoint(tracepoint = "timer_expire_entry")]
+pub fn timer_expire_entry_twin(ctx: RawTracePointContext) -> i32 {
     let cfg = TW_CONFIG.load();
-    if cfg.handler == 0 || !is_tw_timer(&cfg, timer) {
-        return;
+    let timer: u64 = ctx.arg(0);
+    if is_tw_timer(&cfg, timer) && twin::unclaimed(twin::TIMER_EXPIRE, timer) {
+        on_expire(&ctx, &cfg, timer);
     }
+    0
+}
+
+fn on_cancel<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
+    let id = Identity::of(cfg, timer);
     // SAFETY: a pointer from a successful lookup; copied out at once.
-    let Some(record) = TWS.get_ptr(timer).map(|r| unsafe { *r }) else {
-        return;
-    };
-    if !same_mini_socket(&cfg, timer, &record) {
-        return;
-    }
+    let record = TWS.get_ptr(timer).map(|r| unsafe { *r });
+    let record = record.filter(|r| id.is_none_or(|id| id == Identity::of_record(r)));
     let Some(mut scratch) = Scratch::enter() else {
         return;
     };
     let scratch = scratch.get();
     // The previous cancel on this CPU was not followed by a re-arm or an
-    // expiry: that mini-socket is gone, and so is its record.
+    // expiry: that mini-socket is gone, and so is its record — unless its
+    // address already holds a new one (born on another CPU meanwhile).
     if scratch.cancel_timer != 0 && scratch.cancel_timer != timer {
-        let _ = TWS.remove(scratch.cancel_timer);
+        forget_if_still(cfg, scratch);
     }
     scratch.cancel_timer = timer;
-    if record.emit != 0 {
-        report_end(ctx, &cfg, &record, timer, kind::TW_CANCEL);
+    if let Some(id) = id {
+        scratch.cancel_sport = id.sport;
+        scratch.cancel_dport = id.dport;
+        scratch.cancel_snd_nxt = id.snd_nxt;
+    }
+    match (record, id) {
+        (Some(record), _) if record.emit != 0 => {
+            report_end(ctx, cfg, &record, timer, kind::TW_CANCEL);
+        }
+        (Some(_), _) | (None, None) => {}
+        (None, Some(id)) => untracked(ctx, cfg, timer, kind::TW_CANCEL, id),
     }
 }
 
-fn on_expire<C: EbpfContext>(ctx: &C, timer: u64) {
-    let cfg = TW_CONFIG.load();
-    if cfg.handler == 0 || !is_tw_timer(&cfg, timer) {
-        return;
-    }
+fn on_expire<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
     if let Some(mut scratch) = Scratch::enter() {
         let scratch = scratch.get();
         if scratch.cancel_timer == timer {
             scratch.cancel_timer = 0;
         }
     }
+    let id = Identity::of(cfg, timer);
     // SAFETY: a pointer from a successful lookup; copied out at once.
     let record = TWS.get_ptr(timer).map(|r| unsafe { *r });
-    let Some(record) = record.filter(|r| same_mini_socket(&cfg, timer, r)) else {
-        bump(counter::TW_UNTRACKED_END);
-        return;
-    };
-    if record.emit != 0 {
-        report_end(ctx, &cfg, &record, timer, kind::TW_EXPIRE);
+    match record.filter(|r| id.is_none_or(|id| id == Identity::of_record(r))) {
+        Some(record) => {
+            if record.emit != 0 {
+                report_end(ctx, cfg, &record, timer, kind::TW_EXPIRE);
+            }
+            let _ = TWS.remove(timer);
+        }
+        None => {
+            if let Some(id) = id {
+                untracked(ctx, cfg, timer, kind::TW_EXPIRE, id);
+            }
+        }
     }
-    let _ = TWS.remove(timer);
 }
 
-// Inlined: the event's facts stay in registers.
-#[inline(always)]
+/// Removes the record of the mini-socket `scratch` last saw cancelled, if
+/// the record is still that one's.
+fn forget_if_still(cfg: &TwConfig, scratch: &TwScratch) {
+    let gone = scratch.cancel_timer;
+    // SAFETY: a pointer from a successful lookup; copied out at once.
+    let Some(record) = TWS.get_ptr(gone).map(|r| unsafe { *r }) else {
+        return;
+    };
+    if cfg.has_btf == 0 || Identity::of_record(&record) == cancelled(scratch) {
+        let _ = TWS.remove(gone);
+    }
+}
+
+/// Streams an event about a mini-socket twtrace has no record of, so that
+/// userspace counts its end; only the port filter can apply (no owner).
+fn untracked<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64, event_kind: u8, id: Identity) {
+    let filter = FILTER.load();
+    if filter.pids_enabled != 0 || !passes_filters(&filter, 0, id.sport, id.dport) {
+        return;
+    }
+    let substate = read_substate(cfg, timer);
+    emit::tw_untracked(
+        ctx,
+        timer,
+        now_ns(),
+        event_kind,
+        substate,
+        id_fields(cfg, timer, id),
+    );
+}
+
 fn report_end<C: EbpfContext>(ctx: &C, cfg: &TwConfig, record: &TwRecord, timer: u64, end: u8) {
     let now = now_ns();
     // The timer's expiry as of now: a re-arm the kernel did not trace
@@ -322,23 +570,13 @@ fn report_end<C: EbpfContext>(ctx: &C, cfg: &TwConfig, record: &TwRecord, timer:
 /// Whether `timer` runs `tw_timer_handler`: read from the timer itself
 /// (BTF), else known only by being in the map.
 fn is_tw_timer(cfg: &TwConfig, timer: u64) -> bool {
+    if cfg.handler == 0 {
+        return false;
+    }
     if cfg.has_btf == 0 {
         return TWS.get_ptr(timer).is_some();
     }
     kread::<u64>(timer + u64::from(cfg.timer_function_off)) == Ok(cfg.handler)
-}
-
-/// Whether the record for `timer` describes the mini-socket that owns that
-/// timer now: a freed mini-socket's address is soon reused by a new one,
-/// and a record left by an early end must not be taken for it.
-fn same_mini_socket(cfg: &TwConfig, timer: u64, record: &TwRecord) -> bool {
-    if cfg.has_btf == 0 {
-        return true;
-    }
-    let at = |off: i16| timer.wrapping_add_signed(i64::from(off));
-    let sport = kread::<u16>(at(cfg.sport_from_timer));
-    let dport = kread::<u16>(at(cfg.dport_from_timer));
-    sport == Ok(record.sport) && dport.map(u16::from_be) == Ok(record.dport)
 }
 
 /// The mini-socket's `tw_substate`, read through its embedded timer. Without

@@ -123,6 +123,14 @@ pub struct CapacityArgs {
     #[arg(long, value_name = "N", default_value_t = twtrace_common::DEFAULT_MAX_SOCKETS,
           value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub max_sockets: u32,
+
+    /// Most TIME_WAIT mini-sockets followed at once: by default the sum of
+    /// every network namespace's `tcp_max_tw_buckets`, up to 262144 (about
+    /// 19 MB of kernel memory per 100 000). Beyond it, ends are counted as
+    /// ends without a record.
+    #[arg(long, value_name = "N", default_value_t = twtrace_common::DEFAULT_MAX_TW,
+          value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub max_time_wait: u32,
 }
 
 /// What every tracing command takes.

@@ -68,22 +68,6 @@ fn sysctl(name: &str) -> Option<u64> {
     sys::read_sysctl_u64(&format!("{SYSCTL}/{name}")).ok()
 }
 
-/// `TcpExt` counters from /proc/net/netstat (a header line of names, then
-/// a line of values).
-#[must_use]
-pub fn parse_netstat(text: &str) -> BTreeMap<String, u64> {
-    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
-        return BTreeMap::new();
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .skip(1)
-        .filter_map(|(n, v)| Some((n.to_owned(), v.parse().ok()?)))
-        .collect()
-}
-
 impl HostSnapshot {
     #[must_use]
     pub fn read() -> Self {
@@ -114,7 +98,7 @@ impl HostSnapshot {
         };
         let read_netstat = || -> BTreeMap<String, u64> {
             fs::read_to_string("/proc/net/netstat")
-                .map(|t| parse_netstat(&t))
+                .map(|t| sys::parse_netstat(&t))
                 .unwrap_or_default()
                 .into_iter()
                 .filter(|(k, _)| {
@@ -514,7 +498,7 @@ mod tests {
     fn parses_netstat_and_reserved_ports() {
         let text =
             "TcpExt: SyncookiesSent TW TWRecycled\nTcpExt: 0 42 7\nIpExt: InNoRoutes\nIpExt: 0\n";
-        let n = parse_netstat(text);
+        let n = sys::parse_netstat(text);
         assert_eq!((n["TW"], n["TWRecycled"]), (42, 7));
         assert_eq!(sys::count_reserved_ports("\n"), 0);
         assert_eq!(sys::count_reserved_ports("1000,2000-2010\n"), 12);

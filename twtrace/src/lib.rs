@@ -12,6 +12,7 @@ pub mod event;
 pub mod histogram;
 pub mod loader;
 pub mod model;
+pub mod netns;
 pub mod output;
 pub mod ports;
 pub mod session;

@@ -85,13 +85,30 @@ impl Consumer for TeardownStats {
     }
 }
 
+/// What happened to TIME_WAIT beyond the transitions: what twtrace could
+/// not follow, and what the kernel did not put in TIME_WAIT at all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimeWaitTally {
+    /// Mini-sockets that ended while twtrace held no record of them.
+    pub ends_without_record: u64,
+    /// Of those, beyond the ones alive when tracing began: records the
+    /// kernel map evicted (an estimate; exact when none were evicted).
+    pub evictions: u64,
+    /// Closes twtrace saw skip TIME_WAIT (`FIN_WAIT2`/`CLOSING` -> CLOSE with
+    /// no mini-socket): `tcp_max_tw_buckets` was full.
+    pub skipped: u64,
+    /// The kernel's `TcpExtTCPTimeWaitOverflow` since start, summed over
+    /// every namespace twtrace can enter.
+    pub kernel_overflows: Option<u64>,
+}
+
 /// How a run ended.
 #[derive(Debug)]
 pub struct SessionEnd {
     pub events: u64,
     pub duration_ns: u64,
     pub loss: LossReport,
-    pub tw_evictions: u64,
+    pub time_wait: TimeWaitTally,
     pub time_wait_tracking: bool,
     /// Most TIME_WAIT mini-sockets (in either substate) alive at once.
     pub mini_socket_peak: u64,
@@ -101,7 +118,7 @@ pub struct SessionEnd {
 #[derive(Clone, Debug, Default)]
 pub struct Status {
     pub loss: LossReport,
-    pub tw_evictions: u64,
+    pub time_wait: TimeWaitTally,
     pub time_wait_tracking: bool,
     /// Features this kernel cannot give, one line each.
     pub warnings: Vec<String>,
@@ -189,6 +206,8 @@ struct Session {
     status_read_ns: u64,
     events: u64,
     started_ns: u64,
+    /// `TcpExtTCPTimeWaitOverflow` at start, over every namespace.
+    overflows_at_start: Option<u64>,
 }
 
 impl Session {
@@ -220,6 +239,7 @@ impl Session {
             status_read_ns: 0,
             events: 0,
             started_ns: sys::monotonic_ns(),
+            overflows_at_start: overflows_now(),
         })
     }
 
@@ -242,8 +262,16 @@ impl Session {
 
     fn refresh_status(&mut self) -> anyhow::Result<()> {
         self.status.loss = self.loss()?;
-        self.status.tw_evictions = self.tracer.tw_evictions()?;
         let model = &self.pipeline.model;
+        let ends_without_record = model.ends_without_record();
+        self.status.time_wait = TimeWaitTally {
+            ends_without_record,
+            evictions: ends_without_record.saturating_sub(self.tracer.tw_alive_at_start()),
+            skipped: model.time_wait_skipped(),
+            kernel_overflows: overflows_now()
+                .zip(self.overflows_at_start)
+                .map(|(now, start)| now.saturating_sub(start)),
+        };
         self.status.held_by_pid.clone_from(model.held_by_pid());
         self.status.held_by_route.clone_from(model.held_by_route());
         Ok(())
@@ -270,11 +298,16 @@ impl Session {
             events: self.events,
             duration_ns: sys::monotonic_ns().saturating_sub(self.started_ns),
             loss: self.status.loss,
-            tw_evictions: self.status.tw_evictions,
+            time_wait: self.status.time_wait,
             time_wait_tracking: self.tracer.time_wait_enabled(),
             mini_socket_peak: self.pipeline.model.mini_sockets().1,
         })
     }
+}
+
+/// `TcpExtTCPTimeWaitOverflow` now, over every namespace.
+fn overflows_now() -> Option<u64> {
+    crate::netns::sum_over_all(|| sys::tcp_ext_counter("TCPTimeWaitOverflow"))
 }
 
 /// Fault injection for the leak tests, compiled only into test builds

@@ -89,6 +89,26 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0)
 }
 
+/// CPUs the kernel may ever bring up (per-CPU map state exists for each).
+#[must_use]
+pub fn possible_cpus() -> Option<u32> {
+    let text = fs::read_to_string("/sys/devices/system/cpu/possible").ok()?;
+    count_cpu_list(&text)
+}
+
+/// Counts a kernel CPU list such as `0-3,8,10-11`.
+#[must_use]
+pub fn count_cpu_list(text: &str) -> Option<u32> {
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        n += match part.split_once('-') {
+            Some((a, b)) => b.parse::<u32>().ok()?.checked_sub(a.parse().ok()?)? + 1,
+            None => part.parse::<u32>().map(|_| 1).ok()?,
+        };
+    }
+    Some(n)
+}
+
 /// The kernel's tick rate (`CONFIG_HZ`): the coarse clocks advance once per
 /// jiffy, so their resolution is one jiffy.
 #[must_use]
@@ -291,6 +311,17 @@ fn parse_sockstat_tw(text: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
+mod cpu_list_tests {
+    #[test]
+    fn counts_ranges_and_singles() {
+        assert_eq!(super::count_cpu_list("0-1\n"), Some(2));
+        assert_eq!(super::count_cpu_list("0-3,8,10-11"), Some(7));
+        assert_eq!(super::count_cpu_list("0"), Some(1));
+        assert_eq!(super::count_cpu_list("x"), None);
+    }
+}
+
+#[cfg(test)]
 mod sockstat_tests {
     #[test]
     fn reads_tw_from_the_tcp_line() {
@@ -299,6 +330,29 @@ mod sockstat_tests {
         assert_eq!(super::parse_sockstat_tw(text), Some(1234));
         assert_eq!(super::parse_sockstat_tw("UDP: inuse 1\n"), None);
     }
+}
+
+/// `TcpExt` counters from /proc/net/netstat (a header line of names, then
+/// a line of values).
+#[must_use]
+pub fn parse_netstat(text: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return std::collections::BTreeMap::new();
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .filter_map(|(n, v)| Some((n.to_owned(), v.parse().ok()?)))
+        .collect()
+}
+
+/// One `TcpExt` counter of this thread's network namespace.
+#[must_use]
+pub fn tcp_ext_counter(name: &str) -> Option<u64> {
+    let text = fs::read_to_string("/proc/net/netstat").ok()?;
+    parse_netstat(&text).get(name).copied()
 }
 
 /// `net.ipv4.ip_local_port_range`: the ports `connect()` picks from.

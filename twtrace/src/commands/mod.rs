@@ -71,6 +71,7 @@ pub fn tracer_options(
         all_states,
         ring_bytes: capacity.ring_kib * 1024,
         max_sockets: capacity.max_sockets,
+        max_time_wait: capacity.max_time_wait,
         kernel_log,
         follow_forks: false,
     }

@@ -119,7 +119,8 @@ impl Counting {
             usable_ports: usable,
             warnings: status.warnings.clone(),
             events_lost: status.loss.events_lost(),
-            tw_evictions: status.tw_evictions,
+            tw_evictions: status.time_wait.evictions,
+            time_wait_skipped: status.time_wait.skipped,
             time_wait_tracking: status.time_wait_tracking,
             held_by_pid: status.held_by_pid.clone(),
         }

@@ -50,6 +50,13 @@ pub const HOOKS: &[Hook] = &[
         point: Point::Raw("sock", "inet_sock_set_state"),
         feature: Feature::Transitions,
     },
+    // Each hot raw hook has a twin, attached after it, for the hits the
+    // kernel's recursion guard skips it for (the kernel side's `twin`).
+    Hook {
+        program: names::PROG_SET_STATE_TWIN,
+        point: Point::Raw("sock", "inet_sock_set_state"),
+        feature: Feature::Transitions,
+    },
     Hook {
         program: names::PROG_SET_STATE,
         point: Point::Classic("sock", "inet_sock_set_state"),
@@ -67,6 +74,16 @@ pub const HOOKS: &[Hook] = &[
         feature: Feature::OwnerAtReceive,
     },
     Hook {
+        program: names::PROG_TIMER_START_RAW,
+        point: Point::Raw("timer", "timer_start"),
+        feature: Feature::TimeWait,
+    },
+    Hook {
+        program: names::PROG_TIMER_START_TWIN,
+        point: Point::Raw("timer", "timer_start"),
+        feature: Feature::TimeWait,
+    },
+    Hook {
         program: names::PROG_TIMER_START,
         point: Point::Classic("timer", "timer_start"),
         feature: Feature::TimeWait,
@@ -77,7 +94,17 @@ pub const HOOKS: &[Hook] = &[
         feature: Feature::TimeWait,
     },
     Hook {
+        program: names::PROG_TIMER_EXPIRE_TWIN,
+        point: Point::Raw("timer", "timer_expire_entry"),
+        feature: Feature::TimeWait,
+    },
+    Hook {
         program: names::PROG_TIMER_CANCEL,
+        point: Point::Raw("timer", "timer_cancel"),
+        feature: Feature::TimeWait,
+    },
+    Hook {
+        program: names::PROG_TIMER_CANCEL_TWIN,
         point: Point::Raw("timer", "timer_cancel"),
         feature: Feature::TimeWait,
     },
@@ -92,12 +119,22 @@ impl Hook {
     /// Whether this run uses the hook.
     fn wanted(&self, facts: &KernelFacts, options: &TracerOptions) -> bool {
         match self.feature {
-            // The raw program where BTF gives struct sock's layout.
-            Feature::Transitions => {
-                (self.program == names::PROG_SET_STATE_RAW) == facts.sock.is_some()
-            }
+            // The raw program (and its twin) where BTF gives struct
+            // sock's layout, else the classic one.
+            Feature::Transitions => (self.program != names::PROG_SET_STATE) == facts.sock.is_some(),
             Feature::OwnerAtSend | Feature::OwnerAtReceive => true,
-            Feature::TimeWait => facts.time_wait_possible(),
+            // timer_start raw where BTF gives struct timer_list's layout,
+            // else the classic tracepoint's record.
+            Feature::TimeWait => {
+                facts.time_wait_possible()
+                    && match self.program {
+                        names::PROG_TIMER_START_RAW | names::PROG_TIMER_START_TWIN => {
+                            facts.time_wait.has_btf == 1
+                        }
+                        names::PROG_TIMER_START => facts.time_wait.has_btf == 0,
+                        _ => true,
+                    }
+            }
             Feature::FollowForks => options.follow_forks,
         }
     }
@@ -141,6 +178,13 @@ impl Hook {
             }
         }
     }
+}
+
+/// Whether `program` is a twin: its own recursion misses lose nothing
+/// (its primary ran for those hits).
+#[must_use]
+pub fn is_twin(program: &str) -> bool {
+    program.ends_with("_twin")
 }
 
 /// What attaching gave.

@@ -12,7 +12,8 @@ use aya::{
 };
 use tokio::io::{Interest, unix::AsyncFd};
 use twtrace_common::{
-    AF_INET, AF_INET6, DEFAULT_MAX_SOCKETS, Filter, MAX_FILTER_ENTRIES, SockLayout, counter, names,
+    AF_INET, AF_INET6, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TW, Filter, LRU_SLACK_PER_CPU,
+    MAX_FILTER_ENTRIES, SockLayout, counter, names,
 };
 
 use crate::{sys, tracefs};
@@ -47,6 +48,9 @@ pub struct TracerOptions {
     pub ring_bytes: u32,
     /// Capacity of the per-socket record map.
     pub max_sockets: u32,
+    /// Most TIME_WAIT mini-sockets followed at once (a cap on the sum of
+    /// the namespaces' `tcp_max_tw_buckets`).
+    pub max_time_wait: u32,
     /// Carry the kernel program's aya-log diagnostics to the `log` crate.
     pub kernel_log: Option<log::LevelFilter>,
     /// Add the children that processes in `pids` fork to `pids`, in the
@@ -64,6 +68,7 @@ impl Default for TracerOptions {
             all_states: false,
             ring_bytes: 4096 * 1024,
             max_sockets: DEFAULT_MAX_SOCKETS,
+            max_time_wait: DEFAULT_MAX_TW,
             kernel_log: None,
             follow_forks: false,
         }
@@ -90,9 +95,9 @@ pub struct LossReport {
     /// Records the userspace decoder rejected (counted by the session,
     /// which decodes).
     pub decode_errors: u64,
-    /// TIME_WAIT mini-sockets that ended without twtrace holding their
-    /// record: alive before twtrace started, or evicted from its LRU map.
-    pub tw_untracked_ends: u64,
+    /// Mini-sockets whose first arming no hand-over followed: births (and
+    /// so whole lives) not reported.
+    pub tw_births_missed: u64,
     /// Mini-socket records the kernel could not store.
     pub tw_update_failed: u64,
     /// Children of `record`'s command the kernel could not follow.
@@ -116,6 +121,7 @@ pub struct Tracer {
     /// TIME_WAIT mini-sockets alive when tracing began (`/proc/net/sockstat`):
     /// their ends are expected to be untracked.
     tw_alive_at_start: u64,
+    tw_capacity: u32,
     tw_enabled: bool,
     events: AsyncFd<RingBuf<MapData>>,
     programs: Vec<&'static str>,
@@ -131,7 +137,7 @@ impl Tracer {
         tokio::runtime::Handle::try_current()
             .context("Tracer::start must be called inside a tokio runtime")?;
         sys::check_privileges()?;
-        let facts = KernelFacts::probe(&tracefs::root()?)?;
+        let facts = KernelFacts::probe(&tracefs::root()?, options.max_time_wait)?;
         let mut ebpf = load(options, &facts)?;
         fill_filter_map::<u32>(&mut ebpf, names::FILTER_PIDS, &options.pids)?;
         fill_filter_map::<u16>(&mut ebpf, names::FILTER_PORTS, &options.ports)?;
@@ -154,6 +160,7 @@ impl Tracer {
         Ok(Self {
             ebpf,
             tw_alive_at_start: facts.tw_alive_at_start,
+            tw_capacity: facts.tw_capacity,
             tw_enabled: attached.time_wait,
             events,
             programs: attached.programs,
@@ -230,9 +237,18 @@ impl Tracer {
         let sum = |index: u32| -> anyhow::Result<u64> {
             Ok(counters.get(&index, 0)?.iter().copied().sum())
         };
+        // A primary's misses that its twin handled are no loss.
         let mut recursion_misses = 0;
-        for name in &self.programs {
+        for name in self.programs.iter().filter(|n| !hooks::is_twin(n)) {
             recursion_misses += self.program_stats(name)?.recursion_misses;
+        }
+        for rescued in [
+            counter::RESCUED_SET_STATE,
+            counter::RESCUED_TIMER_START,
+            counter::RESCUED_TIMER_CANCEL,
+            counter::RESCUED_TIMER_EXPIRE,
+        ] {
+            recursion_misses = recursion_misses.saturating_sub(sum(rescued)?);
         }
         Ok(LossReport {
             ringbuf_full: sum(counter::RINGBUF_FULL)?,
@@ -240,7 +256,7 @@ impl Tracer {
             sock_update_failed: sum(counter::SOCK_UPDATE_FAILED)?,
             recursion_misses,
             decode_errors: 0,
-            tw_untracked_ends: sum(counter::TW_UNTRACKED_END)?,
+            tw_births_missed: sum(counter::TW_BIRTH_MISSED)?,
             tw_update_failed: sum(counter::TW_UPDATE_FAILED)?,
             follow_failed: sum(counter::FOLLOW_FAILED)?,
             too_deeply_nested: sum(counter::TOO_DEEPLY_NESTED)?,
@@ -256,13 +272,17 @@ impl Tracer {
         sys::prog_stats(&program.fd()?.as_fd())
     }
 
-    /// Mini-socket records evicted from the kernel's LRU map (an estimate:
-    /// untracked ends beyond those alive when tracing began).
-    pub fn tw_evictions(&self) -> anyhow::Result<u64> {
-        Ok(self
-            .loss()?
-            .tw_untracked_ends
-            .saturating_sub(self.tw_alive_at_start))
+    /// TIME_WAIT mini-sockets alive in every namespace when tracing began:
+    /// ends without a record beyond these were evicted records.
+    #[must_use]
+    pub fn tw_alive_at_start(&self) -> u64 {
+        self.tw_alive_at_start
+    }
+
+    /// Mini-sockets the kernel map follows at once.
+    #[must_use]
+    pub fn tw_capacity(&self) -> u32 {
+        self.tw_capacity
     }
 
     /// Names of the attached programs.
@@ -317,11 +337,17 @@ fn load(options: &TracerOptions, facts: &KernelFacts) -> anyhow::Result<Ebpf> {
             true,
         )
         .map_max_entries(names::EVENTS, options.ring_bytes)
-        .map_max_entries(names::SOCKS, options.max_sockets)
-        .map_max_entries(names::TWS, facts.tw_capacity)
+        .map_max_entries(names::SOCKS, with_lru_slack(options.max_sockets))
+        .map_max_entries(names::TWS, with_lru_slack(facts.tw_capacity))
         .map_max_entries(names::FILTER_PIDS, followed)
         .load(EBPF_OBJECT)
         .context("loading twtrace's eBPF programs into the kernel (see `dmesg` and run with -v for the verifier log)")
+}
+
+/// An LRU map's size for `n` entries usable from any CPU.
+fn with_lru_slack(n: u32) -> u32 {
+    let cpus = sys::possible_cpus().unwrap_or(1);
+    n.saturating_add(LRU_SLACK_PER_CPU.saturating_mul(cpus))
 }
 
 fn validate(options: &TracerOptions) -> anyhow::Result<()> {

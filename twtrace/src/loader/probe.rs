@@ -7,9 +7,9 @@
 use std::path::Path;
 
 use anyhow::Context;
-use twtrace_common::{DEFAULT_MAX_TW, SetStateLayout, SockLayout, TwConfig};
+use twtrace_common::{SetStateLayout, SockLayout, TwConfig};
 
-use crate::{btf::Btf, sys, tracefs};
+use crate::{btf::Btf, netns, sys, tracefs};
 
 /// Member offsets of kernel structs: the running kernel's BTF, or a
 /// table in tests.
@@ -31,9 +31,11 @@ pub struct Sources<'a> {
     pub layouts: anyhow::Result<&'a dyn StructLayouts>,
     /// Address of `tw_timer_handler`.
     pub tw_timer_handler: anyhow::Result<u64>,
-    /// `net.ipv4.tcp_max_tw_buckets`.
+    /// `net.ipv4.tcp_max_tw_buckets`, summed over every network namespace.
     pub max_tw_buckets: Option<u64>,
-    /// TIME_WAIT sockets alive now (`/proc/net/sockstat`).
+    /// The cap on the map's size (`--max-time-wait`).
+    pub max_time_wait: u32,
+    /// TIME_WAIT sockets alive now in every namespace (`/proc/net/sockstat`).
     pub time_wait_now: Option<u64>,
     /// `kernel.perf_event_paranoid`.
     pub perf_event_paranoid: Option<u64>,
@@ -60,7 +62,8 @@ pub struct KernelFacts {
 
 impl KernelFacts {
     /// Reads this host's tracefs, BTF, kallsyms and sysctls.
-    pub fn probe(tracefs_root: &Path) -> anyhow::Result<Self> {
+    /// `max_time_wait` caps the mini-socket map's size.
+    pub fn probe(tracefs_root: &Path, max_time_wait: u32) -> anyhow::Result<Self> {
         let format =
             |category: &str, event: &str| tracefs::read_format_text(tracefs_root, category, event);
         let set_state_format = format("sock", "inet_sock_set_state")?;
@@ -80,8 +83,11 @@ impl KernelFacts {
             fork_format: format("sched", "sched_process_fork"),
             layouts,
             tw_timer_handler,
-            max_tw_buckets: sys::read_sysctl_u64("/proc/sys/net/ipv4/tcp_max_tw_buckets").ok(),
-            time_wait_now: sys::time_wait_sockets_now().ok(),
+            max_tw_buckets: netns::sum_over_all(|| {
+                sys::read_sysctl_u64("/proc/sys/net/ipv4/tcp_max_tw_buckets").ok()
+            }),
+            max_time_wait,
+            time_wait_now: netns::sum_over_all(|| sys::time_wait_sockets_now().ok()),
             perf_event_paranoid: sys::read_sysctl_u64("/proc/sys/kernel/perf_event_paranoid").ok(),
         })
     }
@@ -108,12 +114,16 @@ impl KernelFacts {
                 .offset("sched:sched_process_fork", "child_pid", 4)
                 .ok()
         });
-        // Each network namespace holds up to tcp_max_tw_buckets mini-sockets;
-        // the map holds at least that many, as the LRU evicts beyond it.
+        // Each network namespace holds up to its tcp_max_tw_buckets
+        // mini-sockets; one map serves them all, up to the cap.
         let tw_capacity = sources
             .max_tw_buckets
-            .and_then(|n| u32::try_from(n).ok())
-            .map_or(DEFAULT_MAX_TW, |n| n.clamp(1024, 4 << 20));
+            .map_or(sources.max_time_wait, |n| {
+                u32::try_from(n)
+                    .unwrap_or(u32::MAX)
+                    .min(sources.max_time_wait)
+            })
+            .max(1024);
         Ok(Self {
             set_state,
             sock: sources
@@ -174,6 +184,8 @@ fn sock_layout(btf: &dyn StructLayouts) -> anyhow::Result<SockLayout> {
         daddr: at("skc_daddr")?,
         v6_rcv_saddr: at("skc_v6_rcv_saddr")?,
         v6_daddr: at("skc_v6_daddr")?,
+        snd_nxt: u16::try_from(btf.member_offset("tcp_sock", "snd_nxt")?)?,
+        pad: 0,
     })
 }
 
@@ -199,6 +211,8 @@ fn time_wait_config(sources: &Sources<'_>) -> anyhow::Result<(TwConfig, Vec<Stri
         // Older kernels (6.1) lack it; the expiry test then bounds by a
         // bucket guess.
         start_bucket_expiry: at("bucket_expiry").unwrap_or(0),
+        // The field came with the raw tracepoint's second argument.
+        raw_start_has_bucket: u8::from(at("bucket_expiry").is_ok()),
         ..TwConfig::DISABLED
     };
     let mut warnings = Vec::new();
@@ -228,6 +242,11 @@ fn timer_offsets(btf: &dyn StructLayouts, config: &mut TwConfig) -> anyhow::Resu
         from_timer(btf.member_offset("inet_timewait_sock", "tw_substate")?)?;
     config.sport_from_timer = from_timer(common + btf.member_offset("sock_common", "skc_num")?)?;
     config.dport_from_timer = from_timer(common + btf.member_offset("sock_common", "skc_dport")?)?;
+    config.family_from_timer =
+        from_timer(common + btf.member_offset("sock_common", "skc_family")?)?;
+    // `tw_snd_nxt`: kept in the common part (a union member there).
+    config.snd_nxt_from_timer =
+        from_timer(common + btf.member_offset("sock_common", "skc_tw_snd_nxt")?)?;
     Ok(())
 }
 
@@ -279,6 +298,7 @@ mod tests {
                 .context("no BTF here"),
             tw_timer_handler: Ok(0xffff_ffff_8100_0000),
             max_tw_buckets: Some(131_072),
+            max_time_wait: 262_144,
             time_wait_now: Some(7),
             perf_event_paranoid: Some(2),
         }
@@ -291,6 +311,8 @@ mod tests {
         assert_eq!(facts.set_state, SetStateLayout::DEFAULT);
         assert!(facts.sock.is_some());
         assert_eq!(facts.time_wait.start_bucket_expiry, 32);
+        assert_eq!(facts.time_wait.raw_start_has_bucket, 1);
+        assert!(facts.time_wait.snd_nxt_from_timer < 0);
         assert_eq!(facts.time_wait.start_now, 40);
         assert_eq!(facts.time_wait.has_btf, 1);
         assert!(facts.time_wait.substate_from_timer < 0);
@@ -304,6 +326,7 @@ mod tests {
         let btf = Table::parse(BTF_6_18);
         let facts = KernelFacts::from_sources(&sources(TIMER_START_6_1, Some(&btf))).unwrap();
         assert_eq!(facts.time_wait.start_bucket_expiry, 0);
+        assert_eq!(facts.time_wait.raw_start_has_bucket, 0);
         assert_eq!(facts.time_wait.start_now, 32);
         assert!(facts.time_wait_possible());
     }
@@ -331,7 +354,10 @@ mod tests {
         s.max_tw_buckets = None;
         let facts = KernelFacts::from_sources(&s).unwrap();
         assert!(!facts.time_wait_possible());
-        assert_eq!(facts.tw_capacity, DEFAULT_MAX_TW);
+        assert_eq!(facts.tw_capacity, 262_144);
+        s.max_tw_buckets = Some(4 * 131_072);
+        let facts = KernelFacts::from_sources(&s).unwrap();
+        assert_eq!(facts.tw_capacity, 262_144, "capped");
         assert!(
             facts.warnings[0]
                 .starts_with("TIME_WAIT tracking unavailable (symbol tw_timer_handler")

@@ -22,6 +22,14 @@ use crate::{
     session::{Consumer, Status},
 };
 
+/// Counters here mirror totals kept elsewhere: move one up to its total.
+fn advance_to(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}
+
 /// Not 9090/9091/9100 (Prometheus, Pushgateway, node exporter).
 pub const DEFAULT_PORT: u16 = 9866;
 
@@ -79,7 +87,8 @@ pub struct Metrics {
     time_in_state: Family<StateLabel, Histogram, fn() -> Histogram>,
     closes: Family<CloseLabels, Counter>,
     time_wait_now: Gauge,
-    lost: Family<LossLabel, Gauge>,
+    lost: Family<LossLabel, Counter>,
+    time_wait_skipped: Counter,
 }
 
 impl Default for Metrics {
@@ -111,11 +120,17 @@ impl Metrics {
             "TIME_WAIT mini-sockets alive now (born while traced)",
             time_wait_now.clone(),
         );
-        let lost = Family::<LossLabel, Gauge>::default();
+        let lost = Family::<LossLabel, Counter>::default();
         registry.register(
             "lost_events",
-            "Events lost and records evicted, by kind, since start",
+            "Events lost, births missed, TIME_WAIT ends without a record and records evicted, by kind",
             lost.clone(),
+        );
+        let time_wait_skipped = Counter::default();
+        registry.register(
+            "time_wait_skipped",
+            "Closes that skipped TIME_WAIT because tcp_max_tw_buckets was full",
+            time_wait_skipped.clone(),
         );
         // Every state appears from the start, so rates work from scrape one.
         for state in TEARDOWN_STATES {
@@ -129,6 +144,7 @@ impl Metrics {
             closes,
             time_wait_now,
             lost,
+            time_wait_skipped,
         }
     }
 
@@ -165,12 +181,16 @@ impl Metrics {
             ("recursion_misses", loss.recursion_misses),
             ("unreadable", loss.read_failed),
             ("undecodable", loss.decode_errors),
-            ("tw_evictions", status.tw_evictions),
+            ("tw_births_missed", loss.tw_births_missed),
+            (
+                "tw_ends_without_record",
+                status.time_wait.ends_without_record,
+            ),
+            ("tw_evictions", status.time_wait.evictions),
         ] {
-            self.lost
-                .get_or_create(&LossLabel { kind })
-                .set(i64::try_from(value).unwrap_or(i64::MAX));
+            advance_to(&self.lost.get_or_create(&LossLabel { kind }), value);
         }
+        advance_to(&self.time_wait_skipped, status.time_wait.skipped);
     }
 
     /// The exposition, in the `OpenMetrics` text format.

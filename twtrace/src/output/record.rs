@@ -49,6 +49,10 @@ pub struct RecordReport {
     /// recorded; orphaned ones still waiting in FIN_WAIT2 count too (each
     /// holds its port just the same).
     pub time_wait_peak: u64,
+    /// Closes that skipped TIME_WAIT (`tcp_max_tw_buckets` full), as seen,
+    /// and by the kernel's count (`TcpExtTCPTimeWaitOverflow`).
+    pub time_wait_skipped: u64,
+    pub time_wait_overflows_kernel: Option<u64>,
     pub events: u64,
     pub lost: Lost,
     pub states: Vec<StateStats>,
@@ -76,6 +80,8 @@ impl RecordReport {
             active_closes: summary.active_closes,
             passive_closes: summary.passive_closes,
             time_wait_peak,
+            time_wait_skipped: summary.time_wait_skipped,
+            time_wait_overflows_kernel: summary.time_wait_overflows_kernel,
             events: summary.events,
             lost: summary.lost,
             states: summary.states,

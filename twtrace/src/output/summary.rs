@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::{
     histogram::{StateStats, TeardownStats},
     loader::LossReport,
-    session::SessionEnd,
+    session::{SessionEnd, TimeWaitTally},
     units,
 };
 
@@ -31,9 +31,19 @@ pub struct Lost {
     pub undecodable: u64,
     /// Socket records the kernel could not store (owner or time unknown).
     pub sock_records_not_stored: u64,
-    /// TIME_WAIT records evicted from the kernel's LRU map (estimate).
+    /// TIME_WAIT records evicted from the kernel's LRU map (estimate: ends
+    /// without a record beyond the mini-sockets alive at start).
     pub tw_evictions: u64,
     pub tw_records_not_stored: u64,
+    /// Mini-sockets born without their birth being seen (the hand-over
+    /// from the full socket never came).
+    pub tw_births_missed: u64,
+    /// Mini-sockets that ended while twtrace held no record of them.
+    pub tw_ends_without_record: u64,
+    /// Children of `record`'s command the kernel could not follow.
+    pub followed_children_missed: u64,
+    /// Program runs nested too deeply on a CPU to keep TIME_WAIT state.
+    pub too_deeply_nested: u64,
 }
 
 /// One JSON document (or a text block) summarising a run.
@@ -46,6 +56,12 @@ pub struct SummaryReport {
     pub time_wait_tracking: bool,
     pub active_closes: u64,
     pub passive_closes: u64,
+    /// Closes that skipped TIME_WAIT because the namespace's
+    /// `tcp_max_tw_buckets` was full, as twtrace saw them.
+    pub time_wait_skipped: u64,
+    /// The kernel's count of the same (`TcpExtTCPTimeWaitOverflow`), over
+    /// every namespace twtrace could enter; `null` if unreadable.
+    pub time_wait_overflows_kernel: Option<u64>,
     pub lost: Lost,
     pub states: Vec<StateStats>,
     pub processes: Vec<ProcessReport>,
@@ -58,7 +74,7 @@ impl SummaryReport {
         events: u64,
         duration_ns: u64,
         loss: &LossReport,
-        tw_evictions: u64,
+        time_wait: &TimeWaitTally,
         time_wait_tracking: bool,
     ) -> Self {
         let mut processes: Vec<ProcessReport> = stats
@@ -87,6 +103,8 @@ impl SummaryReport {
             time_wait_tracking,
             active_closes: stats.active_closes,
             passive_closes: stats.passive_closes,
+            time_wait_skipped: time_wait.skipped,
+            time_wait_overflows_kernel: time_wait.kernel_overflows,
             lost: Lost {
                 events: loss.events_lost(),
                 ringbuf_full: loss.ringbuf_full,
@@ -94,8 +112,12 @@ impl SummaryReport {
                 unreadable: loss.read_failed,
                 undecodable: loss.decode_errors,
                 sock_records_not_stored: loss.sock_update_failed,
-                tw_evictions,
+                tw_evictions: time_wait.evictions,
                 tw_records_not_stored: loss.tw_update_failed,
+                tw_births_missed: loss.tw_births_missed,
+                tw_ends_without_record: time_wait.ends_without_record,
+                followed_children_missed: loss.follow_failed,
+                too_deeply_nested: loss.too_deeply_nested,
             },
             states: stats.overall.stats(),
             processes,
@@ -110,7 +132,7 @@ impl SummaryReport {
             end.events,
             end.duration_ns,
             &end.loss,
-            end.tw_evictions,
+            &end.time_wait,
             end.time_wait_tracking,
         )
     }
@@ -173,7 +195,7 @@ impl SummaryReport {
         let lost = &self.lost;
         writeln!(
             out,
-            "{} transitions in {}; lost {} (ring buffer full {}, recursion misses {}, unreadable {}, undecodable {}); socket records not stored {}; TIME_WAIT records evicted {}, not stored {}{}",
+            "{} transitions in {}; lost {} (ring buffer full {}, recursion misses {}, unreadable {}, undecodable {}); socket records not stored {}; TIME_WAIT births missed {}, ends without a record {} (records evicted {}), not stored {}{}",
             self.events,
             units::duration(self.duration_ns),
             lost.events,
@@ -182,6 +204,8 @@ impl SummaryReport {
             lost.unreadable,
             lost.undecodable,
             lost.sock_records_not_stored,
+            lost.tw_births_missed,
+            lost.tw_ends_without_record,
             lost.tw_evictions,
             lost.tw_records_not_stored,
             if self.time_wait_tracking {
@@ -189,7 +213,17 @@ impl SummaryReport {
             } else {
                 "; TIME_WAIT not tracked on this kernel"
             },
-        )
+        )?;
+        if self.time_wait_skipped > 0 || self.time_wait_overflows_kernel.is_some_and(|n| n > 0) {
+            writeln!(
+                out,
+                "closes that skipped TIME_WAIT (tcp_max_tw_buckets full): {} seen, {} by the kernel's count",
+                self.time_wait_skipped,
+                self.time_wait_overflows_kernel
+                    .map_or_else(|| "?".to_owned(), |n| n.to_string()),
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -248,7 +282,14 @@ mod tests {
                 end: None,
             });
         }
-        SummaryReport::new(&stats, 5, 30_000_000_000, &LossReport::default(), 0, true)
+        SummaryReport::new(
+            &stats,
+            5,
+            30_000_000_000,
+            &LossReport::default(),
+            &TimeWaitTally::default(),
+            true,
+        )
     }
 
     #[test]

@@ -69,6 +69,8 @@ pub struct HostFacts {
     pub warnings: Vec<String>,
     pub events_lost: u64,
     pub tw_evictions: u64,
+    /// Closes that skipped TIME_WAIT: `tcp_max_tw_buckets` was full.
+    pub time_wait_skipped: u64,
     pub time_wait_tracking: bool,
     /// TIME_WAIT mini-sockets each pid holds now (from the teardown model,
     /// which also sees orphaned ones before their move to TIME_WAIT shows).

@@ -252,6 +252,13 @@ pub fn header_lines(snapshot: &TopSnapshot, state: &ViewState) -> [String; 2] {
         h.host.tw_evictions,
         units::duration(h.elapsed_ns - h.elapsed_ns % 1_000_000_000),
     );
+    if h.host.time_wait_skipped > 0 {
+        let _ = write!(
+            second,
+            "   skipped TIME_WAIT (tcp_max_tw_buckets full) {}",
+            h.host.time_wait_skipped
+        );
+    }
     if !state.filter.is_empty() {
         let _ = write!(second, "   filter: {}", state.filter);
     }
@@ -503,6 +510,7 @@ mod tests {
                     warnings: Vec::new(),
                     events_lost: 0,
                     tw_evictions: 0,
+                    time_wait_skipped: 0,
                     time_wait_tracking: true,
                     held_by_pid: std::collections::HashMap::new(),
                     routes: vec![crate::ports::forecast(

@@ -28,6 +28,7 @@ macro_rules! tests {
     };
 }
 
+mod at_scale;
 mod cli;
 mod peer;
 mod record;
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
     }
     support::quiet_skips();
     let trials = [
+        at_scale::TESTS,
         transitions::TESTS,
         time_wait::TESTS,
         cli::TESTS,

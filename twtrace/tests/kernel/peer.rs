@@ -107,6 +107,53 @@ impl Peer {
         spawn(netns, &format!("churn {seconds} close"))
     }
 
+    /// Starts a process that listens on a port of `netns` (printed, read
+    /// into `addr`), and once told to go makes connections as fast as it
+    /// can — `Amount::Connections(n)` of them, or for `Amount::Seconds(s)`
+    /// — from `threads` client threads spread over 127.0.x.y destinations,
+    /// the server closing first each time; then prints `done`. With `cpus`
+    /// it runs pinned to them (`taskset`), so every TIME_WAIT is born there.
+    pub fn flood(netns: &Netns, amount: Amount, threads: usize, cpus: Option<&str>) -> Self {
+        let amount = match amount {
+            Amount::Connections(n) => format!("n:{n}"),
+            Amount::Seconds(s) => format!("s:{s}"),
+        };
+        let role = format!("flood {amount} {threads}");
+        let mut peer = spawn_pinned(netns, &role, cpus);
+        let stdout = peer.child.stdout.take().expect("peer stdout");
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .expect("reading the flood's port");
+        let port: u16 = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("flood said {line:?}"));
+        peer.addr = Some(SocketAddr::from(([127, 0, 0, 1], port)));
+        peer.child.stdout = Some(reader.into_inner());
+        peer
+    }
+
+    /// Takes the go signal out, to give to whoever starts the peer.
+    pub fn go_signal(&mut self) -> impl FnOnce() + Send + 'static {
+        let mut stdin = self.stdin.take().expect("client already started");
+        move || stdin.write_all(b"go\n").expect("starting the peer")
+    }
+
+    /// A channel that receives once the peer prints `done`.
+    pub fn done_signal(&mut self) -> std::sync::mpsc::Receiver<()> {
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let stdout = self.child.stdout.take().expect("peer stdout");
+        thread::spawn(move || {
+            let mut line = String::new();
+            if BufReader::new(stdout).read_line(&mut line).is_ok() && line.trim() == "done" {
+                let _ = done_tx.send(());
+            }
+        });
+        done
+    }
+
     /// Waits for the peer to print `done`.
     pub fn wait_done(&mut self) {
         let stdout = self.child.stdout.as_mut().expect("peer stdout");
@@ -140,9 +187,18 @@ impl Drop for Peer {
 }
 
 fn spawn(netns: &Netns, role: &str) -> Peer {
-    // `ip netns exec` execs the command: the child's pid is the peer's.
-    let child = Command::new("ip")
-        .args(["netns", "exec", &netns.name])
+    spawn_pinned(netns, role, None)
+}
+
+fn spawn_pinned(netns: &Netns, role: &str, cpus: Option<&str>) -> Peer {
+    // `ip netns exec` and `taskset` exec the command: the child's pid is
+    // the peer's.
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", &netns.name]);
+    if let Some(cpus) = cpus {
+        command.args(["taskset", "-c", cpus]);
+    }
+    let child = command
         .arg(std::env::current_exe().expect("test binary path"))
         .env(ENV, role)
         .stdin(Stdio::piped())
@@ -168,16 +224,15 @@ pub fn run_if_peer() -> Option<ExitCode> {
     let [kind, addr, ending_text] = parts[..] else {
         panic!("bad peer role {role}");
     };
-    let ending = if kind == "maker" {
-        Ending::CloseFirst
-    } else {
-        Ending::decode(ending_text)
-    };
     match kind {
-        "server" => serve(addr, ending),
-        "client" => connect(addr.parse().expect("server address"), ending),
+        "server" => serve(addr, Ending::decode(ending_text)),
+        "client" => connect(
+            addr.parse().expect("server address"),
+            Ending::decode(ending_text),
+        ),
         "maker" => make_time_waits(addr.parse().expect("count"), ending_text == "auto"),
         "churn" => churn(Duration::from_secs(addr.parse().expect("seconds"))),
+        "flood" => flood(addr, ending_text.parse().expect("threads")),
         other => panic!("unknown peer kind {other}"),
     }
     Some(ExitCode::SUCCESS)
@@ -224,6 +279,79 @@ fn churn(length: Duration) {
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).expect("read to EOF");
     }
+    println!("done");
+    std::io::stdout().flush().expect("flush");
+    let _ = std::io::stdin().read_line(&mut go);
+}
+
+/// How much a flood makes.
+#[derive(Clone, Copy, Debug)]
+pub enum Amount {
+    Connections(u64),
+    Seconds(u64),
+}
+
+fn flood(amount: &str, threads: usize) {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
+    let (count, seconds) = match amount.split_once(':') {
+        Some(("n", n)) => (n.parse::<u64>().expect("count"), 0),
+        Some(("s", s)) => (0, s.parse::<u64>().expect("seconds")),
+        _ => panic!("bad flood amount {amount}"),
+    };
+    // Clients end as the server closes; it must serve until they are done.
+    let listener = TcpListener::bind("0.0.0.0:0").expect("bind");
+    let port = listener.local_addr().expect("local addr").port();
+    println!("{port}");
+    std::io::stdout().flush().expect("flush");
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).expect("waiting for go");
+    let stop = Arc::new(AtomicBool::new(false));
+    if count == 0 {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_secs(seconds));
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..threads)
+        .map(|_| {
+            let (next, stop) = (next.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut rest = [0u8; 16];
+                while !stop.load(Ordering::Relaxed) {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if count != 0 && n >= count {
+                        break;
+                    }
+                    // 254 x 254 destinations: ports never run out.
+                    let host = n % (254 * 254);
+                    let octet = |v: u64| u8::try_from(1 + v).expect("under 255");
+                    let to =
+                        SocketAddr::from(([127, 0, octet(host / 254), octet(host % 254)], port));
+                    let mut stream = TcpStream::connect(to).expect("connect");
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(5)))
+                        .expect("read timeout");
+                    // The server closes first: read its FIN, then close.
+                    let _ = stream.read(&mut rest);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("client thread");
+    }
+    // Let the last FINs and ACKs land.
+    thread::sleep(Duration::from_millis(200));
     println!("done");
     std::io::stdout().flush().expect("flush");
     let _ = std::io::stdin().read_line(&mut go);

@@ -1,0 +1,111 @@
+//! The host's network namespaces, and reading what the kernel keeps per
+//! namespace (sysctls, `/proc/net/*`) from inside each one. Every
+//! namespace has its own `tcp_max_tw_buckets`, sockstat and counters, and
+//! `/proc/sys/net` shows the reader's own.
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File},
+    io,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+};
+
+/// One network namespace, by the inode `ip netns identify` and `lsns` show.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub inode: u64,
+    /// A file that names it: `/run/netns/NAME` or `/proc/PID/ns/net`.
+    pub path: PathBuf,
+}
+
+/// Every network namespace a process lives in or `ip netns` holds, named
+/// mounts first; twtrace's own included.
+#[must_use]
+pub fn all() -> Vec<Namespace> {
+    let mut found: BTreeMap<u64, PathBuf> = BTreeMap::new();
+    let named = fs::read_dir("/run/netns").into_iter().flatten().flatten();
+    let processes = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        });
+    let paths = named
+        .map(|e| e.path())
+        .chain(processes.map(|e| e.path().join("ns/net")));
+    for path in paths {
+        // A process may exit while we look: skip it.
+        if let Ok(meta) = fs::metadata(&path) {
+            found.entry(meta.ino()).or_insert(path);
+        }
+    }
+    found
+        .into_iter()
+        .map(|(inode, path)| Namespace { inode, path })
+        .collect()
+}
+
+/// Runs `read` on a thread that has entered `ns` (network namespaces are
+/// per thread), so `/proc/sys/net` and `/proc/net` are that namespace's.
+pub fn read_in<T: Send>(ns: &Namespace, read: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let file = File::open(&ns.path)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on an open namespace file of ours, for
+                // this thread only; it ends with the scope.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(read())
+            })
+            .join()
+            .map_err(|_| io::Error::other("reading inside a network namespace panicked"))?
+    })
+}
+
+/// The sum over every namespace of what `read` finds there. Entering a
+/// namespace takes CAP_SYS_ADMIN: without it, only our own counts.
+#[must_use]
+pub fn sum_over_all(read: impl Fn() -> Option<u64> + Sync) -> Option<u64> {
+    let values: Vec<u64> = all()
+        .iter()
+        .filter_map(|ns| read_in(ns, &read).ok().flatten())
+        .collect();
+    if values.is_empty() {
+        read()
+    } else {
+        Some(values.iter().sum())
+    }
+}
+
+/// The namespace of this process.
+pub fn own() -> io::Result<u64> {
+    Ok(fs::metadata(Path::new("/proc/self/ns/net"))?.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_own_namespace_is_among_them_and_readable_inside() {
+        let own = own().unwrap();
+        let all = all();
+        let ours = all.iter().find(|ns| ns.inode == own).expect("ours listed");
+        // Inside our own namespace the same file names the same one.
+        let inside = read_in(ours, || {
+            fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino())
+        });
+        match inside {
+            Ok(inode) => assert_eq!(inode.unwrap(), own),
+            // Without CAP_SYS_ADMIN setns is refused: nothing to check.
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}"),
+        }
+    }
+}

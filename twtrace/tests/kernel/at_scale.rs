@@ -1,0 +1,408 @@
+//! TIME_WAIT at the kernel's own limits: 100 000 mini-sockets born on one
+//! CPU, then on all of them, then a churn at this machine's top rate for
+//! over two TIME_WAIT lengths — each in a namespace of its own, with
+//! twtrace's counts held to the kernel's (`TcpExtTW` + `TcpExtTWKilled`
+//! births, `TcpExtTCPTimeWaitOverflow`, sockstat's `tw`) and nothing lost.
+
+use std::{
+    collections::HashMap,
+    io,
+    ops::ControlFlow,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::Receiver,
+    },
+    time::{Duration, Instant},
+};
+
+use twtrace::{
+    event::{EventKind, KernelEvent, Transition, TwEnd},
+    loader::{LossReport, Tracer, TracerOptions},
+    session::{self, Announce, Consumer, SessionEnd, Status},
+};
+
+use crate::{
+    Test,
+    peer::{Amount, Netns, Peer},
+    support::{self, command_stdout},
+};
+
+pub const TESTS: &[Test] = crate::tests![
+    at_scale_100k_time_wait_born_on_one_cpu_match_the_kernel,
+    at_scale_100k_time_wait_born_on_every_cpu_match_the_kernel,
+    at_scale_time_wait_now_matches_sockstat_through_two_lifetimes,
+];
+
+/// The namespace's own limit in the first two tests, and the connections
+/// that overrun it.
+const LIMIT: u64 = 100_000;
+const CONNECTIONS: u64 = 110_000;
+/// The churn of the third test: more than twice TIME_WAIT's 60 s.
+const CHURN_SECS: u64 = 130;
+
+/// 100 000 TIME_WAIT born on CPU 0, then the namespace deleted.
+fn at_scale_100k_time_wait_born_on_one_cpu_match_the_kernel() {
+    at_the_limit(Some("0"));
+}
+
+/// The same with the births spread over every CPU.
+fn at_scale_100k_time_wait_born_on_every_cpu_match_the_kernel() {
+    at_the_limit(None);
+}
+
+fn at_the_limit(cpus: Option<&str>) {
+    require_scale_tests();
+    support::require_time_wait();
+    let mut netns = Netns::new();
+    sysctl_in(&netns, "net.ipv4.tcp_max_tw_buckets", LIMIT);
+    let mut flood = Peer::flood(&netns, Amount::Connections(CONNECTIONS), 2, cpus);
+    let before = Kernel::read(&netns.name);
+    let mut after = None;
+    let end = trace(&mut flood, Duration::from_mins(5), None, |count| {
+        // The flood is over: the kernel's counts, then every mini-socket
+        // ended by deleting the namespace.
+        after = Some(Kernel::read(&netns.name));
+        netns.delete();
+        count
+    });
+    let (count, end) = end;
+    let after = after.expect("the flood finished in time");
+
+    let births = after.births() - before.births();
+    let overflowed = after.overflows - before.overflows;
+    eprintln!(
+        "kernel: {births} TIME_WAIT births, {overflowed} overflows; twtrace: {} births, {} ends, {} skipped TIME_WAIT; {:?} {:?}",
+        count.births, count.ends, end.time_wait.skipped, end.loss, end.time_wait
+    );
+    assert!(
+        births >= LIMIT - 1_000,
+        "the flood made only {births} TIME_WAIT"
+    );
+    assert_eq!(
+        count.births, births,
+        "births: twtrace's against TcpExtTW + TcpExtTWKilled"
+    );
+    assert_eq!(count.ends, count.births, "every birth has an end");
+    count.assert_one_end_per_birth();
+    assert_eq!(
+        end.time_wait.skipped, overflowed,
+        "closes that skipped TIME_WAIT against TcpExtTCPTimeWaitOverflow"
+    );
+    assert_nothing_lost(&end);
+}
+
+/// At the top rate this machine reaches, for over twice TIME_WAIT's 60 s,
+/// so births and expiries overlap: every second, twtrace's TIME_WAIT now
+/// equals the namespace's sockstat `tw` within what was born or ended
+/// while the kernel's count was read.
+fn at_scale_time_wait_now_matches_sockstat_through_two_lifetimes() {
+    require_scale_tests();
+    support::require_time_wait();
+    let mut netns = Netns::new();
+    let mut flood = Peer::flood(&netns, Amount::Seconds(CHURN_SECS), 2, None);
+    let live = Arc::new(Live::default());
+    let watch = Sampler::start(netns.name.clone(), live.clone());
+    let mut seen = Vec::new();
+    let (count, end) = trace(&mut flood, Duration::from_mins(5), Some(live), |count| {
+        seen = watch.stop();
+        netns.delete();
+        count
+    });
+    let samples = seen;
+    eprintln!(
+        "{} samples, last {:?}; twtrace: {} births, {} ends",
+        samples.len(),
+        samples.last(),
+        count.births,
+        count.ends
+    );
+    assert!(samples.len() >= 100, "too few samples: {}", samples.len());
+    for s in &samples {
+        for (when, twtrace) in [("before", s.before), ("after", s.after)] {
+            assert!(
+                s.kernel.abs_diff(twtrace) <= s.moved,
+                "at {:?}: sockstat tw {} vs twtrace's {twtrace} {when} ({} born or ended meanwhile)",
+                s.at,
+                s.kernel,
+                s.moved
+            );
+        }
+    }
+    let expired = samples.last().map_or(0, |s| s.expired);
+    assert!(expired > 0, "no TIME_WAIT expired during the churn");
+    assert_eq!(count.ends, count.births, "every birth has an end");
+    count.assert_one_end_per_birth();
+    assert_nothing_lost(&end);
+}
+
+/// These run on request: alone they match the kernel exactly, but with
+/// other heavy workloads on the machine a few births in 100 000 still go
+/// unreported without being counted (open in issue 14).
+fn require_scale_tests() {
+    if std::env::var_os("TWTRACE_SCALE_TESTS").is_none() {
+        support::skip(
+            "at-scale TIME_WAIT tests run with TWTRACE_SCALE_TESTS=1 (not yet exact under concurrent load)",
+        );
+    }
+}
+
+/// The kernel's own TIME_WAIT counters in one namespace.
+struct Kernel {
+    tw: u64,
+    tw_killed: u64,
+    overflows: u64,
+}
+
+impl Kernel {
+    fn read(netns: &str) -> Self {
+        let text = command_stdout("ip", &["netns", "exec", netns, "cat", "/proc/net/netstat"]);
+        let counters = twtrace::sys::parse_netstat(&text);
+        let get = |name: &str| {
+            counters
+                .get(name)
+                .copied()
+                .unwrap_or_else(|| panic!("no TcpExt {name}"))
+        };
+        Self {
+            tw: get("TW"),
+            tw_killed: get("TWKilled"),
+            overflows: get("TCPTimeWaitOverflow"),
+        }
+    }
+
+    /// Mini-sockets born: the kernel counts each in one of the two, by its
+    /// first timeout.
+    fn births(&self) -> u64 {
+        self.tw + self.tw_killed
+    }
+}
+
+fn sockstat_tw(netns: &str) -> Option<u64> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "cat", "/proc/net/sockstat"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text.lines().find(|l| l.starts_with("TCP:"))?;
+    let mut words = line.split_whitespace();
+    words.find(|w| *w == "tw")?;
+    words.next()?.parse().ok()
+}
+
+fn sysctl_in(netns: &Netns, name: &str, value: u64) {
+    let setting = format!("{name}={value}");
+    command_stdout(
+        "ip",
+        &["netns", "exec", &netns.name, "sysctl", "-q", "-w", &setting],
+    );
+}
+
+/// Births and ends as twtrace reports them, by full-socket address.
+#[derive(Default)]
+struct Count {
+    births: u64,
+    ends: u64,
+    expired: u64,
+    born_by_sock: HashMap<u64, u64>,
+    ended_by_sock: HashMap<u64, u64>,
+}
+
+impl Count {
+    /// Every mini-socket ended once: none merged with another (which would
+    /// leave one without an end), none ended twice.
+    fn assert_one_end_per_birth(&self) {
+        let wrong: Vec<(u64, u64, u64)> = self
+            .born_by_sock
+            .iter()
+            .filter_map(|(sock, born)| {
+                let ended = self.ended_by_sock.get(sock).copied().unwrap_or(0);
+                (ended != *born).then_some((*sock, *born, ended))
+            })
+            .take(10)
+            .collect();
+        assert!(wrong.is_empty(), "(socket, births, ends): {wrong:x?}");
+    }
+}
+
+/// twtrace's live counts, for the sampler.
+#[derive(Default)]
+struct Live {
+    alive: AtomicU64,
+    moved: AtomicU64,
+    expired: AtomicU64,
+}
+
+/// The session's consumer: counts, starts the flood once attached, runs
+/// `then` when the flood is done, and stops once every birth has ended
+/// and nothing moved for a second.
+struct Run<F> {
+    count: Count,
+    go: Option<Box<dyn FnOnce() + Send>>,
+    done: Receiver<()>,
+    then: Option<F>,
+    live: Option<Arc<Live>>,
+    finished: bool,
+    last_move: (u64, Instant),
+}
+
+impl<F: FnOnce(Count) -> Count> Run<F> {
+    fn publish(&self) {
+        if let Some(live) = &self.live {
+            let c = &self.count;
+            live.alive
+                .store(c.births.saturating_sub(c.ends), Ordering::Relaxed);
+            live.moved.store(c.births + c.ends, Ordering::Relaxed);
+            live.expired.store(c.expired, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<F: FnOnce(Count) -> Count> Consumer for Run<F> {
+    fn attached(&mut self, _tracer: &mut Tracer) -> anyhow::Result<()> {
+        if let Some(go) = self.go.take() {
+            go();
+        }
+        Ok(())
+    }
+
+    fn kernel_event(&mut self, event: &KernelEvent) {
+        if event.kind == EventKind::TwBirth && !event.untracked {
+            self.count.births += 1;
+            *self
+                .count
+                .born_by_sock
+                .entry(event.transition.sock_id)
+                .or_default() += 1;
+            self.publish();
+        }
+    }
+
+    fn transition(&mut self, t: &Transition) -> io::Result<()> {
+        if let Some(end) = t.end {
+            self.count.ends += 1;
+            self.count.expired += u64::from(end == TwEnd::Expired);
+            *self.count.ended_by_sock.entry(t.sock_id).or_default() += 1;
+            self.publish();
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self, _status: &Status) -> io::Result<ControlFlow<()>> {
+        if !self.finished && self.done.try_recv().is_ok() {
+            let then = self.then.take().expect("then runs once");
+            self.count = then(std::mem::take(&mut self.count));
+            self.finished = true;
+        }
+        let moved = self.count.births + self.count.ends;
+        if moved != self.last_move.0 {
+            self.last_move = (moved, Instant::now());
+        }
+        let quiet = self.last_move.1.elapsed() >= Duration::from_secs(1);
+        let all_ended = self.count.ends >= self.count.births;
+        Ok(if self.finished && all_ended && quiet {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        })
+    }
+}
+
+/// Traces `flood`'s sockets for at most `limit`; see `Run`.
+fn trace(
+    flood: &mut Peer,
+    limit: Duration,
+    live: Option<Arc<Live>>,
+    then: impl FnOnce(Count) -> Count,
+) -> (Count, SessionEnd) {
+    let options = TracerOptions {
+        pids: vec![flood.pid],
+        ports: vec![flood.addr.expect("flood port").port()],
+        ..TracerOptions::default()
+    };
+    let mut run = Run {
+        count: Count::default(),
+        go: Some(Box::new(flood.go_signal())),
+        done: flood.done_signal(),
+        then: Some(then),
+        live,
+        finished: false,
+        last_move: (0, Instant::now()),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let end = runtime
+        .block_on(session::run(
+            &options,
+            Some(limit),
+            Announce::Silently,
+            &mut run,
+        ))
+        .expect("loading and attaching twtrace");
+    assert!(run.finished, "the flood did not finish within {limit:?}");
+    (run.count, end)
+}
+
+fn assert_nothing_lost(end: &SessionEnd) {
+    let loss = &end.loss;
+    assert_eq!(*loss, LossReport::default(), "lost: {loss:?}");
+    assert_eq!(end.time_wait.ends_without_record, 0, "{:?}", end.time_wait);
+}
+
+/// One look at the kernel's count, between two of twtrace's.
+#[derive(Debug)]
+struct Sample {
+    at: Duration,
+    kernel: u64,
+    before: u64,
+    after: u64,
+    /// Births and ends twtrace saw between its two counts.
+    moved: u64,
+    expired: u64,
+}
+
+/// Reads sockstat every second in the namespace, bracketed by twtrace's
+/// counts 150 ms apart (twtrace's pipeline lags the kernel by tens of ms).
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Sample>>,
+}
+
+impl Sampler {
+    fn start(netns: String, live: Arc<Live>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let mut samples = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let before = live.alive.load(Ordering::Relaxed);
+                    let moved = live.moved.load(Ordering::Relaxed);
+                    let Some(kernel) = sockstat_tw(&netns) else {
+                        break;
+                    };
+                    std::thread::sleep(Duration::from_millis(150));
+                    samples.push(Sample {
+                        at: started.elapsed(),
+                        kernel,
+                        before,
+                        after: live.alive.load(Ordering::Relaxed),
+                        moved: live.moved.load(Ordering::Relaxed) - moved,
+                        expired: live.expired.load(Ordering::Relaxed),
+                    });
+                }
+                samples
+            })
+        };
+        Self { stop, thread }
+    }
+
+    fn stop(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("sampler")
+    }
+}
