@@ -43,11 +43,6 @@ pub const IPPROTO_TCP: u16 = 6;
 /// state (it predates the tracer, or its record was evicted), so the time it
 /// spent there is unknown and `in_state_ns` is 0.
 pub const FLAG_IN_STATE_UNKNOWN: u32 = 1 << 0;
-/// `TransitionEvent::flags`: a mini-socket twtrace holds no record of (it
-/// was born before twtrace started, or its record was evicted): only
-/// `tw_id`, `ts_ns` and the ports are known. Such cancels, re-arms and
-/// expiries are streamed so that userspace can count every end.
-pub const FLAG_UNTRACKED: u32 = 1 << 1;
 
 /// `TransitionEvent::kind`: what the kernel saw.
 pub mod kind {
@@ -163,7 +158,10 @@ pub struct TwScratch {
     pub cancel_sport: u16,
     pub cancel_dport: u16,
     pub pending_substate: u8,
-    pub pad: [u8; 7],
+    /// Non-zero when `cancel_timer`'s mini-socket had no record: if nothing
+    /// re-arms it, its end is counted (`counter::TW_UNTRACKED_END`).
+    pub cancel_untracked: u8,
+    pub pad: [u8; 6],
 }
 
 /// A mini-socket armed for the first time, by who it is: its ports and the
@@ -405,13 +403,18 @@ pub mod counter {
     /// Program runs nested deeper than `MAX_NESTING` on one CPU, which
     /// skipped the TIME_WAIT bookkeeping they would have done.
     pub const TOO_DEEPLY_NESTED: u32 = 6;
+    /// Mini-sockets that ended while twtrace held no record of them (born
+    /// before it started, or their record evicted). Counted in the kernel:
+    /// expiries come a timer-wheel bucket at a time, tens of thousands in
+    /// one softirq, more than any ring holds.
+    pub const TW_UNTRACKED_END: u32 = 11;
     /// Events a hook's twin handled because the hook itself was skipped
     /// by the kernel's recursion guard (per hook kind, `twin::*`).
     pub const RESCUED_SET_STATE: u32 = 7;
     pub const RESCUED_TIMER_START: u32 = 8;
     pub const RESCUED_TIMER_CANCEL: u32 = 9;
     pub const RESCUED_TIMER_EXPIRE: u32 = 10;
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
 }
 
 /// Map and program names both sides agree on.
@@ -426,6 +429,7 @@ pub mod names {
     pub const GLOBAL_SET_STATE_LAYOUT: &str = "SET_STATE_LAYOUT";
     pub const GLOBAL_TW_CONFIG: &str = "TW_CONFIG";
     pub const TWS: &str = "TWS";
+    pub const TW_SCRATCH: &str = "TW_SCRATCH";
     pub const PROG_TIMER_START: &str = "timer_start";
     pub const PROG_TIMER_START_RAW: &str = "timer_start_raw";
     pub const PROG_TIMER_EXPIRE: &str = "timer_expire_entry";
@@ -496,4 +500,6 @@ mod pod {
     unsafe impl aya::Pod for super::TwConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockLayout {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TwScratch {}
 }

@@ -7,8 +7,7 @@ use core::mem::MaybeUninit;
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::warn;
 use twtrace_common::{
-    FLAG_IN_STATE_UNKNOWN, FLAG_UNTRACKED, PendingBirth, SockRecord, TransitionEvent, TwRecord,
-    counter, kind, tcp_state,
+    PendingBirth, SockRecord, TransitionEvent, TwRecord, counter, kind, tcp_state,
 };
 
 use crate::{
@@ -207,50 +206,6 @@ fn tw_event<C: EbpfContext>(
             end_substate: facts.substate,
             pad: [0; 6],
             comm: record.comm,
-        });
-    });
-}
-
-/// A cancel, re-arm (`kind::TW_REARM`) or expiry of a mini-socket twtrace
-/// holds no record of: its timer, ports and family, nothing more.
-// More than five arguments: BPF calls pass at most five in registers.
-#[inline(always)]
-pub fn tw_untracked<C: EbpfContext>(
-    ctx: &C,
-    timer: u64,
-    now: u64,
-    event_kind: u8,
-    substate: u8,
-    (sport, dport, family): (u16, u16, u16),
-) {
-    let new_state = if event_kind == kind::TW_REARM {
-        substate
-    } else {
-        tcp_state::CLOSE
-    };
-    submit(ctx, |slot| {
-        slot.write(TransitionEvent {
-            saddr: [0; 16],
-            daddr: [0; 16],
-            ts_ns: now,
-            in_state_ns: 0,
-            sock_id: 0,
-            tw_id: timer,
-            tw_birth_ns: 0,
-            tw_birth_jiffies: 0,
-            tw_expires: 0,
-            tw_bucket_expiry: 0,
-            pid: 0,
-            flags: FLAG_UNTRACKED | FLAG_IN_STATE_UNKNOWN,
-            sport,
-            dport,
-            family,
-            old_state: substate,
-            new_state,
-            kind: event_kind,
-            end_substate: substate,
-            pad: [0; 6],
-            comm: [0; 16],
         });
     });
 }

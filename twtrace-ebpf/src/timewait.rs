@@ -194,18 +194,19 @@ fn on_start<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64, facts: &TimerFa
     // enqueueing it again, back to back on this CPU.
     if scratch.cancel_timer == timer {
         scratch.cancel_timer = 0;
+        let was_untracked = core::mem::replace(&mut scratch.cancel_untracked, 0) != 0;
         match Identity::of(cfg, timer) {
             // Without BTF only a record can say it is the same one.
             None if rearm(ctx, cfg, timer, now, facts) => return,
             None => {}
+            // Re-armed, so no end (an untracked one has nothing to update).
             Some(id) if id == cancelled(scratch) => {
-                if !rearm(ctx, cfg, timer, now, facts) {
-                    // Re-armed, so no end: say so for the cancel streamed.
-                    untracked(ctx, cfg, timer, kind::TW_REARM, id);
-                }
+                let _ = rearm(ctx, cfg, timer, now, facts);
                 return;
             }
-            // A new mini-socket where one just ended: its first arming.
+            // A new mini-socket where one just ended: its first arming
+            // (and, if that one had no record, its end is counted).
+            Some(_) if was_untracked => bump(counter::TW_UNTRACKED_END),
             Some(_) => {}
         }
     }
@@ -250,13 +251,6 @@ fn cancelled(scratch: &TwScratch) -> Identity {
         dport: scratch.cancel_dport,
         snd_nxt: scratch.cancel_snd_nxt,
     }
-}
-
-/// Ports and family for an untracked mini-socket's event.
-fn id_fields(cfg: &TwConfig, timer: u64, id: Identity) -> (u16, u16, u16) {
-    let family =
-        kread::<u16>(timer.wrapping_add_signed(i64::from(cfg.family_from_timer))).unwrap_or(0);
-    (id.sport, id.dport, family)
 }
 
 /// A re-arm of a known mini-socket: its substate may have changed.
@@ -470,20 +464,20 @@ fn on_cancel<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
     // expiry: that mini-socket is gone, and so is its record — unless its
     // address already holds a new one (born on another CPU meanwhile).
     if scratch.cancel_timer != 0 && scratch.cancel_timer != timer {
+        if scratch.cancel_untracked != 0 {
+            bump(counter::TW_UNTRACKED_END);
+        }
         forget_if_still(cfg, scratch);
     }
     scratch.cancel_timer = timer;
+    scratch.cancel_untracked = u8::from(record.is_none() && id.is_some_and(counts_untracked));
     if let Some(id) = id {
         scratch.cancel_sport = id.sport;
         scratch.cancel_dport = id.dport;
         scratch.cancel_snd_nxt = id.snd_nxt;
     }
-    match (record, id) {
-        (Some(record), _) if record.emit != 0 => {
-            report_end(ctx, cfg, &record, timer, kind::TW_CANCEL);
-        }
-        (Some(_), _) | (None, None) => {}
-        (None, Some(id)) => untracked(ctx, cfg, timer, kind::TW_CANCEL, id),
+    if let Some(record) = record.filter(|r| r.emit != 0) {
+        report_end(ctx, cfg, &record, timer, kind::TW_CANCEL);
     }
 }
 
@@ -492,6 +486,7 @@ fn on_expire<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
         let scratch = scratch.get();
         if scratch.cancel_timer == timer {
             scratch.cancel_timer = 0;
+            scratch.cancel_untracked = 0;
         }
     }
     let id = Identity::of(cfg, timer);
@@ -505,8 +500,8 @@ fn on_expire<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
             let _ = TWS.remove(timer);
         }
         None => {
-            if let Some(id) = id {
-                untracked(ctx, cfg, timer, kind::TW_EXPIRE, id);
+            if id.is_some_and(counts_untracked) {
+                bump(counter::TW_UNTRACKED_END);
             }
         }
     }
@@ -525,22 +520,11 @@ fn forget_if_still(cfg: &TwConfig, scratch: &TwScratch) {
     }
 }
 
-/// Streams an event about a mini-socket twtrace has no record of, so that
-/// userspace counts its end; only the port filter can apply (no owner).
-fn untracked<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64, event_kind: u8, id: Identity) {
+/// Whether the end of a mini-socket without a record is this run's to
+/// count: its owner is unknown, so not under a pid filter; its ports are.
+fn counts_untracked(id: Identity) -> bool {
     let filter = FILTER.load();
-    if filter.pids_enabled != 0 || !passes_filters(&filter, 0, id.sport, id.dport) {
-        return;
-    }
-    let substate = read_substate(cfg, timer);
-    emit::tw_untracked(
-        ctx,
-        timer,
-        now_ns(),
-        event_kind,
-        substate,
-        id_fields(cfg, timer, id),
-    );
+    filter.pids_enabled == 0 && passes_filters(&filter, 0, id.sport, id.dport)
 }
 
 fn report_end<C: EbpfContext>(ctx: &C, cfg: &TwConfig, record: &TwRecord, timer: u64, end: u8) {

@@ -9,9 +9,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use twtrace_common::{
-    AF_INET, AF_INET6, FLAG_IN_STATE_UNKNOWN, FLAG_UNTRACKED, TransitionEvent, kind, tcp_state,
-};
+use twtrace_common::{AF_INET, AF_INET6, FLAG_IN_STATE_UNKNOWN, TransitionEvent, kind, tcp_state};
 
 /// A TCP state, named as the kernel names it, without the `TCP_` prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -217,8 +215,6 @@ pub struct KernelEvent {
     pub kind: EventKind,
     pub transition: Transition,
     pub tw: Option<TwFacts>,
-    /// About a mini-socket twtrace holds no record of: only its end counts.
-    pub untracked: bool,
 }
 
 /// One state change, as twtrace reports it.
@@ -349,7 +345,6 @@ pub fn from_raw(raw: &TransitionEvent) -> Result<KernelEvent, DecodeError> {
             end: None,
         },
         tw,
-        untracked: raw.flags & FLAG_UNTRACKED != 0,
     })
 }
 

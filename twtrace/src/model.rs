@@ -39,9 +39,6 @@ pub struct TeardownModel {
     held_by_route: HashMap<Route, u64>,
     /// `ip_local_port_range`: only local ports in it are ephemeral.
     ephemeral: Option<(u16, u16)>,
-    /// Mini-sockets that ended while twtrace held no record of them (born
-    /// before it started, or their record evicted in the kernel).
-    ends_without_record: u64,
     /// Full sockets that went `FIN_WAIT2`/`CLOSING` -> CLOSE with no mini-socket
     /// taking over: the namespace's `tcp_max_tw_buckets` was full.
     time_wait_skipped: u64,
@@ -77,7 +74,6 @@ impl TeardownModel {
             held_by: HashMap::new(),
             held_by_route: HashMap::new(),
             ephemeral: None,
-            ends_without_record: 0,
             time_wait_skipped: 0,
         }
     }
@@ -108,12 +104,6 @@ impl TeardownModel {
         (self.mini_sockets, self.mini_sockets_peak)
     }
 
-    /// Mini-sockets that ended without twtrace holding their record.
-    #[must_use]
-    pub fn ends_without_record(&self) -> u64 {
-        self.ends_without_record
-    }
-
     /// Connections that skipped TIME_WAIT (`TcpExtTCPTimeWaitOverflow`).
     #[must_use]
     pub fn time_wait_skipped(&self) -> u64 {
@@ -128,10 +118,6 @@ impl TeardownModel {
 
     /// Feeds one kernel event; appends the transitions it completes.
     pub fn push(&mut self, event: KernelEvent, out: &mut Vec<Transition>) {
-        if event.untracked {
-            self.push_untracked(&event);
-            return;
-        }
         match event.kind {
             EventKind::Sock => {
                 let t = &event.transition;
@@ -190,27 +176,6 @@ impl TeardownModel {
         }
     }
 
-    /// A cancel, re-arm or expiry of a mini-socket twtrace has no record
-    /// of: only whether it ended, and that it is counted.
-    fn push_untracked(&mut self, event: &KernelEvent) {
-        let Some(tw) = event.tw else {
-            return;
-        };
-        match event.kind {
-            EventKind::TwCancel => {
-                self.pending_cancels.insert(tw.id, event.clone());
-            }
-            EventKind::TwRearm => {
-                self.pending_cancels.remove(&tw.id);
-            }
-            EventKind::TwExpire => {
-                self.pending_cancels.remove(&tw.id);
-                self.ends_without_record += 1;
-            }
-            EventKind::Sock | EventKind::TwBirth => {}
-        }
-    }
-
     /// Ends the mini-sockets whose cancel nothing followed, given the
     /// kernel's clock (CLOCK_MONOTONIC) now.
     pub fn flush(&mut self, now_ns: u64, out: &mut Vec<Transition>) {
@@ -231,11 +196,7 @@ impl TeardownModel {
     }
 
     fn end_cancelled(&mut self, event: KernelEvent, out: &mut Vec<Transition>) {
-        if event.untracked {
-            self.ends_without_record += 1;
-        } else {
-            self.end(event, TwEnd::Cancelled, out);
-        }
+        self.end(event, TwEnd::Cancelled, out);
     }
 
     /// Ends every pending cancel (tracing stops, nothing more will come).
@@ -356,17 +317,6 @@ mod tests {
                 bucket_expiry: 0,
                 end_substate,
             }),
-            untracked: false,
-        }
-    }
-
-    fn untracked(kind: EventKind, ts_ns: u64) -> KernelEvent {
-        let mut t = transition(TcpState::TimeWait, TcpState::Close, ts_ns, 0);
-        t.owner = None;
-        t.in_state_ns = None;
-        KernelEvent {
-            untracked: true,
-            ..tw_event(kind, t, 0, TcpState::TimeWait)
         }
     }
 
@@ -641,7 +591,6 @@ mod tests {
                 kind: EventKind::Sock,
                 transition: t.clone(),
                 tw: None,
-                untracked: false,
             }],
             0,
         );
@@ -683,33 +632,6 @@ mod tests {
     }
 
     #[test]
-    fn untracked_ends_are_counted_and_rearms_are_not_ends() {
-        let mut model = TeardownModel::new(Some(HZ));
-        let mut out = Vec::new();
-        // Cancelled then re-armed: alive.
-        model.push(untracked(EventKind::TwCancel, 10 * MS), &mut out);
-        model.push(untracked(EventKind::TwRearm, 10 * MS), &mut out);
-        model.flush(100 * MS, &mut out);
-        assert_eq!(model.ends_without_record(), 0);
-        // Cancelled, nothing follows: an early end.
-        model.push(untracked(EventKind::TwCancel, 200 * MS), &mut out);
-        model.flush(210 * MS, &mut out);
-        assert_eq!(model.ends_without_record(), 0, "within the grace period");
-        model.flush(300 * MS, &mut out);
-        assert_eq!(model.ends_without_record(), 1);
-        // Detached, then run: one end, not two.
-        model.push(untracked(EventKind::TwCancel, 400 * MS), &mut out);
-        model.push(untracked(EventKind::TwExpire, 400 * MS), &mut out);
-        model.finish(&mut out);
-        assert_eq!(model.ends_without_record(), 2);
-        assert!(
-            out.is_empty(),
-            "no transition for sockets twtrace never saw: {out:?}"
-        );
-        assert_eq!(model.mini_sockets(), (0, 0));
-    }
-
-    #[test]
     fn a_close_from_fin_wait2_with_no_mini_socket_skipped_time_wait() {
         let mut model = TeardownModel::new(Some(HZ));
         let mut out = Vec::new();
@@ -717,7 +639,6 @@ mod tests {
             kind: EventKind::Sock,
             transition: transition(TcpState::FinWait2, TcpState::Close, 5, 4),
             tw: None,
-            untracked: false,
         };
         model.push(event, &mut out);
         assert_eq!((model.time_wait_skipped(), out.len()), (1, 1));

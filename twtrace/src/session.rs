@@ -263,7 +263,7 @@ impl Session {
     fn refresh_status(&mut self) -> anyhow::Result<()> {
         self.status.loss = self.loss()?;
         let model = &self.pipeline.model;
-        let ends_without_record = model.ends_without_record();
+        let ends_without_record = self.status.loss.tw_untracked_ends;
         self.status.time_wait = TimeWaitTally {
             ends_without_record,
             evictions: ends_without_record.saturating_sub(self.tracer.tw_alive_at_start()),

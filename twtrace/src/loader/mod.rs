@@ -98,6 +98,8 @@ pub struct LossReport {
     /// Mini-sockets whose first arming no hand-over followed: births (and
     /// so whole lives) not reported.
     pub tw_births_missed: u64,
+    /// Mini-sockets that ended while twtrace held no record of them.
+    pub tw_untracked_ends: u64,
     /// Mini-socket records the kernel could not store.
     pub tw_update_failed: u64,
     /// Children of `record`'s command the kernel could not follow.
@@ -257,10 +259,32 @@ impl Tracer {
             recursion_misses,
             decode_errors: 0,
             tw_births_missed: sum(counter::TW_BIRTH_MISSED)?,
+            tw_untracked_ends: sum(counter::TW_UNTRACKED_END)?
+                + self.untracked_cancels_pending()?,
             tw_update_failed: sum(counter::TW_UPDATE_FAILED)?,
             follow_failed: sum(counter::FOLLOW_FAILED)?,
             too_deeply_nested: sum(counter::TOO_DEEPLY_NESTED)?,
         })
+    }
+
+    /// Untracked mini-sockets cancelled last on a CPU, that nothing has
+    /// re-armed since: counted as ended (a later re-arm is rare: the
+    /// kernel re-arms a timer in the same call that detached it).
+    fn untracked_cancels_pending(&self) -> anyhow::Result<u64> {
+        let scratch: PerCpuArray<&MapData, twtrace_common::TwScratch> = PerCpuArray::try_from(
+            self.ebpf
+                .map(names::TW_SCRATCH)
+                .context("the eBPF object lacks its TW_SCRATCH map")?,
+        )?;
+        let mut pending = 0;
+        for depth in 0..twtrace_common::MAX_NESTING {
+            let slots = scratch.get(&depth, 0)?;
+            pending += slots
+                .iter()
+                .filter(|s| s.cancel_timer != 0 && s.cancel_untracked != 0)
+                .count() as u64;
+        }
+        Ok(pending)
     }
 
     /// The kernel's run-time statistics of one attached program.

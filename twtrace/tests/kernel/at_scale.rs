@@ -267,7 +267,7 @@ impl<F: FnOnce(Count) -> Count> Consumer for Run<F> {
     }
 
     fn kernel_event(&mut self, event: &KernelEvent) {
-        if event.kind == EventKind::TwBirth && !event.untracked {
+        if event.kind == EventKind::TwBirth {
             self.count.births += 1;
             *self
                 .count
