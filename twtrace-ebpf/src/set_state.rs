@@ -144,6 +144,9 @@ fn try_classic(ctx: &TracePointContext) -> Result<(), i64> {
 
 /// Everything after reading the tracepoint: the socket's record, the
 /// TIME_WAIT hand-over, filters, and the event.
+// Inlined: Linux 6.1's verifier caps the stack of a whole call chain at
+// 512 bytes, and a frame of its own would push the programs past it.
+#[inline(always)]
 fn handle<C: EbpfContext>(ctx: &C, filter: &Filter, s: &SetState) -> Result<(), i64> {
     // close() after shutdown() re-enters the same state (FIN_WAIT1 or
     // LAST_ACK, via tcp_close_state). Not a transition: the time in state

@@ -163,6 +163,9 @@ pub fn timer_start_twin(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+// Inlined: Linux 6.1's verifier caps the stack of a whole call chain at
+// 512 bytes, and a frame of its own would push the programs past it.
+#[inline(always)]
 fn on_raw_start(ctx: &RawTracePointContext, cfg: &TwConfig, timer: u64) {
     let Ok(expires) = kread::<u64>(timer + u64::from(cfg.timer_expires_off)) else {
         bump(counter::READ_FAILED);
@@ -451,6 +454,9 @@ pub fn timer_expire_entry_twin(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+// Inlined: Linux 6.1's verifier caps the stack of a whole call chain at
+// 512 bytes, and a frame of its own would push the programs past it.
+#[inline(always)]
 fn on_cancel<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
     let id = Identity::of(cfg, timer);
     // SAFETY: a pointer from a successful lookup; copied out at once.
@@ -481,6 +487,9 @@ fn on_cancel<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
     }
 }
 
+// Inlined: Linux 6.1's verifier caps the stack of a whole call chain at
+// 512 bytes, and a frame of its own would push the programs past it.
+#[inline(always)]
 fn on_expire<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
     if let Some(mut scratch) = Scratch::enter() {
         let scratch = scratch.get();
@@ -527,6 +536,9 @@ fn counts_untracked(id: Identity) -> bool {
     filter.pids_enabled == 0 && passes_filters(&filter, 0, id.sport, id.dport)
 }
 
+// Inlined: Linux 6.1's verifier caps the stack of a whole call chain at
+// 512 bytes, and a frame of its own would push the programs past it.
+#[inline(always)]
 fn report_end<C: EbpfContext>(ctx: &C, cfg: &TwConfig, record: &TwRecord, timer: u64, end: u8) {
     let now = now_ns();
     // The timer's expiry as of now: a re-arm the kernel did not trace
