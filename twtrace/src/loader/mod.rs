@@ -123,7 +123,6 @@ pub struct Tracer {
     /// TIME_WAIT mini-sockets alive when tracing began (`/proc/net/sockstat`):
     /// their ends are expected to be untracked.
     tw_alive_at_start: u64,
-    tw_capacity: u32,
     tw_enabled: bool,
     events: AsyncFd<RingBuf<MapData>>,
     programs: Vec<&'static str>,
@@ -162,7 +161,6 @@ impl Tracer {
         Ok(Self {
             ebpf,
             tw_alive_at_start: facts.tw_alive_at_start,
-            tw_capacity: facts.tw_capacity,
             tw_enabled: attached.time_wait,
             events,
             programs: attached.programs,
@@ -301,12 +299,6 @@ impl Tracer {
     #[must_use]
     pub fn tw_alive_at_start(&self) -> u64 {
         self.tw_alive_at_start
-    }
-
-    /// Mini-sockets the kernel map follows at once.
-    #[must_use]
-    pub fn tw_capacity(&self) -> u32 {
-        self.tw_capacity
     }
 
     /// Names of the attached programs.
