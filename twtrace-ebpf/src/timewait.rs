@@ -143,24 +143,17 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i64> {
 /// birth into a plain close.
 #[raw_tracepoint(tracepoint = "timer_start")]
 pub fn timer_start_raw(ctx: RawTracePointContext) -> i32 {
-    let cfg = TW_CONFIG.load();
-    let timer: u64 = ctx.arg(0);
-    if is_tw_timer(&cfg, timer) {
-        twin::claim(twin::TIMER_START, timer);
-        on_raw_start(&ctx, &cfg, timer);
-    }
-    0
+    tw_hit(&ctx, twin::TIMER_START, Role::Primary, |c, cfg, t| {
+        on_raw_start(c, cfg, t)
+    })
 }
 
 /// Its twin (`twin`): the arms the kernel skipped the program above for.
 #[raw_tracepoint(tracepoint = "timer_start")]
 pub fn timer_start_twin(ctx: RawTracePointContext) -> i32 {
-    let cfg = TW_CONFIG.load();
-    let timer: u64 = ctx.arg(0);
-    if is_tw_timer(&cfg, timer) && twin::unclaimed(twin::TIMER_START, timer) {
-        on_raw_start(&ctx, &cfg, timer);
-    }
-    0
+    tw_hit(&ctx, twin::TIMER_START, Role::Twin, |c, cfg, t| {
+        on_raw_start(c, cfg, t)
+    })
 }
 
 // Inlined: Linux 6.1's verifier caps the stack of a whole call chain at
@@ -183,6 +176,36 @@ fn on_raw_start(ctx: &RawTracePointContext, cfg: &TwConfig, timer: u64) {
     // SAFETY: a helper call with no arguments and no preconditions.
     let jiffies = unsafe { bpf_jiffies64() };
     on_start(ctx, cfg, timer, &facts, jiffies);
+}
+
+/// Which of a hook's two programs runs (`twin`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Primary,
+    Twin,
+}
+
+/// The body of every raw timer hook and its twin: only tw timers, and a
+/// twin only for the hits its primary was skipped for.
+#[inline(always)]
+fn tw_hit(
+    ctx: &RawTracePointContext,
+    kind: u32,
+    role: Role,
+    handle: impl FnOnce(&RawTracePointContext, &TwConfig, u64),
+) -> i32 {
+    let cfg = TW_CONFIG.load();
+    let timer: u64 = ctx.arg(0);
+    if !is_tw_timer(&cfg, timer) {
+        return 0;
+    }
+    match role {
+        Role::Primary => twin::claim(kind, timer),
+        Role::Twin if !twin::unclaimed(kind, timer) => return 0,
+        Role::Twin => {}
+    }
+    handle(ctx, &cfg, timer);
+    0
 }
 
 /// A tw timer was armed: a re-arm of the mini-socket cancelled just before
@@ -414,44 +437,30 @@ fn tw_record(
 /// everything, all the time.
 #[raw_tracepoint(tracepoint = "timer_cancel")]
 pub fn timer_cancel(ctx: RawTracePointContext) -> i32 {
-    let cfg = TW_CONFIG.load();
-    let timer: u64 = ctx.arg(0);
-    if is_tw_timer(&cfg, timer) {
-        twin::claim(twin::TIMER_CANCEL, timer);
-        on_cancel(&ctx, &cfg, timer);
-    }
-    0
+    tw_hit(&ctx, twin::TIMER_CANCEL, Role::Primary, |c, cfg, t| {
+        on_cancel(c, cfg, t)
+    })
 }
 
 #[raw_tracepoint(tracepoint = "timer_cancel")]
 pub fn timer_cancel_twin(ctx: RawTracePointContext) -> i32 {
-    let cfg = TW_CONFIG.load();
-    let timer: u64 = ctx.arg(0);
-    if is_tw_timer(&cfg, timer) && twin::unclaimed(twin::TIMER_CANCEL, timer) {
-        on_cancel(&ctx, &cfg, timer);
-    }
-    0
+    tw_hit(&ctx, twin::TIMER_CANCEL, Role::Twin, |c, cfg, t| {
+        on_cancel(c, cfg, t)
+    })
 }
 
 #[raw_tracepoint(tracepoint = "timer_expire_entry")]
 pub fn timer_expire_entry(ctx: RawTracePointContext) -> i32 {
-    let cfg = TW_CONFIG.load();
-    let timer: u64 = ctx.arg(0);
-    if is_tw_timer(&cfg, timer) {
-        twin::claim(twin::TIMER_EXPIRE, timer);
-        on_expire(&ctx, &cfg, timer);
-    }
-    0
+    tw_hit(&ctx, twin::TIMER_EXPIRE, Role::Primary, |c, cfg, t| {
+        on_expire(c, cfg, t)
+    })
 }
 
 #[raw_tracepoint(tracepoint = "timer_expire_entry")]
 pub fn timer_expire_entry_twin(ctx: RawTracePointContext) -> i32 {
-    let cfg = TW_CONFIG.load();
-    let timer: u64 = ctx.arg(0);
-    if is_tw_timer(&cfg, timer) && twin::unclaimed(twin::TIMER_EXPIRE, timer) {
-        on_expire(&ctx, &cfg, timer);
-    }
-    0
+    tw_hit(&ctx, twin::TIMER_EXPIRE, Role::Twin, |c, cfg, t| {
+        on_expire(c, cfg, t)
+    })
 }
 
 // Inlined: Linux 6.1's verifier caps the stack of a whole call chain at

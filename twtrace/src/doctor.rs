@@ -130,8 +130,7 @@ impl HostSnapshot {
             netstat,
             overflow_per_s,
             port_range: sys::local_port_range().ok(),
-            reserved_ports: fs::read_to_string(format!("{SYSCTL}/ip_local_reserved_ports"))
-                .map_or(0, |t| sys::count_reserved_ports(&t)),
+            reserved_ports: sys::reserved_ports(),
             tw_reuse: sysctl("tcp_tw_reuse"),
             tw_reuse_delay_ms: sysctl("tcp_tw_reuse_delay"),
             max_tw_buckets: sysctl("tcp_max_tw_buckets"),
