@@ -89,16 +89,16 @@ impl Consumer for TeardownStats {
 /// not follow, and what the kernel did not put in TIME_WAIT at all.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TimeWaitTally {
-    /// Mini-sockets that ended while twtrace held no record of them.
-    pub ends_without_record: u64,
-    /// Of those, beyond the ones alive when tracing began: records the
+    /// Of the mini-sockets that ended without a record
+    /// (`LossReport::tw_untracked_ends`), those beyond the ones alive when tracing began: records the
     /// kernel map evicted (an estimate; exact when none were evicted).
     pub evictions: u64,
     /// Closes twtrace saw skip TIME_WAIT (`FIN_WAIT2`/`CLOSING` -> CLOSE with
     /// no mini-socket): `tcp_max_tw_buckets` was full.
     pub skipped: u64,
     /// The kernel's `TcpExtTCPTimeWaitOverflow` since start, summed over
-    /// every namespace twtrace can enter.
+    /// every namespace twtrace can enter; read at the end only (entering
+    /// every namespace each second would cost a thread per namespace).
     pub kernel_overflows: Option<u64>,
 }
 
@@ -263,15 +263,9 @@ impl Session {
     fn refresh_status(&mut self) -> anyhow::Result<()> {
         self.status.loss = self.loss()?;
         let model = &self.pipeline.model;
-        let ends_without_record = self.status.loss.tw_untracked_ends;
-        self.status.time_wait = TimeWaitTally {
-            ends_without_record,
-            evictions: ends_without_record.saturating_sub(self.tracer.tw_alive_at_start()),
-            skipped: model.time_wait_skipped(),
-            kernel_overflows: overflows_now()
-                .zip(self.overflows_at_start)
-                .map(|(now, start)| now.saturating_sub(start)),
-        };
+        let untracked = self.status.loss.tw_untracked_ends;
+        self.status.time_wait.evictions = untracked.saturating_sub(self.tracer.tw_alive_at_start());
+        self.status.time_wait.skipped = model.time_wait_skipped();
         self.status.held_by_pid.clone_from(model.held_by_pid());
         self.status.held_by_route.clone_from(model.held_by_route());
         Ok(())
@@ -293,6 +287,9 @@ impl Session {
         pipeline.model.finish(&mut pipeline.transitions);
         self.deliver(0, consumer)?;
         self.refresh_status()?;
+        self.status.time_wait.kernel_overflows = overflows_now()
+            .zip(self.overflows_at_start)
+            .map(|(now, start)| now.saturating_sub(start));
         let _ = consumer.tick(&self.status)?;
         Ok(SessionEnd {
             events: self.events,

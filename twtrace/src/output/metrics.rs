@@ -182,10 +182,7 @@ impl Metrics {
             ("unreadable", loss.read_failed),
             ("undecodable", loss.decode_errors),
             ("tw_births_missed", loss.tw_births_missed),
-            (
-                "tw_ends_without_record",
-                status.time_wait.ends_without_record,
-            ),
+            ("tw_ends_without_record", status.loss.tw_untracked_ends),
             ("tw_evictions", status.time_wait.evictions),
         ] {
             advance_to(&self.lost.get_or_create(&LossLabel { kind }), value);

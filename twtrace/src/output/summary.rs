@@ -115,7 +115,7 @@ impl SummaryReport {
                 tw_evictions: time_wait.evictions,
                 tw_records_not_stored: loss.tw_update_failed,
                 tw_births_missed: loss.tw_births_missed,
-                tw_ends_without_record: time_wait.ends_without_record,
+                tw_ends_without_record: loss.tw_untracked_ends,
                 followed_children_missed: loss.follow_failed,
                 too_deeply_nested: loss.too_deeply_nested,
             },

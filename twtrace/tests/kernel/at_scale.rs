@@ -348,7 +348,7 @@ fn trace(
 fn assert_nothing_lost(end: &SessionEnd) {
     let loss = &end.loss;
     assert_eq!(*loss, LossReport::default(), "lost: {loss:?}");
-    assert_eq!(end.time_wait.ends_without_record, 0, "{:?}", end.time_wait);
+    assert_eq!(end.loss.tw_untracked_ends, 0, "{:?}", end.loss);
 }
 
 /// One look at the kernel's count, between two of twtrace's.
