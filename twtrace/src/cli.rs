@@ -52,6 +52,67 @@ pub enum Command {
     /// Headless: trace and serve Prometheus metrics until stopped (a node
     /// exporter for fleets; see deploy/).
     Serve(ServeArgs),
+    /// Every socket in a teardown state now, in every network namespace,
+    /// grouped by owner and state, with ages (no tracing; like `ss` with
+    /// owners). Exit 4 when `--older-than` finds any.
+    Sockets(SocketsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SocketsArgs {
+    /// Only sockets owned by this process (tgid). Repeatable.
+    #[arg(long = "pid", value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
+    pub pids: Vec<u32>,
+
+    /// Only sockets with this local or remote port. Repeatable.
+    #[arg(long = "port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub ports: Vec<u16>,
+
+    /// IPv4 only.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+
+    /// IPv6 only.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+
+    /// Only this state (FIN_WAIT1, FIN_WAIT2, CLOSING, TIME_WAIT,
+    /// CLOSE_WAIT, LAST_ACK; any case, `-` or `_`). Repeatable.
+    #[arg(long = "state", value_name = "STATE", value_parser = parse_teardown_state)]
+    pub states: Vec<crate::event::TcpState>,
+
+    /// Only sockets in their state for longer than this; exit 4 if any.
+    #[arg(long, value_name = "AGE", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub older_than: Option<Duration>,
+
+    /// Also list every socket, not only the groups (text output).
+    #[arg(short, long)]
+    pub list: bool,
+
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+}
+
+/// A state a socket can sit in while torn down.
+pub fn parse_teardown_state(text: &str) -> Result<crate::event::TcpState, String> {
+    use crate::event::TcpState;
+    let name = text.trim().to_ascii_uppercase().replace('-', "_");
+    [
+        TcpState::FinWait1,
+        TcpState::FinWait2,
+        TcpState::Closing,
+        TcpState::TimeWait,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+    ]
+    .into_iter()
+    .find(|s| s.name() == name)
+    .ok_or_else(|| {
+        format!(
+            "`{text}` is not a teardown state: use FIN_WAIT1, FIN_WAIT2, CLOSING, TIME_WAIT, CLOSE_WAIT or LAST_ACK"
+        )
+    })
 }
 
 #[derive(Debug, Args)]

@@ -16,6 +16,8 @@ pub mod netns;
 pub mod output;
 pub mod ports;
 pub mod session;
+pub mod snapshot;
+pub mod sockdiag;
 pub mod sys;
 pub mod threshold;
 pub mod top;

@@ -5,6 +5,7 @@ pub mod doctor;
 pub mod ports;
 pub mod record;
 pub mod serve;
+pub mod sockets;
 pub mod summary;
 pub mod top;
 pub mod trace;
@@ -43,6 +44,7 @@ pub async fn run(
         Some(Command::Doctor(args)) => doctor::run(&args),
         Some(Command::Ports(args)) => ports::run(args, kernel_log).await.and(done),
         Some(Command::Serve(args)) => serve::run(args, kernel_log).await.and(done),
+        Some(Command::Sockets(args)) => sockets::run(&args),
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod metrics;
 pub mod record;
+pub mod sockets;
 pub mod stream;
 pub mod summary;
 

@@ -1,0 +1,54 @@
+//! `twtrace sockets`: every socket in a teardown state now, grouped by
+//! owner and state, with ages; exit 4 when `--older-than` finds any, so a
+//! cron job or an alert can call it.
+
+use std::io::{self, Write};
+
+use crate::{
+    cli::SocketsArgs,
+    commands::Outcome,
+    output::{Format, sockets as report},
+    snapshot::{self, SocketFilter},
+};
+
+/// `--older-than` found sockets.
+pub const EXIT_FOUND_OLD: u8 = 4;
+
+pub fn run(args: &SocketsArgs) -> anyhow::Result<Outcome> {
+    let filter = SocketFilter {
+        pids: args.pids.clone(),
+        ports: args.ports.clone(),
+        ipv4: match (args.ipv4, args.ipv6) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
+        states: args.states.clone(),
+        older_than_ns: args
+            .older_than
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+    };
+    let mut taken = snapshot::take();
+    if taken.sockets.is_empty()
+        && !taken.unreadable.is_empty()
+        && taken.namespaces == taken.unreadable.len()
+    {
+        anyhow::bail!(
+            "could not read any network namespace's sockets ({}); run as root",
+            taken.unreadable[0]
+        );
+    }
+    for unreadable in &taken.unreadable {
+        eprintln!("twtrace: sockets of {unreadable} are not included");
+    }
+    taken.sockets.retain(|s| filter.matches(s));
+    let groups = snapshot::group(&taken.sockets);
+    let mut out = io::stdout().lock();
+    match args.output {
+        Format::Json => report::write_json(&mut out, &taken, &groups)?,
+        Format::Text => report::write_text(&mut out, &taken, &groups, args.list)?,
+    }
+    out.flush()?;
+    let found_old = args.older_than.is_some() && !taken.sockets.is_empty();
+    Ok(Outcome::Exit(if found_old { EXIT_FOUND_OLD } else { 0 }))
+}
