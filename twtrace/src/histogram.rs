@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::event::{CloseSide, Comm, TcpState, Transition};
+use crate::{
+    census::InStateNow,
+    event::{CloseSide, Comm, Owner, TcpState, Transition},
+};
 
 /// 1 µs .. 10 min at 3 significant digits, in nanoseconds.
 const LOWEST_NS: u64 = 1_000;
@@ -27,10 +30,12 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(LOWEST_NS, HIGHEST_NS, SIGFIG).expect("constant bounds are valid")
 }
 
-/// One histogram per teardown state.
+/// One histogram per teardown state (the time of each socket that left
+/// it), and how many sockets entered each.
 #[derive(Clone, Debug)]
 pub struct StateHistograms {
     by_state: BTreeMap<TcpState, Histogram<u64>>,
+    entered: BTreeMap<TcpState, u64>,
 }
 
 impl Default for StateHistograms {
@@ -40,6 +45,7 @@ impl Default for StateHistograms {
                 .iter()
                 .map(|&s| (s, new_histogram()))
                 .collect(),
+            entered: BTreeMap::new(),
         }
     }
 }
@@ -53,6 +59,18 @@ impl StateHistograms {
         }
     }
 
+    /// A socket entered `state`.
+    pub fn enter(&mut self, state: TcpState) {
+        if TEARDOWN_STATES.contains(&state) {
+            *self.entered.entry(state).or_default() += 1;
+        }
+    }
+
+    #[must_use]
+    pub fn entered(&self, state: TcpState) -> u64 {
+        self.entered.get(&state).copied().unwrap_or(0)
+    }
+
     #[must_use]
     pub fn get(&self, state: TcpState) -> Option<&Histogram<u64>> {
         self.by_state.get(&state)
@@ -61,21 +79,38 @@ impl StateHistograms {
     /// Per-state statistics, only for states with data.
     #[must_use]
     pub fn stats(&self) -> Vec<StateStats> {
+        self.stats_with_now(|_| InStateNow::default())
+    }
+
+    /// Per-state statistics with the sockets in each state now, for every
+    /// state that any socket entered, left or sits in.
+    #[must_use]
+    pub fn stats_with_now(&self, now: impl Fn(TcpState) -> InStateNow) -> Vec<StateStats> {
         TEARDOWN_STATES
             .iter()
             .filter_map(|&state| {
                 let h = &self.by_state[&state];
-                (!h.is_empty()).then(|| StateStats::of(state, h))
+                let stats = StateStats::of(state, h, self.entered(state), now(state));
+                (stats.entered > 0 || stats.count > 0 || stats.now > 0).then_some(stats)
             })
             .collect()
     }
 }
 
-/// Count and percentiles of one state's durations, in nanoseconds.
+/// One state: sockets that entered it, left it (`count`, with the
+/// percentiles of their time in it, in nanoseconds) and sit in it now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct StateStats {
     pub state: &'static str,
+    pub entered: u64,
+    /// Sockets that left the state (the distribution is over these).
     pub count: u64,
+    /// Sockets in the state now (those the host held at start included),
+    /// and how long the oldest has been in it.
+    pub now: u64,
+    pub oldest_now_ns: u64,
+    /// Whether that age is exact (else an upper bound).
+    pub oldest_now_exact: bool,
     pub min_ns: u64,
     pub p50_ns: u64,
     pub p90_ns: u64,
@@ -85,14 +120,18 @@ pub struct StateStats {
 }
 
 impl StateStats {
-    fn of(state: TcpState, h: &Histogram<u64>) -> Self {
+    fn of(state: TcpState, h: &Histogram<u64>, entered: u64, now: InStateNow) -> Self {
         // HDR reports percentiles as the highest equivalent value of their
         // bucket (within 0.1 % at 3 significant digits); the minimum is
         // reported the same way so that min <= p50 always reads right.
         Self {
             state: state.name(),
+            entered,
             count: h.len(),
-            min_ns: h.highest_equivalent(h.min()),
+            now: now.count,
+            oldest_now_ns: now.oldest_age_ns,
+            oldest_now_exact: now.oldest_exact,
+            min_ns: if h.is_empty() { 0 } else { h.highest_equivalent(h.min()) },
             p50_ns: h.value_at_quantile(0.50),
             p90_ns: h.value_at_quantile(0.90),
             p99_ns: h.value_at_quantile(0.99),
@@ -113,7 +152,12 @@ impl OwnerKey {
     /// The transition's owner, or pid 0 / comm `-` when it was not learnt.
     #[must_use]
     pub fn of(t: &Transition) -> Self {
-        t.owner.map_or(
+        Self::of_owner(t.owner)
+    }
+
+    #[must_use]
+    pub fn of_owner(owner: Option<Owner>) -> Self {
+        owner.map_or(
             Self {
                 pid: 0,
                 comm: Comm::UNKNOWN,
@@ -163,13 +207,16 @@ impl TeardownStats {
             self.overall.record(t.old, ns);
             owner.states.record(t.old, ns);
         }
+        if t.old != t.new {
+            self.overall.enter(t.new);
+            owner.states.enter(t.new);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Owner;
 
     const MS: u64 = 1_000_000;
 
@@ -273,9 +320,26 @@ mod tests {
         assert_eq!((owner(1).active_closes, owner(1).passive_closes), (1, 0));
         assert_eq!((owner(2).active_closes, owner(2).passive_closes), (0, 1));
         assert_eq!(owner(0).states.stats(), []);
+        // Entered CLOSE_WAIT and left it; entered LAST_ACK, still there.
         let p2 = owner(2).states.stats();
-        assert_eq!(p2.len(), 1);
-        assert_eq!(p2[0].state, "CLOSE_WAIT");
-        assert_eq!(stats.overall.stats().len(), 2);
+        let p2: Vec<_> = p2.iter().map(|s| (s.state, s.entered, s.count)).collect();
+        assert_eq!(p2, [("CLOSE_WAIT", 1, 1), ("LAST_ACK", 1, 0)]);
+        // FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT and LAST_ACK entered; TIME_WAIT
+        // left (by a socket seen only at its end).
+        let overall: Vec<_> = stats
+            .overall
+            .stats()
+            .iter()
+            .map(|s| (s.state, s.entered, s.count))
+            .collect();
+        assert_eq!(
+            overall,
+            [
+                ("FIN_WAIT1", 1, 1),
+                ("FIN_WAIT2", 1, 0),
+                ("CLOSE_WAIT", 1, 1),
+                ("LAST_ACK", 1, 0)
+            ]
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! kernel tests and the benchmarks share one loader and one decoder.
 
 pub mod btf;
+pub mod census;
 pub mod cli;
 pub mod commands;
 pub mod doctor;

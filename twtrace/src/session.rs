@@ -12,12 +12,18 @@ use tokio::{
 };
 
 use crate::{
+    census::{Census, CensusNow},
     event::{self, KernelEvent, Transition},
     histogram::TeardownStats,
     loader::{LossReport, Tracer, TracerOptions},
     model::{Route, TeardownModel},
+    snapshot::{self, Snapshot, SocketFilter},
     sys,
 };
+
+/// Past this age a CLOSE_WAIT socket is a leak: its process has not called
+/// close() a minute after the peer hung up.
+pub const LEAK_AGE_NS: u64 = 60_000_000_000;
 
 /// What a command does with a run. `transition` sees every transition
 /// once; `tick` runs after each batch and at least every 25 ms (to flush
@@ -112,6 +118,9 @@ pub struct SessionEnd {
     pub time_wait_tracking: bool,
     /// Most TIME_WAIT mini-sockets (in either substate) alive at once.
     pub mini_socket_peak: u64,
+    /// Sockets in each teardown state at the end (those the host held at
+    /// start included).
+    pub now: CensusNow,
 }
 
 /// What a live consumer shows besides transitions, refreshed every second.
@@ -126,6 +135,12 @@ pub struct Status {
     pub held_by_pid: HashMap<u32, u64>,
     /// Ephemeral ports held per route (see `TeardownModel::held_by_route`).
     pub held_by_route: HashMap<Route, u64>,
+    /// Sockets in each teardown state now, overall and per owner; ages
+    /// past `LEAK_AGE_NS` counted apart.
+    pub now: CensusNow,
+    /// Whether the start-up snapshot has been taken (until then `now`
+    /// covers only what happened since start).
+    pub snapshot_seeded: bool,
 }
 
 /// Whether to print the start line and warnings on stderr; the live view
@@ -182,6 +197,11 @@ struct Pipeline {
     model: TeardownModel,
     transitions: Vec<Transition>,
     decode_errors: u64,
+    census: Census,
+    /// The start-up snapshot, taken on its own thread (it can take a
+    /// second on a host with 100 000 sockets) while events are followed.
+    snapshot: Option<std::sync::mpsc::Receiver<Snapshot>>,
+    snapshot_filter: SocketFilter,
 }
 
 impl Pipeline {
@@ -196,6 +216,59 @@ impl Pipeline {
                 log::debug!("rejected a ring-buffer record: {error}");
             }
         }
+    }
+}
+
+impl Pipeline {
+    /// Seeds the census once the start-up snapshot is there.
+    fn seed_when_taken(&mut self, status: &mut Status) {
+        let taken = match self
+            .snapshot
+            .as_ref()
+            .map(std::sync::mpsc::Receiver::try_recv)
+        {
+            Some(Ok(taken)) => taken,
+            Some(Err(std::sync::mpsc::TryRecvError::Empty)) | None => return,
+            Some(Err(std::sync::mpsc::TryRecvError::Disconnected)) => {
+                self.snapshot = None;
+                return;
+            }
+        };
+        self.seed(&taken, status);
+    }
+
+    /// A run shorter than the snapshot still reports what the host held.
+    fn wait_for_snapshot(&mut self, status: &mut Status) {
+        if let Some(Ok(taken)) = self.snapshot.as_ref().map(std::sync::mpsc::Receiver::recv) {
+            self.seed(&taken, status);
+        }
+    }
+
+    fn seed(&mut self, taken: &Snapshot, status: &mut Status) {
+        self.snapshot = None;
+        for unreadable in &taken.unreadable {
+            status.warnings.push(format!(
+                "sockets that predate twtrace in {unreadable} are not counted"
+            ));
+        }
+        let held: Vec<_> = taken
+            .sockets
+            .iter()
+            .filter(|s| self.snapshot_filter.matches(s))
+            .cloned()
+            .collect();
+        self.census.seed(&held);
+        status.snapshot_seeded = true;
+    }
+}
+
+/// The tracer's filters, applied to the start-up snapshot.
+fn snapshot_filter(options: &TracerOptions) -> SocketFilter {
+    SocketFilter {
+        pids: options.pids.clone(),
+        ports: options.ports.clone(),
+        ipv4: options.family.map(|f| f == crate::loader::Family::V4),
+        ..SocketFilter::default()
     }
 }
 
@@ -228,12 +301,24 @@ impl Session {
         };
         let model =
             TeardownModel::new(sys::kernel_hz()).with_port_range(sys::local_port_range().ok());
+        let mut census = Census::default();
+        // `record` follows a command that starts after this: it holds no
+        // socket yet, and its pids are not known to filter a snapshot by.
+        let snapshot = (!options.follow_forks).then(|| {
+            census.begin_snapshot();
+            let (send, receive) = std::sync::mpsc::channel();
+            std::thread::spawn(move || send.send(snapshot::take()));
+            receive
+        });
         Ok(Self {
             tracer,
             pipeline: Pipeline {
                 model,
                 transitions: Vec::with_capacity(1024),
                 decode_errors: 0,
+                census,
+                snapshot,
+                snapshot_filter: snapshot_filter(options),
             },
             status,
             status_read_ns: 0,
@@ -251,8 +336,10 @@ impl Session {
         pipeline.model.flush(now_ns, &mut pipeline.transitions);
         self.events += pipeline.transitions.len() as u64;
         for t in pipeline.transitions.drain(..) {
+            pipeline.census.record(&t);
             consumer.transition(&t)?;
         }
+        pipeline.seed_when_taken(&mut self.status);
         if now_ns.saturating_sub(self.status_read_ns) >= STATUS_EVERY_NS {
             self.refresh_status()?;
             self.status_read_ns = now_ns;
@@ -268,6 +355,10 @@ impl Session {
         self.status.time_wait.skipped = model.time_wait_skipped();
         self.status.held_by_pid.clone_from(model.held_by_pid());
         self.status.held_by_route.clone_from(model.held_by_route());
+        let census = &mut self.pipeline.census;
+        let now_ns = sys::monotonic_ns();
+        census.expire(now_ns);
+        self.status.now = census.now(now_ns, LEAK_AGE_NS);
         Ok(())
     }
 
@@ -281,10 +372,14 @@ impl Session {
     /// What the kernel streamed before the stop is still reported.
     fn finish(mut self, consumer: &mut impl Consumer) -> anyhow::Result<SessionEnd> {
         let Self {
-            tracer, pipeline, ..
+            tracer,
+            pipeline,
+            status,
+            ..
         } = &mut self;
         tracer.drain(|record| pipeline.push(record, consumer));
         pipeline.model.finish(&mut pipeline.transitions);
+        pipeline.wait_for_snapshot(status);
         self.deliver(0, consumer)?;
         self.refresh_status()?;
         self.status.time_wait.kernel_overflows = overflows_now()
@@ -298,6 +393,7 @@ impl Session {
             time_wait: self.status.time_wait,
             time_wait_tracking: self.tracer.time_wait_enabled(),
             mini_socket_peak: self.pipeline.model.mini_sockets().1,
+            now: self.status.now,
         })
     }
 }

@@ -56,6 +56,9 @@ pub struct SocketNow {
     pub remaining_ns: Option<u64>,
     /// A listener owns its local port: the server's end of a connection.
     pub server_side: bool,
+    /// Kernel monotonic time when the kernel described it: the age is as
+    /// of then.
+    pub seen_at_ns: u64,
 }
 
 /// A whole snapshot, and what it could not see.
@@ -74,6 +77,7 @@ pub struct Snapshot {
 struct NamespaceDump {
     sockets: Vec<DiagSocket>,
     fin_timeout_secs: u64,
+    seen_at_ns: u64,
 }
 
 /// Takes the snapshot of every namespace on the host.
@@ -88,12 +92,9 @@ pub fn take() -> Snapshot {
     };
     for ns in &namespaces {
         match netns::read_in(ns, dump_here) {
-            Ok(Ok(dump)) => snapshot.sockets.extend(describe(
-                ns.inode,
-                &dump.sockets,
-                dump.fin_timeout_secs,
-                &processes,
-            )),
+            Ok(Ok(dump)) => snapshot
+                .sockets
+                .extend(describe(ns.inode, &dump, &processes)),
             Ok(Err(e)) => snapshot
                 .unreadable
                 .push(format!("{}: {e:#}", ns.path.display())),
@@ -105,12 +106,7 @@ pub fn take() -> Snapshot {
     if namespaces.is_empty() {
         // No /proc to walk: at least our own namespace.
         if let (Ok(dump), Ok(inode)) = (dump_here(), netns::own()) {
-            snapshot.sockets.extend(describe(
-                inode,
-                &dump.sockets,
-                dump.fin_timeout_secs,
-                &processes,
-            ));
+            snapshot.sockets.extend(describe(inode, &dump, &processes));
         }
     }
     snapshot.took_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -121,12 +117,7 @@ pub fn take() -> Snapshot {
 pub fn take_in(ns: &Namespace) -> anyhow::Result<Vec<SocketNow>> {
     let processes = ProcessSockets::scan();
     let dump = netns::read_in(ns, dump_here)??;
-    Ok(describe(
-        ns.inode,
-        &dump.sockets,
-        dump.fin_timeout_secs,
-        &processes,
-    ))
+    Ok(describe(ns.inode, &dump, &processes))
 }
 
 fn dump_here() -> anyhow::Result<NamespaceDump> {
@@ -136,16 +127,18 @@ fn dump_here() -> anyhow::Result<NamespaceDump> {
     Ok(NamespaceDump {
         sockets,
         fin_timeout_secs,
+        seen_at_ns: crate::sys::monotonic_ns(),
     })
 }
 
 /// Turns one namespace's diagnostics into sockets with owners and ages.
-fn describe(
-    netns: u64,
-    sockets: &[DiagSocket],
-    fin_timeout_secs: u64,
-    processes: &ProcessSockets,
-) -> Vec<SocketNow> {
+fn describe(netns: u64, dump: &NamespaceDump, processes: &ProcessSockets) -> Vec<SocketNow> {
+    let NamespaceDump {
+        sockets,
+        fin_timeout_secs,
+        seen_at_ns,
+    } = dump;
+    let (fin_timeout_secs, seen_at_ns) = (*fin_timeout_secs, *seen_at_ns);
     let listeners: Vec<(SocketAddr, Owner)> = sockets
         .iter()
         .filter(|s| s.state == TcpState::Listen)
@@ -176,6 +169,7 @@ fn describe(
                 server_side: listeners
                     .iter()
                     .any(|(addr, _)| addr.port() == s.src.port()),
+                seen_at_ns,
             }
         })
         .collect()
@@ -396,6 +390,14 @@ mod tests {
         }
     }
 
+    fn dump(sockets: &[DiagSocket], fin_timeout_secs: u64) -> NamespaceDump {
+        NamespaceDump {
+            sockets: sockets.to_vec(),
+            fin_timeout_secs,
+            seen_at_ns: 0,
+        }
+    }
+
     fn processes(pairs: &[(u64, u32, &str)]) -> ProcessSockets {
         ProcessSockets {
             by_inode: pairs
@@ -416,7 +418,7 @@ mod tests {
             diag(TcpState::FinWait2, "10.0.0.1:80", 0, Some(50_000)),
             diag(TcpState::TimeWait, "10.0.0.1:40000", 0, Some(1_000)),
         ];
-        let got = describe(7, &sockets, 60, &processes(&[(11, 100, "nginx")]));
+        let got = describe(7, &dump(&sockets, 60), &processes(&[(11, 100, "nginx")]));
         assert_eq!(got.len(), 3);
         assert_eq!(got[0].age_ns, 15 * NS_PER_SEC);
         assert!(got[0].age_exact);
@@ -446,8 +448,7 @@ mod tests {
         ];
         let got = describe(
             7,
-            &sockets,
-            60,
+            &dump(&sockets, 60),
             &processes(&[(21, 5, "leaky"), (22, 6, "ok")]),
         );
         assert_eq!(
@@ -464,13 +465,15 @@ mod tests {
     fn groups_count_and_age_per_owner_namespace_and_state() {
         let mut sockets = describe(
             7,
-            &[
-                diag(TcpState::Listen, "0.0.0.0:80", 11, None),
-                diag(TcpState::CloseWait, "10.0.0.1:80", 21, None),
-                diag(TcpState::CloseWait, "10.0.0.1:80", 22, None),
-                diag(TcpState::TimeWait, "10.0.0.1:40000", 0, Some(1_000)),
-            ],
-            60,
+            &dump(
+                &[
+                    diag(TcpState::Listen, "0.0.0.0:80", 11, None),
+                    diag(TcpState::CloseWait, "10.0.0.1:80", 21, None),
+                    diag(TcpState::CloseWait, "10.0.0.1:80", 22, None),
+                    diag(TcpState::TimeWait, "10.0.0.1:40000", 0, Some(1_000)),
+                ],
+                60,
+            ),
             &processes(&[(21, 5, "leaky"), (22, 5, "leaky"), (11, 5, "leaky")]),
         );
         sockets[1].age_ns = 99;

@@ -5,8 +5,11 @@ use std::io::{self, Write};
 
 use serde::Serialize;
 
+use std::collections::BTreeSet;
+
 use crate::{
-    histogram::{StateStats, TeardownStats},
+    census::CensusNow,
+    histogram::{OwnerKey, OwnerStats, StateStats, TeardownStats},
     loader::LossReport,
     session::{SessionEnd, TimeWaitTally},
     units,
@@ -71,21 +74,28 @@ impl SummaryReport {
     #[must_use]
     pub fn new(
         stats: &TeardownStats,
+        now: &CensusNow,
         events: u64,
         duration_ns: u64,
         loss: &LossReport,
         time_wait: &TimeWaitTally,
         time_wait_tracking: bool,
     ) -> Self {
-        let mut processes: Vec<ProcessReport> = stats
-            .owners
-            .iter()
-            .map(|(owner, s)| ProcessReport {
-                pid: owner.pid,
-                comm: owner.comm.to_string(),
-                active_closes: s.active_closes,
-                passive_closes: s.passive_closes,
-                states: s.states.stats(),
+        let empty = OwnerStats::default();
+        // Owners with transitions, and those that only hold sockets from
+        // before the run (a CLOSE_WAIT leak shows even if nothing moves).
+        let owners: BTreeSet<&OwnerKey> = stats.owners.keys().chain(now.by_owner.keys()).collect();
+        let mut processes: Vec<ProcessReport> = owners
+            .into_iter()
+            .map(|owner| {
+                let s = stats.owners.get(owner).unwrap_or(&empty);
+                ProcessReport {
+                    pid: owner.pid,
+                    comm: owner.comm.to_string(),
+                    active_closes: s.active_closes,
+                    passive_closes: s.passive_closes,
+                    states: s.states.stats_with_now(|state| now.of_owner(owner, state)),
+                }
             })
             .filter(|p| p.active_closes + p.passive_closes > 0 || !p.states.is_empty())
             .collect();
@@ -119,7 +129,7 @@ impl SummaryReport {
                 followed_children_missed: loss.follow_failed,
                 too_deeply_nested: loss.too_deeply_nested,
             },
-            states: stats.overall.stats(),
+            states: stats.overall.stats_with_now(|state| now.state(state)),
             processes,
         }
     }
@@ -129,6 +139,7 @@ impl SummaryReport {
     pub fn of_session(stats: &TeardownStats, end: &SessionEnd) -> Self {
         Self::new(
             stats,
+            &end.now,
             end.events,
             end.duration_ns,
             &end.loss,
@@ -233,23 +244,43 @@ const TEXT_PROCESSES: usize = 20;
 fn write_state_header(out: &mut impl Write, prefix: &str) -> io::Result<()> {
     writeln!(
         out,
-        "{prefix}{:<11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "STATE", "COUNT", "MIN", "P50", "P90", "P99", "P99.9", "MAX"
+        "{prefix}{:<11} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "STATE", "ENTERED", "LEFT", "NOW", "OLDEST", "MIN", "P50", "P90", "P99", "P99.9", "MAX"
     )
 }
 
+/// The oldest socket's age in the state now; `≤` when an upper bound.
+fn oldest(s: &StateStats) -> String {
+    match (s.now, s.oldest_now_exact) {
+        (0, _) => "-".to_owned(),
+        (_, true) => units::duration(s.oldest_now_ns),
+        (_, false) => format!("≤{}", units::duration(s.oldest_now_ns)),
+    }
+}
+
 fn write_state_row(out: &mut impl Write, prefix: &str, s: &StateStats) -> io::Result<()> {
+    // No socket has left the state yet: no distribution to show.
+    let left = |ns| {
+        if s.count == 0 {
+            "-".to_owned()
+        } else {
+            units::duration(ns)
+        }
+    };
     writeln!(
         out,
-        "{prefix}{:<11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "{prefix}{:<11} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
         s.state,
+        s.entered,
         s.count,
-        units::duration(s.min_ns),
-        units::duration(s.p50_ns),
-        units::duration(s.p90_ns),
-        units::duration(s.p99_ns),
-        units::duration(s.p999_ns),
-        units::duration(s.max_ns),
+        s.now,
+        oldest(s),
+        left(s.min_ns),
+        left(s.p50_ns),
+        left(s.p90_ns),
+        left(s.p99_ns),
+        left(s.p999_ns),
+        left(s.max_ns),
     )
 }
 
@@ -284,6 +315,7 @@ mod tests {
         }
         SummaryReport::new(
             &stats,
+            &CensusNow::default(),
             5,
             30_000_000_000,
             &LossReport::default(),
@@ -307,10 +339,13 @@ mod tests {
             .iter()
             .map(|s| s["state"].as_str().unwrap())
             .collect();
-        assert_eq!(states, ["FIN_WAIT1", "TIME_WAIT", "CLOSE_WAIT"]);
-        let tw = &v["states"][1];
+        assert_eq!(
+            states,
+            ["FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT", "CLOSE_WAIT", "LAST_ACK"]
+        );
+        let tw = &v["states"][2];
         for key in [
-            "count", "min_ns", "p50_ns", "p90_ns", "p99_ns", "p999_ns", "max_ns",
+            "entered", "count", "now", "oldest_now_ns", "min_ns", "p50_ns", "p90_ns", "p99_ns", "p999_ns", "max_ns",
         ] {
             assert!(tw[key].is_u64(), "{key}");
         }

@@ -484,7 +484,11 @@ mod tests {
             total_closes: total,
             states: vec![StateStats {
                 state: "FIN_WAIT2",
+                entered: total,
                 count: total,
+                now: 0,
+                oldest_now_ns: 0,
+                oldest_now_exact: true,
                 min_ns: 9_000,
                 p50_ns: 10_000,
                 p90_ns: 20_000,
