@@ -134,6 +134,10 @@ pub struct PortsArgs {
 
 #[derive(Debug, Args)]
 pub struct DoctorArgs {
+    /// A socket in CLOSE_WAIT longer than this is reported as a leak.
+    #[arg(long, value_name = "AGE", default_value = "60s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub leak_after: Duration,
+
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Text)]
     pub output: Format,

@@ -60,6 +60,47 @@ pub struct HostSnapshot {
     pub fin_timeout: Option<u64>,
     pub timestamps: Option<u64>,
     pub tw_recycle_exists: bool,
+    /// Processes holding CLOSE_WAIT sockets past the leak threshold.
+    pub close_wait_leaks: Vec<CloseWaitLeak>,
+    pub leak_threshold_ns: u64,
+}
+
+/// A process that has not called `close()` on sockets whose peer hung up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CloseWaitLeak {
+    pub pid: u32,
+    pub comm: String,
+    pub netns: u64,
+    /// Its CLOSE_WAIT sockets older than the threshold.
+    pub count: u64,
+    /// An upper bound: the time since data last arrived on the oldest.
+    pub oldest_age_ns: u64,
+}
+
+/// The CLOSE_WAIT sockets older than `threshold_ns`, per process and
+/// namespace, most first.
+#[must_use]
+pub fn close_wait_leaks(
+    sockets: &[crate::snapshot::SocketNow],
+    threshold_ns: u64,
+) -> Vec<CloseWaitLeak> {
+    let old: Vec<_> = sockets
+        .iter()
+        .filter(|s| s.state == crate::event::TcpState::CloseWait && s.age_ns > threshold_ns)
+        .cloned()
+        .collect();
+    crate::snapshot::group(&old)
+        .into_iter()
+        .map(|g| CloseWaitLeak {
+            pid: g.owner.map_or(0, |o| o.pid),
+            comm: g
+                .owner
+                .map_or_else(|| "-".to_owned(), |o| o.comm.to_string()),
+            netns: g.netns,
+            count: g.count,
+            oldest_age_ns: g.oldest_age_ns,
+        })
+        .collect()
 }
 
 const SYSCTL: &str = "/proc/sys/net/ipv4";
@@ -70,7 +111,7 @@ fn sysctl(name: &str) -> Option<u64> {
 
 impl HostSnapshot {
     #[must_use]
-    pub fn read() -> Self {
+    pub fn read(leak_threshold_ns: u64) -> Self {
         let missing_capabilities = sys::effective_capabilities().map_or_else(
             |_| vec!["(unreadable /proc/self/status)"],
             |caps| {
@@ -126,7 +167,7 @@ impl HostSnapshot {
             tracefs: tracefs.ok().map(|p| p.display().to_string()),
             tw_timer_handler: matches!(sys::kallsyms_lookup("tw_timer_handler"), Ok(Some(_))),
             missing_tracepoints,
-            time_wait: sys::time_wait_sockets_now().ok(),
+            time_wait: crate::netns::time_wait_sockets_everywhere(),
             netstat,
             overflow_per_s,
             port_range: sys::local_port_range().ok(),
@@ -137,6 +178,8 @@ impl HostSnapshot {
             fin_timeout: sysctl("tcp_fin_timeout"),
             timestamps: sysctl("tcp_timestamps"),
             tw_recycle_exists: Path::new(SYSCTL).join("tcp_tw_recycle").exists(),
+            close_wait_leaks: close_wait_leaks(&crate::snapshot::take().sockets, leak_threshold_ns),
+            leak_threshold_ns,
         }
     }
 
@@ -175,7 +218,38 @@ pub fn assess(h: &HostSnapshot) -> Vec<Finding> {
     time_wait_health(h, &mut f);
     ports(h, &mut f);
     teardown_sysctls(h, &mut f);
+    leaks(h, &mut f);
     f
+}
+
+/// CLOSE_WAIT past the threshold: the application's bug, not a sysctl's.
+fn leaks(h: &HostSnapshot, f: &mut Vec<Finding>) {
+    let threshold = crate::units::duration(h.leak_threshold_ns);
+    if h.close_wait_leaks.is_empty() {
+        f.push(finding(
+            "close_wait_leak",
+            Severity::Ok,
+            "CLOSE_WAIT leaks",
+            format!("no socket in CLOSE_WAIT for over {threshold}"),
+            "Every application closes its sockets after the peer hangs up.",
+            "",
+        ));
+    }
+    for leak in &h.close_wait_leaks {
+        f.push(finding(
+            "close_wait_leak",
+            Severity::Warn,
+            format!("CLOSE_WAIT leak: pid {} ({})", leak.pid, leak.comm),
+            format!(
+                "{} sockets in CLOSE_WAIT for over {threshold}, the oldest for up to {} (netns {})",
+                leak.count,
+                crate::units::duration(leak.oldest_age_ns),
+                leak.netns
+            ),
+            "It has not called close() after the peer closed: a leak in the application, not a kernel setting. Each such socket holds its memory and file descriptor until the process closes it or exits.",
+            "Find the code path that drops the connection without closing it (see `twtrace sockets --state close-wait --pid PID` for the peers); no sysctl shortens CLOSE_WAIT.",
+        ));
+    }
 }
 
 /// Can twtrace trace here at all, and what will it miss.
@@ -426,6 +500,27 @@ mod tests {
             timestamps: Some(1),
             ..HostSnapshot::default()
         }
+    }
+
+    #[test]
+    fn a_close_wait_leak_names_the_process_and_warns() {
+        let mut h = healthy();
+        assert_eq!(severity_of(&assess(&h), "close_wait_leak"), Severity::Ok);
+        h.leak_threshold_ns = 60_000_000_000;
+        h.close_wait_leaks = vec![CloseWaitLeak {
+            pid: 4242,
+            comm: "leaky".into(),
+            netns: 1,
+            count: 25,
+            oldest_age_ns: 300_000_000_000,
+        }];
+        let findings = assess(&h);
+        let leak = findings.iter().find(|f| f.id == "close_wait_leak").unwrap();
+        assert_eq!(leak.severity, Severity::Warn);
+        assert!(leak.title.contains("4242 (leaky)"), "{}", leak.title);
+        assert!(leak.value.contains("25 sockets"), "{}", leak.value);
+        assert!(leak.meaning.contains("not a kernel setting"));
+        assert_eq!(exit_code(&findings), 4);
     }
 
     fn severity_of(findings: &[Finding], id: &str) -> Severity {

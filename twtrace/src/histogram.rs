@@ -131,7 +131,11 @@ impl StateStats {
             now: now.count,
             oldest_now_ns: now.oldest_age_ns,
             oldest_now_exact: now.oldest_exact,
-            min_ns: if h.is_empty() { 0 } else { h.highest_equivalent(h.min()) },
+            min_ns: if h.is_empty() {
+                0
+            } else {
+                h.highest_equivalent(h.min())
+            },
             p50_ns: h.value_at_quantile(0.50),
             p90_ns: h.value_at_quantile(0.90),
             p99_ns: h.value_at_quantile(0.99),

@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// Past this age a CLOSE_WAIT socket is a leak: its process has not called
-/// close() a minute after the peer hung up.
+/// `close()` a minute after the peer hung up.
 pub const LEAK_AGE_NS: u64 = 60_000_000_000;
 
 /// What a command does with a run. `transition` sees every transition

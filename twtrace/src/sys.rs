@@ -299,7 +299,8 @@ pub fn time_wait_sockets_now() -> anyhow::Result<u64> {
     parse_sockstat_tw(&text).context("no TCP tw count in /proc/net/sockstat")
 }
 
-fn parse_sockstat_tw(text: &str) -> Option<u64> {
+#[must_use]
+pub fn parse_sockstat_tw(text: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("TCP:"))?;
     let mut words = line.split_whitespace();
     while let Some(word) = words.next() {

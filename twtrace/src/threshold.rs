@@ -4,7 +4,14 @@
 //! ```text
 //! expr   := metric op number [unit]
 //! metric := lost | active_closes | passive_closes | time_wait_peak
-//!         | (count|min|p50|p90|p99|p999|max) '(' STATE ')'
+//!         | (count|now|oldest|min|p50|p90|p99|p999|max) '(' STATE ')'
+//! ```
+//!
+//! `count(S)`: sockets that entered S; `now(S)`: sockets in S at the end;
+//! `oldest(S)`: the age of the oldest of those; the others are over the
+//! sockets that left S.
+//!
+//! ```text
 //! op     := > | >= | < | <= | == | !=
 //! unit   := ns | us | µs | ms | s | m      (time metrics only; required)
 //! ```
@@ -15,7 +22,12 @@ use crate::{event::TcpState, histogram::TEARDOWN_STATES};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
+    /// Sockets that entered the state.
     Count,
+    /// Sockets in the state at the end.
+    Now,
+    /// How long the oldest socket in the state at the end had been in it.
+    Oldest,
     Min,
     P50,
     P90,
@@ -35,7 +47,7 @@ pub enum Metric {
 
 impl Metric {
     fn is_time(self) -> bool {
-        matches!(self, Self::State(stat, _) if stat != Stat::Count)
+        matches!(self, Self::State(stat, _) if !matches!(stat, Stat::Count | Stat::Now))
     }
 }
 
@@ -209,6 +221,8 @@ fn parse_metric(c: &mut Cursor<'_>) -> Result<Metric, ParseError> {
         "passive_closes" => return Ok(Metric::PassiveCloses),
         "time_wait_peak" => return Ok(Metric::TimeWaitPeak),
         "count" => Stat::Count,
+        "now" => Stat::Now,
+        "oldest" => Stat::Oldest,
         "min" => Stat::Min,
         "p50" => Stat::P50,
         "p90" => Stat::P90,
@@ -218,7 +232,7 @@ fn parse_metric(c: &mut Cursor<'_>) -> Result<Metric, ParseError> {
         other => {
             c.pos = name_at;
             return c.error(format!(
-                "unknown metric `{other}` (lost, active_closes, passive_closes, time_wait_peak, or count/min/p50/p90/p99/p999/max(STATE))"
+                "unknown metric `{other}` (lost, active_closes, passive_closes, time_wait_peak, or count/now/oldest/min/p50/p90/p99/p999/max(STATE))"
             ));
         }
     };
@@ -281,6 +295,17 @@ mod tests {
         assert_eq!(t.metric, Metric::State(Stat::P999, TcpState::CloseWait));
         assert_eq!((t.op, t.value), (Op::Ge, 1_500_000_000));
         assert_eq!(parse("max(LAST_ACK) != 250us").unwrap().value, 250_000);
+        let t = parse("now(CLOSE_WAIT) > 0").unwrap();
+        assert_eq!(t.metric, Metric::State(Stat::Now, TcpState::CloseWait));
+        let t = parse("oldest(CLOSE_WAIT) > 1m").unwrap();
+        assert_eq!(
+            (t.metric, t.value),
+            (
+                Metric::State(Stat::Oldest, TcpState::CloseWait),
+                60_000_000_000
+            )
+        );
+        assert!(parse("oldest(CLOSE_WAIT) > 5").is_err());
     }
 
     #[test]

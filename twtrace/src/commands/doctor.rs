@@ -22,7 +22,7 @@ struct Report<'a> {
 }
 
 pub fn run(args: &DoctorArgs) -> anyhow::Result<Outcome> {
-    let host = HostSnapshot::read();
+    let host = HostSnapshot::read(u64::try_from(args.leak_after.as_nanos()).unwrap_or(u64::MAX));
     let findings = doctor::assess(&host);
     let code = doctor::exit_code(&findings);
     let mut out = io::stdout().lock();

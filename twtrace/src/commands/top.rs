@@ -114,7 +114,8 @@ impl Counting {
             routes: self
                 .closes
                 .forecasts(&status.held_by_route, usable.unwrap_or(0), seconds),
-            kernel_time_wait: sys::time_wait_sockets_now().ok(),
+            kernel_time_wait: crate::netns::time_wait_sockets_everywhere(),
+            now: status.now.clone(),
             port_range: self.port_range,
             usable_ports: usable,
             warnings: status.warnings.clone(),
@@ -122,7 +123,6 @@ impl Counting {
             tw_evictions: status.time_wait.evictions,
             time_wait_skipped: status.time_wait.skipped,
             time_wait_tracking: status.time_wait_tracking,
-            held_by_pid: status.held_by_pid.clone(),
         }
     }
 }

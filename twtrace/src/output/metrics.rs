@@ -89,6 +89,9 @@ pub struct Metrics {
     time_wait_now: Gauge,
     lost: Family<LossLabel, Counter>,
     time_wait_skipped: Counter,
+    sockets_now: Family<StateLabel, Gauge>,
+    oldest_age: Family<StateLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    older_than_leak: Family<StateLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -132,11 +135,33 @@ impl Metrics {
             "Closes that skipped TIME_WAIT because tcp_max_tw_buckets was full",
             time_wait_skipped.clone(),
         );
+        let sockets_now = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "sockets",
+            "TCP sockets in each teardown state now, over every network namespace (those from before twtrace started included)",
+            sockets_now.clone(),
+        );
+        let oldest_age = Family::<StateLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "oldest_socket_age_seconds",
+            "How long the oldest socket in each teardown state has been in it (an upper bound for full sockets that predate twtrace)",
+            oldest_age.clone(),
+        );
+        let older_than_leak = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "sockets_older_than_leak_threshold",
+            "Sockets in each teardown state for over 60 s (in CLOSE_WAIT: a leak, the application never called close())",
+            older_than_leak.clone(),
+        );
         // Every state appears from the start, so rates work from scrape one.
         for state in TEARDOWN_STATES {
-            let _ = time_in_state.get_or_create(&StateLabel {
+            let label = StateLabel {
                 state: state.name(),
-            });
+            };
+            let _ = time_in_state.get_or_create(&label);
+            let _ = sockets_now.get_or_create(&label);
+            let _ = oldest_age.get_or_create(&label);
+            let _ = older_than_leak.get_or_create(&label);
         }
         Self {
             registry: Arc::new(registry),
@@ -145,6 +170,9 @@ impl Metrics {
             time_wait_now,
             lost,
             time_wait_skipped,
+            sockets_now,
+            oldest_age,
+            older_than_leak,
         }
     }
 
@@ -188,6 +216,22 @@ impl Metrics {
             advance_to(&self.lost.get_or_create(&LossLabel { kind }), value);
         }
         advance_to(&self.time_wait_skipped, status.time_wait.skipped);
+        for state in TEARDOWN_STATES {
+            let label = StateLabel {
+                state: state.name(),
+            };
+            let now = status.now.state(state);
+            let older = status.now.older_than.get(&state).copied().unwrap_or(0);
+            self.sockets_now
+                .get_or_create(&label)
+                .set(i64::try_from(now.count).unwrap_or(i64::MAX));
+            #[expect(clippy::cast_precision_loss, reason = "seconds for Prometheus")]
+            let oldest = now.oldest_age_ns as f64 / 1e9;
+            self.oldest_age.get_or_create(&label).set(oldest);
+            self.older_than_leak
+                .get_or_create(&label)
+                .set(i64::try_from(older).unwrap_or(i64::MAX));
+        }
     }
 
     /// The exposition, in the `OpenMetrics` text format.

@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// Schema version of the JSON report; bumped on incompatible changes.
-pub const SCHEMA: &str = "twtrace-record/1";
+pub const SCHEMA: &str = "twtrace-record/2";
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ThresholdResult {
@@ -150,7 +150,9 @@ impl Measured for RecordReport {
                 return 0;
             };
             match stat {
-                Stat::Count => s.count,
+                Stat::Count => s.entered,
+                Stat::Now => s.now,
+                Stat::Oldest => s.oldest_now_ns,
                 Stat::Min => s.min_ns,
                 Stat::P50 => s.p50_ns,
                 Stat::P90 => s.p90_ns,

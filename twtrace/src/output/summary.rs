@@ -341,11 +341,26 @@ mod tests {
             .collect();
         assert_eq!(
             states,
-            ["FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT", "CLOSE_WAIT", "LAST_ACK"]
+            [
+                "FIN_WAIT1",
+                "FIN_WAIT2",
+                "TIME_WAIT",
+                "CLOSE_WAIT",
+                "LAST_ACK"
+            ]
         );
         let tw = &v["states"][2];
         for key in [
-            "entered", "count", "now", "oldest_now_ns", "min_ns", "p50_ns", "p90_ns", "p99_ns", "p999_ns", "max_ns",
+            "entered",
+            "count",
+            "now",
+            "oldest_now_ns",
+            "min_ns",
+            "p50_ns",
+            "p90_ns",
+            "p99_ns",
+            "p999_ns",
+            "max_ns",
         ] {
             assert!(tw[key].is_u64(), "{key}");
         }

@@ -59,8 +59,12 @@ impl std::fmt::Display for Remote {
 /// Facts about the host that the command reads and the model only shows.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct HostFacts {
-    /// TIME_WAIT sockets the kernel reports (`/proc/net/sockstat`).
+    /// TIME_WAIT sockets the kernel reports (`/proc/net/sockstat`), summed
+    /// over every network namespace.
     pub kernel_time_wait: Option<u64>,
+    /// Sockets in each teardown state now, per owner (those the host held
+    /// before twtrace started included).
+    pub now: crate::census::CensusNow,
     /// `net.ipv4.ip_local_port_range`.
     pub port_range: Option<(u16, u16)>,
     /// Ephemeral ports `connect()` may use: the range less reserved ports.
@@ -72,9 +76,6 @@ pub struct HostFacts {
     /// Closes that skipped TIME_WAIT: `tcp_max_tw_buckets` was full.
     pub time_wait_skipped: u64,
     pub time_wait_tracking: bool,
-    /// TIME_WAIT mini-sockets each pid holds now (from the teardown model,
-    /// which also sees orphaned ones before their move to TIME_WAIT shows).
-    pub held_by_pid: HashMap<u32, u64>,
     /// Port-exhaustion forecasts, most urgent first (shown in the detail).
     pub routes: Vec<crate::ports::Forecast>,
 }
@@ -86,7 +87,13 @@ pub struct ProcessRow {
     pub comm: String,
     pub active_per_s: f64,
     pub passive_per_s: f64,
+    /// Ports it holds in TIME_WAIT or FIN_WAIT2 now.
     pub time_wait_now: u64,
+    pub close_wait_now: u64,
+    /// How long its oldest CLOSE_WAIT socket has waited for its `close()`.
+    pub close_wait_oldest_ns: Option<u64>,
+    /// Its oldest CLOSE_WAIT is past the leak threshold.
+    pub leaking: bool,
     /// p50 and p99 (ns) of the states shown in the table; `None`: no data.
     pub fin_wait2: Option<(u64, u64)>,
     pub time_wait: Option<(u64, u64)>,
@@ -102,7 +109,9 @@ pub struct Header {
     pub closes_per_s: f64,
     pub active_per_s: f64,
     pub passive_per_s: f64,
+    /// TIME_WAIT and FIN_WAIT2 sockets now, as twtrace counts them.
     pub time_wait_traced: u64,
+    pub close_wait_now: crate::census::InStateNow,
     pub host: HostFacts,
     /// How long the model has been counting.
     pub elapsed_ns: u64,
@@ -179,12 +188,23 @@ impl TopModel {
         let mut rows = Vec::with_capacity(self.owners.len());
         let mut delta_active = 0;
         let mut delta_passive = 0;
-        for (key, c) in &self.owners {
+        let idle = OwnerCounters::default();
+        // Owners seen closing, and those that only hold sockets (a leak
+        // from before the start shows even if nothing moves).
+        let keys: std::collections::BTreeSet<&OwnerKey> = self
+            .owners
+            .keys()
+            .chain(header.host.now.by_owner.keys())
+            .collect();
+        for key in keys {
+            let c = self.owners.get(key).unwrap_or(&idle);
             let (prev_active, prev_passive) = self.previous.get(key).copied().unwrap_or_default();
             let (da, dp) = (c.active - prev_active, c.passive - prev_passive);
             delta_active += da;
             delta_passive += dp;
-            let time_wait_now = header.host.held_by_pid.get(&key.pid).copied().unwrap_or(0);
+            let now = |state| header.host.now.of_owner(key, state);
+            let time_wait_now = now(TcpState::TimeWait).count + now(TcpState::FinWait2).count;
+            let close_wait = now(TcpState::CloseWait);
             let p50_p99 = |state| {
                 c.states
                     .get(state)
@@ -204,15 +224,21 @@ impl TopModel {
                 active_per_s: rate(da, period),
                 passive_per_s: rate(dp, period),
                 time_wait_now,
+                close_wait_now: close_wait.count,
+                close_wait_oldest_ns: (close_wait.count > 0).then_some(close_wait.oldest_age_ns),
+                leaking: close_wait.count > 0
+                    && close_wait.oldest_age_ns > crate::session::LEAK_AGE_NS,
                 fin_wait2: p50_p99(TcpState::FinWait2),
                 time_wait: p50_p99(TcpState::TimeWait),
                 close_wait: p50_p99(TcpState::CloseWait),
                 total_closes: c.active + c.passive,
-                states: c.states.stats(),
+                states: c.states.stats_with_now(now),
                 remotes,
             });
         }
-        header.time_wait_traced = header.host.held_by_pid.values().sum();
+        let now = |state| header.host.now.state(state).count;
+        header.time_wait_traced = now(TcpState::TimeWait) + now(TcpState::FinWait2);
+        header.close_wait_now = header.host.now.state(TcpState::CloseWait);
         header.active_per_s = rate(delta_active, period);
         header.passive_per_s = rate(delta_passive, period);
         header.closes_per_s = header.active_per_s + header.passive_per_s;
@@ -290,27 +316,44 @@ mod tests {
     }
 
     #[test]
-    fn time_wait_now_comes_from_the_teardown_model() {
+    fn sockets_now_come_from_the_census_and_a_leak_is_marked() {
         let mut model = TopModel::new(0);
         let (src, dst) = ("127.0.0.1:40000", "127.0.0.2:6379");
         model.record(&t(1, src, dst, TcpState::TimeWait, TcpState::Close, 60 * S));
-        model.record(&t(
-            2,
-            src,
-            dst,
-            TcpState::Established,
-            TcpState::FinWait1,
-            MS,
-        ));
+        let mut census = crate::census::Census::default();
+        for (pid, port, new) in [
+            (1, 1, TcpState::TimeWait),
+            (1, 2, TcpState::TimeWait),
+            (1, 3, TcpState::FinWait2),
+            (2, 4, TcpState::TimeWait),
+            (3, 5, TcpState::CloseWait),
+        ] {
+            let mut into = t(
+                pid,
+                &format!("127.0.0.1:{port}"),
+                dst,
+                TcpState::Established,
+                new,
+                MS,
+            );
+            into.ts_ns = S;
+            census.record(&into);
+        }
         let host = HostFacts {
-            held_by_pid: [(1, 3), (2, 2)].into_iter().collect(),
+            now: census.now(100 * S, crate::session::LEAK_AGE_NS),
             ..HostFacts::default()
         };
-        let snap = model.snapshot(S, host);
-        assert_eq!(snap.rows[0].time_wait_now, 3);
-        assert_eq!(snap.rows[1].time_wait_now, 2);
-        assert_eq!(snap.header.time_wait_traced, 5);
-        let (p50, p99) = snap.rows[0].time_wait.unwrap();
+        let snap = model.snapshot(100 * S, host);
+        let row = |pid| snap.rows.iter().find(|r| r.pid == pid).unwrap();
+        assert_eq!(row(1).time_wait_now, 3);
+        assert_eq!(row(2).time_wait_now, 1);
+        assert_eq!(snap.header.time_wait_traced, 4);
+        // pid 3 closed nothing, yet it holds a CLOSE_WAIT for 99 s: a leak.
+        assert_eq!(row(3).close_wait_now, 1);
+        assert_eq!(row(3).close_wait_oldest_ns, Some(99 * S));
+        assert!(row(3).leaking);
+        assert!(!row(1).leaking);
+        let (p50, p99) = row(1).time_wait.unwrap();
         assert!(p50.abs_diff(60 * S) * 1000 <= 60 * S && p99 >= p50);
     }
 

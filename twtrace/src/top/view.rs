@@ -25,25 +25,28 @@ pub enum Column {
     ActivePerS,
     PassivePerS,
     TimeWaitNow,
+    CloseWaitNow,
+    CloseWaitOldest,
     FinWait2P50,
     FinWait2P99,
-    TimeWaitP50,
-    TimeWaitP99,
     CloseWaitP50,
     CloseWaitP99,
     Total,
 }
 
+// TIME_WAIT's own length is fixed (60 s, unless cut short): its
+// percentiles are in the detail view; the table gives the room to what
+// varies, CLOSE_WAIT held now and its age.
 const COLUMNS: [(Column, &str, u16); 12] = [
     (Column::Pid, "PID", 8),
     (Column::Comm, "COMM", 16),
     (Column::ActivePerS, "ACTIVE/s", 9),
     (Column::PassivePerS, "PASSIVE/s", 9),
     (Column::TimeWaitNow, "TW NOW", 7),
+    (Column::CloseWaitNow, "CW NOW", 7),
+    (Column::CloseWaitOldest, "CW OLDEST", 10),
     (Column::FinWait2P50, "FW2 p50", 8),
     (Column::FinWait2P99, "FW2 p99", 8),
-    (Column::TimeWaitP50, "TW p50", 8),
-    (Column::TimeWaitP99, "TW p99", 8),
     (Column::CloseWaitP50, "CW p50", 8),
     (Column::CloseWaitP99, "CW p99", 8),
     (Column::Total, "CLOSES", 8),
@@ -177,10 +180,10 @@ pub fn visible_rows<'a>(snapshot: &'a TopSnapshot, state: &ViewState) -> Vec<&'a
                 Column::ActivePerS => x.active_per_s.total_cmp(&y.active_per_s),
                 Column::PassivePerS => x.passive_per_s.total_cmp(&y.passive_per_s),
                 Column::TimeWaitNow => x.time_wait_now.cmp(&y.time_wait_now),
+                Column::CloseWaitNow => x.close_wait_now.cmp(&y.close_wait_now),
+                Column::CloseWaitOldest => x.close_wait_oldest_ns.cmp(&y.close_wait_oldest_ns),
                 Column::FinWait2P50 => p(x.fin_wait2, 0).cmp(&p(y.fin_wait2, 0)),
                 Column::FinWait2P99 => p(x.fin_wait2, 1).cmp(&p(y.fin_wait2, 1)),
-                Column::TimeWaitP50 => p(x.time_wait, 0).cmp(&p(y.time_wait, 0)),
-                Column::TimeWaitP99 => p(x.time_wait, 1).cmp(&p(y.time_wait, 1)),
                 Column::CloseWaitP50 => p(x.close_wait, 0).cmp(&p(y.close_wait, 0)),
                 Column::CloseWaitP99 => p(x.close_wait, 1).cmp(&p(y.close_wait, 1)),
                 Column::Total => x.total_closes.cmp(&y.total_closes),
@@ -217,14 +220,24 @@ fn cells(row: &ProcessRow) -> [String; 12] {
         format!("{:.1}", row.active_per_s),
         format!("{:.1}", row.passive_per_s),
         row.time_wait_now.to_string(),
+        row.close_wait_now.to_string(),
+        close_wait_oldest(row),
         q(row.fin_wait2, 0),
         q(row.fin_wait2, 1),
-        q(row.time_wait, 0),
-        q(row.time_wait, 1),
         q(row.close_wait, 0),
         q(row.close_wait, 1),
         row.total_closes.to_string(),
     ]
+}
+
+/// The oldest CLOSE_WAIT's age; `!` marks a leak (past the threshold), so
+/// it reads without colour too.
+fn close_wait_oldest(row: &ProcessRow) -> String {
+    match row.close_wait_oldest_ns {
+        None => "-".to_owned(),
+        Some(ns) if row.leaking => format!("!{}", units::duration(ns)),
+        Some(ns) => units::duration(ns),
+    }
 }
 
 /// The header lines, shared by the live view and the plain-text mode.
@@ -247,7 +260,16 @@ pub fn header_lines(snapshot: &TopSnapshot, state: &ViewState) -> [String; 2] {
         first.push_str("   (TIME_WAIT not tracked on this kernel)");
     }
     let mut second = format!(
-        "events lost {}   map evictions {}   up {}",
+        "CLOSE_WAIT now: {}{}   events lost {}   map evictions {}   up {}",
+        h.close_wait_now.count,
+        if h.close_wait_now.count > 0 {
+            format!(
+                " (oldest {})",
+                units::duration(h.close_wait_now.oldest_age_ns)
+            )
+        } else {
+            String::new()
+        },
         h.host.events_lost,
         h.host.tw_evictions,
         units::duration(h.elapsed_ns - h.elapsed_ns % 1_000_000_000),
@@ -353,7 +375,14 @@ fn render_table(
         Cell::from(format!("{title}{marker}"))
     }))
     .style(Style::new().add_modifier(Modifier::BOLD));
-    let body = rows.iter().map(|row| Row::new(cells(row).map(Cell::from)));
+    let body = rows.iter().map(|row| {
+        let row_style = if row.leaking {
+            Style::new().fg(ratatui::style::Color::Red)
+        } else {
+            Style::new()
+        };
+        Row::new(cells(row).map(Cell::from)).style(row_style)
+    });
     let widths = COLUMNS.map(|(_, _, w)| Constraint::Length(w));
     let table = Table::new(body, widths)
         .header(header)
@@ -478,6 +507,9 @@ mod tests {
             active_per_s: active,
             passive_per_s: passive,
             time_wait_now: total / 2,
+            close_wait_now: if pid == 200 { 3 } else { 0 },
+            close_wait_oldest_ns: (pid == 200).then_some(90_000 * MS),
+            leaking: pid == 200,
             fin_wait2: Some((10_000, 40_000)),
             time_wait: (pid == 100).then_some((60_000 * MS, 60_100 * MS)),
             close_wait: (passive > 0.0).then_some((2 * MS, 200 * MS)),
@@ -507,6 +539,11 @@ mod tests {
                 active_per_s: 10.0,
                 passive_per_s: 2.5,
                 time_wait_traced: 40,
+                close_wait_now: crate::census::InStateNow {
+                    count: 3,
+                    oldest_age_ns: 90 * 1_000_000_000,
+                    oldest_exact: false,
+                },
                 host: HostFacts {
                     kernel_time_wait: Some(45),
                     port_range: Some((32768, 60999)),
@@ -516,7 +553,7 @@ mod tests {
                     tw_evictions: 0,
                     time_wait_skipped: 0,
                     time_wait_tracking: true,
-                    held_by_pid: std::collections::HashMap::new(),
+                    now: crate::census::CensusNow::default(),
                     routes: vec![crate::ports::forecast(
                         crate::model::Route {
                             local: "127.0.0.1".parse().unwrap(),
@@ -563,11 +600,11 @@ mod tests {
         let lines = screen(&ViewState::default(), 124, 8);
         let expected = [
             "closes/s 12.5 (active 10.0, passive 2.5)   TIME_WAIT now: 40 traced, 45 in kernel   ephemeral ports 28232 (32768-60999)",
-            "events lost 0   map evictions 0   up 5.00s",
+            "CLOSE_WAIT now: 3 (oldest 1m30s)   events lost 0   map evictions 0   up 5.00s",
             "┌ who closes first ────────────────────────────────────────────────────────────────────────────────────────────────────────┐",
-            "│PID      COMM             ACTIVE/s▼ PASSIVE/s TW NOW  FW2 p50  FW2 p99  TW p50   TW p99   CW p50   CW p99   CLOSES        │",
-            "│100      loadgen          9.5       0.0       40      10.0µs   40.0µs   1m00s    1m00s    -        -        80            │",
-            "│200      nginx            0.5       2.5       15      10.0µs   40.0µs   -        -        2.00ms   200ms    30            │",
+            "│PID      COMM             ACTIVE/s▼ PASSIVE/s TW NOW  CW NOW  CW OLDEST  FW2 p50  FW2 p99  CW p50   CW p99   CLOSES       │",
+            "│100      loadgen          9.5       0.0       40      0       -          10.0µs   40.0µs   -        -        80           │",
+            "│200      nginx            0.5       2.5       15      3       !1m30s     10.0µs   40.0µs   2.00ms   200ms    30           │",
             "└──────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────┘",
             "q quit  ↑↓/jk move  s sort  r reverse  / filter  Enter detail  p pause  ? help",
         ];
@@ -682,7 +719,7 @@ mod tests {
         assert!(lines[2].starts_with("     PID COMM"), "{}", lines[2]);
         assert_eq!(
             lines[3],
-            "     100 loadgen                9.5       0.0      40   10.0µs   40.0µs    1m00s    1m00s        -        -       80"
+            "     100 loadgen                9.5       0.0      40       0          -   10.0µs   40.0µs        -        -       80"
         );
     }
 }
