@@ -259,6 +259,8 @@ impl Pipeline {
             .collect();
         self.census.seed(&held);
         status.snapshot_seeded = true;
+        // Shown at once, not a second later.
+        status.now = self.census.now(sys::monotonic_ns(), LEAK_AGE_NS);
     }
 }
 

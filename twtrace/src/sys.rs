@@ -292,10 +292,16 @@ mod kallsyms_tests {
     }
 }
 
-/// TIME_WAIT mini-sockets in this network namespace now, IPv4 and IPv6
-/// together (`tw` in /proc/net/sockstat counts both).
+/// This thread's network namespace's `/proc/net`. `/proc/net` itself is
+/// the main thread's, which is wrong on a thread that entered another
+/// namespace (`netns::read_in`).
+const THREAD_NET: &str = "/proc/thread-self/net";
+
+/// TIME_WAIT mini-sockets in this thread's network namespace now, IPv4
+/// and IPv6 together (`tw` in sockstat counts both).
 pub fn time_wait_sockets_now() -> anyhow::Result<u64> {
-    let text = fs::read_to_string("/proc/net/sockstat").context("reading /proc/net/sockstat")?;
+    let path = format!("{THREAD_NET}/sockstat");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     parse_sockstat_tw(&text).context("no TCP tw count in /proc/net/sockstat")
 }
 
@@ -352,7 +358,7 @@ pub fn parse_netstat(text: &str) -> std::collections::BTreeMap<String, u64> {
 /// One `TcpExt` counter of this thread's network namespace.
 #[must_use]
 pub fn tcp_ext_counter(name: &str) -> Option<u64> {
-    let text = fs::read_to_string("/proc/net/netstat").ok()?;
+    let text = fs::read_to_string(format!("{THREAD_NET}/netstat")).ok()?;
     parse_netstat(&text).get(name).copied()
 }
 

@@ -34,6 +34,7 @@ mod peer;
 mod record;
 mod reliability;
 mod reports;
+mod state_now;
 mod support;
 mod time_wait;
 mod transitions;
@@ -55,6 +56,7 @@ fn main() -> ExitCode {
         cli::TESTS,
         record::TESTS,
         reports::TESTS,
+        state_now::TESTS,
         reliability::TESTS,
     ]
     .concat()

@@ -135,6 +135,16 @@ impl Peer {
         peer
     }
 
+    /// Starts a process that, inside `netns`, leaves `count` sockets in
+    /// each of: CLOSE_WAIT (it accepts, reads the client's request and
+    /// FIN, and never closes: a leak), orphaned FIN_WAIT2 (those clients'
+    /// ends, their FIN acknowledged, waiting for the server's) and
+    /// TIME_WAIT (connections its server end closes first). Prints `done`
+    /// when all are there, then holds them until its stdin closes.
+    pub fn leaker(netns: &Netns, count: usize) -> Self {
+        spawn(netns, &format!("leaker {count} -"))
+    }
+
     /// Takes the go signal out, to give to whoever starts the peer.
     pub fn go_signal(&mut self) -> impl FnOnce() + Send + 'static {
         let mut stdin = self.stdin.take().expect("client already started");
@@ -233,6 +243,7 @@ pub fn run_if_peer() -> Option<ExitCode> {
         "maker" => make_time_waits(addr.parse().expect("count"), ending_text == "auto"),
         "churn" => churn(Duration::from_secs(addr.parse().expect("seconds"))),
         "flood" => flood(addr, ending_text.parse().expect("threads")),
+        "leaker" => leak(addr.parse().expect("count")),
         other => panic!("unknown peer kind {other}"),
     }
     Some(ExitCode::SUCCESS)
@@ -264,6 +275,34 @@ fn make_time_waits(count: usize, auto: bool) {
     std::io::stdout().flush().expect("flush");
     // Stay alive until the test is done with us.
     let _ = std::io::stdin().read_line(&mut go);
+}
+
+fn leak(count: usize) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let server = listener.local_addr().expect("local addr");
+    let mut leaked = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut client = TcpStream::connect(server).expect("connect");
+        let (mut accepted, _) = listener.accept().expect("accept");
+        client.write_all(b"x").expect("request");
+        drop(client);
+        let mut request = Vec::new();
+        accepted.read_to_end(&mut request).expect("read to EOF");
+        leaked.push(accepted);
+    }
+    for _ in 0..count {
+        let mut client = TcpStream::connect(server).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        drop(accepted);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).expect("read to EOF");
+    }
+    thread::sleep(Duration::from_millis(100));
+    println!("done");
+    std::io::stdout().flush().expect("flush");
+    let mut end = String::new();
+    let _ = std::io::stdin().read_line(&mut end);
+    drop(leaked);
 }
 
 fn churn(length: Duration) {

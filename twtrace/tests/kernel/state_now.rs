@@ -1,0 +1,248 @@
+//! Sockets that already sit in a teardown state when twtrace starts: a
+//! CLOSE_WAIT leak, orphaned FIN_WAIT2 and TIME_WAIT mini-sockets, made in
+//! a namespace of the test's own before twtrace runs, then counted against
+//! `ss` in that namespace, with owners and ages.
+
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::MetadataExt,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    Test,
+    peer::{Netns, Peer},
+    support::command_stdout,
+};
+
+pub const TESTS: &[Test] = crate::tests![
+    sockets_lists_what_predates_twtrace_exactly_as_ss_with_owners_and_ages,
+    sockets_older_than_exits_4_only_when_something_is_that_old,
+    summary_top_and_doctor_show_a_close_wait_leak_that_predates_them,
+];
+
+/// Sockets per state the leaker leaves.
+const LEAKED: usize = 25;
+/// A jiffy at HZ=100 (the coarsest), plus the dump's own time.
+const TICK_NS: i128 = 20_000_000;
+
+fn twtrace(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_twtrace"))
+        .args(args)
+        .output()
+        .expect("running twtrace");
+    let code = out.status.code().expect("twtrace exited by a signal");
+    assert!(
+        code == 0 || code == 4,
+        "twtrace {args:?} exited {code}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (code, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// The leaker's namespace, ready, and the moment it was (an upper bound
+/// of every socket's age).
+struct Leak {
+    netns: Netns,
+    inode: u64,
+    peer: Peer,
+    made_by: Instant,
+}
+
+fn leak() -> Leak {
+    let netns = Netns::new();
+    let inode = std::fs::metadata(format!("/run/netns/{}", netns.name))
+        .expect("the namespace's file")
+        .ino();
+    let started = Instant::now();
+    let mut peer = Peer::leaker(&netns, LEAKED);
+    peer.wait_done();
+    let made_by = Instant::now();
+    // The sockets were made within this window.
+    assert!(made_by - started < Duration::from_secs(10));
+    Leak {
+        netns,
+        inode,
+        peer,
+        made_by,
+    }
+}
+
+fn ss_count(netns: &Netns, state: &str) -> usize {
+    command_stdout(
+        "ip",
+        &["netns", "exec", &netns.name, "ss", "-Htan", "state", state],
+    )
+    .lines()
+    .count()
+}
+
+fn sockets_lists_what_predates_twtrace_exactly_as_ss_with_owners_and_ages() {
+    let leak = leak();
+    std::thread::sleep(Duration::from_millis(1500));
+    let asked = Instant::now();
+    let (code, out) = twtrace(&["sockets", "-o", "json"]);
+    let answered = Instant::now();
+    assert_eq!(code, 0);
+    let v = json(&out);
+    assert_eq!(v["schema"], "twtrace-sockets/1");
+    let ours: Vec<&serde_json::Value> = v["sockets"]
+        .as_array()
+        .expect("sockets")
+        .iter()
+        .filter(|s| s["netns"] == leak.inode)
+        .collect();
+    let mut per_state: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in &ours {
+        *per_state.entry(s["state"].as_str().unwrap()).or_default() += 1;
+    }
+    for (state, ss_name) in [
+        ("CLOSE_WAIT", "close-wait"),
+        ("FIN_WAIT2", "fin-wait-2"),
+        ("TIME_WAIT", "time-wait"),
+    ] {
+        let kernel = ss_count(&leak.netns, ss_name);
+        assert_eq!(kernel, LEAKED, "ss {ss_name}");
+        assert_eq!(
+            per_state.get(state).copied(),
+            Some(kernel),
+            "{state}: {per_state:?}"
+        );
+    }
+    // Oldest possible: made just after the leaker started; youngest: made
+    // by the time it said done.
+    let at_least = i128::try_from((asked - leak.made_by).as_nanos()).unwrap();
+    for s in &ours {
+        let age = i128::from(s["age_ns"].as_u64().unwrap());
+        let state = s["state"].as_str().unwrap();
+        assert!(
+            age + TICK_NS >= at_least,
+            "{state} aged {age} ns, less than {at_least}: {s}"
+        );
+        match state {
+            "CLOSE_WAIT" => {
+                assert_eq!(s["pid"], leak.peer.pid, "the leaker owns it: {s}");
+                assert_eq!(s["owner_source"], "process");
+                assert_eq!(s["age_exact"], false);
+            }
+            "TIME_WAIT" => {
+                // The server end closed first; its listener is the leaker's.
+                assert_eq!(s["pid"], leak.peer.pid, "{s}");
+                assert_eq!(s["owner_source"], "listener");
+                assert_eq!(s["age_exact"], true);
+                let at_most = (answered - leak.made_by).as_nanos() + 10 * 1_000_000_000;
+                assert!(age < i128::try_from(at_most).unwrap(), "{s}");
+                let remaining = s["remaining_ns"].as_u64().unwrap();
+                assert!(
+                    (i128::from(remaining) + age - 60_000_000_000).abs() <= TICK_NS,
+                    "{s}"
+                );
+            }
+            "FIN_WAIT2" => {
+                // The clients' ends: orphaned, no listener on their port.
+                assert_eq!(s["owner_source"], "unknown", "{s}");
+                assert_eq!(s["age_exact"], true);
+            }
+            other => panic!("unexpected state {other}: {s}"),
+        }
+    }
+    let groups = v["groups"].as_array().expect("groups");
+    let leak_group = groups
+        .iter()
+        .find(|g| g["netns"] == leak.inode && g["state"] == "CLOSE_WAIT")
+        .expect("a CLOSE_WAIT group");
+    assert_eq!(leak_group["pid"], leak.peer.pid);
+    assert_eq!(leak_group["count"], LEAKED);
+    drop(leak);
+}
+
+fn sockets_older_than_exits_4_only_when_something_is_that_old() {
+    let leak = leak();
+    std::thread::sleep(Duration::from_millis(1200));
+    let pid = leak.peer.pid.to_string();
+    let select = [
+        "sockets",
+        "--pid",
+        &pid,
+        "--state",
+        "close-wait",
+        "-o",
+        "json",
+    ];
+    let (code, out) = twtrace(&[&select[..], &["--older-than", "1s"]].concat());
+    assert_eq!(code, 4, "{out}");
+    let v = json(&out);
+    assert_eq!(v["sockets"].as_array().unwrap().len(), LEAKED);
+    let (code, out) = twtrace(&[&select[..], &["--older-than", "1h"]].concat());
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(json(&out)["sockets"].as_array().unwrap().len(), 0);
+    // A state that is not a teardown state is a usage error.
+    let out = Command::new(env!("CARGO_BIN_EXE_twtrace"))
+        .args(["sockets", "--state", "established"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    drop(leak);
+}
+
+fn summary_top_and_doctor_show_a_close_wait_leak_that_predates_them() {
+    let leak = leak();
+    std::thread::sleep(Duration::from_millis(1200));
+    let pid = leak.peer.pid;
+    let (_, out) = twtrace(&["summary", "-d", "1s", "-o", "json"]);
+    let v = json(&out);
+    let process = v["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .find(|p| p["pid"] == pid)
+        .unwrap_or_else(|| panic!("the leaker is not in the summary: {v}"));
+    let close_wait = process["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["state"] == "CLOSE_WAIT")
+        .expect("CLOSE_WAIT");
+    assert_eq!(close_wait["now"], LEAKED, "{close_wait}");
+    assert_eq!(close_wait["entered"], 0, "entered before the summary began");
+    assert!(close_wait["oldest_now_ns"].as_u64().unwrap() >= 1_000_000_000);
+
+    // The live view's plain-text table: its row holds the CLOSE_WAIT now.
+    let (_, table) = twtrace(&["top", "-b", "-n", "1", "--pid", &pid.to_string()]);
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(pid.to_string().as_str()))
+        .unwrap_or_else(|| panic!("no row for {pid}:\n{table}"))
+        .split_whitespace()
+        .collect();
+    // PID COMM ACTIVE/s PASSIVE/s TW NOW CW NOW ...
+    assert_eq!(row[5], LEAKED.to_string(), "{row:?}");
+    assert!(
+        table.contains(&format!("CLOSE_WAIT now: {LEAKED}")),
+        "{table}"
+    );
+
+    let (code, out) = twtrace(&["doctor", "--leak-after", "1s", "-o", "json"]);
+    assert_eq!(code, 4, "a leak is a warning");
+    let v = json(&out);
+    let leaks = v["host"]["close_wait_leaks"].as_array().expect("leaks");
+    let ours = leaks
+        .iter()
+        .find(|l| l["pid"] == pid)
+        .unwrap_or_else(|| panic!("doctor did not name {pid}: {leaks:?}"));
+    assert_eq!(ours["count"], LEAKED);
+    assert!(
+        v["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["id"] == "close_wait_leak"
+                && f["title"].as_str().unwrap().contains(&pid.to_string()))
+    );
+    drop(leak);
+}
