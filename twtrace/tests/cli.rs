@@ -56,6 +56,10 @@ const BAD_INPUT: &[(&[&str], i32, &str)] = &[
         "socket address",
     ),
     (&["doctor", "-o", "yaml"], 2, "possible values"),
+    (&["doctor", "--leak-after", "0s"], 2, "positive"),
+    (&["sockets", "--state", "listen"], 2, "not a teardown state"),
+    (&["sockets", "--older-than", "-1s"], 2, "positive"),
+    (&["sockets", "-o", "csv"], 2, "possible values"),
     (&["record"], 2, "<CMD>"),
     (
         &["record", "--fail-if", "p99(X) > 1ms", "--", "true"],

@@ -78,7 +78,7 @@ fn record_counts_exactly_the_workloads_connections() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v = read_json(&json);
-    assert_eq!(v["schema"], "twtrace-record/1");
+    assert_eq!(v["schema"], "twtrace-record/2");
     assert_eq!(v["exit_code"], 0);
     assert_eq!(v["active_closes"], 12, "{v}");
     assert_eq!(v["passive_closes"], 12, "{v}");
