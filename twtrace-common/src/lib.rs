@@ -105,7 +105,10 @@ pub struct TransitionEvent {
     pub kind: u8,
     /// `TW_CANCEL`/`TW_EXPIRE`: the mini-socket's substate read at its end.
     pub end_substate: u8,
-    pub pad: [u8; 6],
+    pub pad: [u8; 2],
+    /// The socket's network namespace (its inode, as `ip netns identify`
+    /// shows it); 0 when unknown (no BTF, or a socket seen only at its end).
+    pub netns: u32,
     /// Owner's command name, NUL padded; all zero while the owner is unknown.
     pub comm: [u8; 16],
 }
@@ -135,7 +138,8 @@ pub struct TwRecord {
     /// `tw_snd_nxt` at birth: with the ports, tells this mini-socket from a
     /// later one of the same 4-tuple at the same (reused) address.
     pub snd_nxt: u32,
-    pub pad: u32,
+    /// Network namespace inode, from the full socket's record.
+    pub netns: u32,
 }
 
 /// Per-CPU scratch that links consecutive tracepoint hits on one CPU.
@@ -265,7 +269,8 @@ pub struct SockRecord {
     pub since_ns: u64,
     /// Owner tgid; 0 while unknown.
     pub pid: u32,
-    pub pad: u32,
+    /// Network namespace inode; 0 when unknown.
+    pub netns: u32,
     pub comm: [u8; 16],
 }
 
@@ -334,6 +339,10 @@ pub struct SockLayout {
     pub v6_daddr: u16,
     /// `tcp_sock.snd_nxt`: matches a closing socket to its mini-socket.
     pub snd_nxt: u16,
+    /// `skc_net` (the socket's `struct net *`); 0: namespaces unknown.
+    pub net: u16,
+    /// `net.ns.inum`: the namespace's inode number.
+    pub net_inum: u16,
     pub pad: u16,
 }
 
@@ -350,6 +359,8 @@ impl SockLayout {
         v6_rcv_saddr: 0,
         v6_daddr: 0,
         snd_nxt: 0,
+        net: 0,
+        net_inum: 0,
         pad: 0,
     };
 }
@@ -477,7 +488,7 @@ const _: () = assert!(core::mem::size_of::<TwScratch>() == 64);
 const _: () = assert!(core::mem::size_of::<TwConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 32);
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 20);
-const _: () = assert!(core::mem::size_of::<SockLayout>() == 20);
+const _: () = assert!(core::mem::size_of::<SockLayout>() == 24);
 const _: () = assert!(core::mem::size_of::<BirthKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PendingBirth>() == 48);
 const _: () = assert!(core::mem::size_of::<SetStateLayout>() == 24);

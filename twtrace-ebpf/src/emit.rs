@@ -120,7 +120,8 @@ fn socket_event<C: EbpfContext>(
             new_state,
             kind: event_kind,
             end_substate: 0,
-            pad: [0; 6],
+            pad: [0; 2],
+            netns: owner.netns,
             comm: owner.comm,
         });
     });
@@ -204,7 +205,8 @@ fn tw_event<C: EbpfContext>(
             new_state,
             kind: event_kind,
             end_substate: facts.substate,
-            pad: [0; 6],
+            pad: [0; 2],
+            netns: record.netns,
             comm: record.comm,
         });
     });

@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::maps::COUNTERS;
+use crate::maps::{COUNTERS, SOCK_LAYOUT};
 
 /// Reads a `T` at kernel address `at`.
 pub fn kread<T>(at: u64) -> Result<T, i64> {
@@ -25,6 +25,21 @@ pub fn read<T>(ctx: &TracePointContext, offset: u16) -> Result<T, i64> {
     // SAFETY: the offset comes from the tracepoint's own format file and
     // the read goes through bpf_probe_read_kernel, which fails safely.
     unsafe { ctx.read_at::<T>(usize::from(offset)) }.map_err(i64::from)
+}
+
+/// The network namespace (its inode number) of the socket at `sk`; 0
+/// when BTF did not give the layout or the read fails. Read once per
+/// socket, when its record is made.
+#[inline(always)]
+pub fn netns_of(sk: u64) -> u32 {
+    let l = SOCK_LAYOUT.load();
+    if l.net == 0 {
+        return 0;
+    }
+    let Ok(net) = kread::<u64>(sk + u64::from(l.net)) else {
+        return 0;
+    };
+    kread::<u32>(net + u64::from(l.net_inum)).unwrap_or(0)
 }
 
 /// `CLOCK_MONOTONIC` nanoseconds.

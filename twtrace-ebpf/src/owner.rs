@@ -9,7 +9,7 @@ use aya_log_ebpf::debug;
 use twtrace_common::{ListenerKey, SockRecord, counter, tcp_state};
 
 use crate::{
-    kernel::{bump, current_comm, current_pid},
+    kernel::{bump, current_comm, current_pid, netns_of},
     maps::{LISTENERS, SOCKS},
     set_state::SetState,
 };
@@ -63,7 +63,7 @@ pub fn of_new_socket(s: &SetState, owner_context: bool, now: u64) -> SockRecord 
     let mut record = SockRecord {
         since_ns: now,
         pid: 0,
-        pad: 0,
+        netns: netns_of(s.sock_id),
         comm: [0; 16],
     };
     if owner_context {
@@ -127,7 +127,7 @@ fn learn<C: EbpfContext>(ctx: &C, sock_id: u64) {
     let mut record = SockRecord {
         since_ns: 0,
         pid: 0,
-        pad: 0,
+        netns: netns_of(sock_id),
         comm: [0; 16],
     };
     set_to_current(&mut record);

@@ -426,7 +426,7 @@ fn tw_record(
         flags: in_state(since_ns, now).1,
         comm: sock.comm,
         snd_nxt: 0,
-        pad: 0,
+        netns: sock.netns,
     }
 }
 

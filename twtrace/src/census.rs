@@ -90,11 +90,15 @@ impl CensusNow {
     }
 }
 
-type SocketKey = (SocketAddr, SocketAddr);
+/// One end of a connection: namespace, local and remote address.
+type SocketKey = (u64, SocketAddr, SocketAddr);
 
 #[derive(Debug, Default)]
 pub struct Census {
     sockets: HashMap<SocketKey, Resident>,
+    /// Whether transitions carry their namespace; if not, sockets are told
+    /// apart by their addresses alone.
+    namespaces_known: bool,
     /// While a snapshot is being taken: the sockets that changed since it
     /// began. The snapshot may have seen them before the change, so it
     /// must not overwrite what the transitions said.
@@ -102,6 +106,18 @@ pub struct Census {
 }
 
 impl Census {
+    #[must_use]
+    pub fn new(namespaces_known: bool) -> Self {
+        Self {
+            namespaces_known,
+            ..Self::default()
+        }
+    }
+
+    fn key(&self, netns: u64, src: SocketAddr, dst: SocketAddr) -> SocketKey {
+        (if self.namespaces_known { netns } else { 0 }, src, dst)
+    }
+
     /// A snapshot is about to be taken (after tracing began).
     pub fn begin_snapshot(&mut self) {
         self.changed_during_snapshot = Some(HashSet::new());
@@ -111,7 +127,7 @@ impl Census {
     pub fn seed(&mut self, sockets: &[SocketNow]) {
         let changed = self.changed_during_snapshot.take().unwrap_or_default();
         for s in sockets {
-            let key = (s.src, s.dst);
+            let key = self.key(s.netns, s.src, s.dst);
             // A transition seen since the snapshot began is fresher.
             if changed.contains(&key) {
                 continue;
@@ -130,7 +146,7 @@ impl Census {
     /// Follows one transition: into a teardown state it stays, anywhere
     /// else (CLOSE above all) it leaves.
     pub fn record(&mut self, t: &Transition) {
-        let key = (t.src, t.dst);
+        let key = self.key(u64::from(t.netns), t.src, t.dst);
         if let Some(changed) = &mut self.changed_during_snapshot {
             changed.insert(key);
         }
@@ -232,6 +248,7 @@ mod tests {
             new,
             in_state_ns: None,
             end: None,
+            netns: 0,
         }
     }
 

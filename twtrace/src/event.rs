@@ -233,6 +233,8 @@ pub struct Transition {
     pub in_state_ns: Option<u64>,
     /// For a mini-socket's `TIME_WAIT`/`FIN_WAIT2` `-> CLOSE`: how it ended.
     pub end: Option<TwEnd>,
+    /// The socket's network namespace inode; 0 when the kernel did not say.
+    pub netns: u32,
 }
 
 impl Transition {
@@ -343,6 +345,7 @@ pub fn from_raw(raw: &TransitionEvent) -> Result<KernelEvent, DecodeError> {
             new: state(raw.new_state)?,
             in_state_ns: (raw.flags & FLAG_IN_STATE_UNKNOWN == 0).then_some(raw.in_state_ns),
             end: None,
+            netns: raw.netns,
         },
         tw,
     })
@@ -383,7 +386,8 @@ pub(crate) mod tests {
             new_state: tcp_state::FIN_WAIT1,
             kind: kind::SOCK,
             end_substate: 0,
-            pad: [0; 6],
+            pad: [0; 2],
+            netns: 0,
             comm,
         }
     }

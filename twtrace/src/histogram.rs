@@ -238,6 +238,7 @@ mod tests {
             new,
             in_state_ns: ns,
             end: None,
+            netns: 0,
         }
     }
 

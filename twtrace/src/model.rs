@@ -42,6 +42,12 @@ pub struct TeardownModel {
     /// Full sockets that went `FIN_WAIT2`/`CLOSING` -> CLOSE with no mini-socket
     /// taking over: the namespace's `tcp_max_tw_buckets` was full.
     time_wait_skipped: u64,
+    /// Orphaned mini-sockets still in FIN_WAIT2 as far as traced, by timer:
+    /// their birth. The move to TIME_WAIT may have happened untraced.
+    orphans: HashMap<u64, Transition>,
+    /// Orphans whose move to TIME_WAIT was found by asking the kernel: when
+    /// their TIME_WAIT began.
+    resolved: HashMap<u64, u64>,
 }
 
 /// A local address and the destination its ephemeral ports point to.
@@ -75,6 +81,8 @@ impl TeardownModel {
             held_by_route: HashMap::new(),
             ephemeral: None,
             time_wait_skipped: 0,
+            orphans: HashMap::new(),
+            resolved: HashMap::new(),
         }
     }
 
@@ -146,17 +154,26 @@ impl TeardownModel {
                 }
                 self.mini_sockets += 1;
                 self.mini_sockets_peak = self.mini_sockets_peak.max(self.mini_sockets);
+                if let Some(tw) = event.tw {
+                    self.resolved.remove(&tw.id);
+                }
                 // An orphaned socket still waiting for the peer's FIN stays
                 // in FIN_WAIT2, now in the mini-socket: nothing changed.
                 if event.transition.new == TcpState::TimeWait {
                     out.push(event.transition);
+                } else if let Some(tw) = event.tw {
+                    self.orphans.insert(tw.id, event.transition);
                 }
             }
             EventKind::TwRearm => {
+                let moved = event.transition.old != event.transition.new;
+                let mut already_reported = false;
                 if let Some(tw) = event.tw {
                     self.pending_cancels.remove(&tw.id);
+                    self.orphans.remove(&tw.id);
+                    already_reported = self.resolved.remove(&tw.id).is_some();
                 }
-                if event.transition.old != event.transition.new {
+                if moved && !already_reported {
                     out.push(event.transition);
                 }
             }
@@ -227,6 +244,16 @@ impl TeardownModel {
             out.push(last);
             return;
         };
+        self.orphans.remove(&tw.id);
+        if let Some(began) = self.resolved.remove(&tw.id)
+            && last.old == TcpState::FinWait2
+        {
+            // Its move to TIME_WAIT was reported when the kernel told it.
+            last.old = TcpState::TimeWait;
+            last.in_state_ns = Some(last.ts_ns.saturating_sub(began));
+            out.push(last);
+            return;
+        }
         if last.old == TcpState::FinWait2 && tw.end_substate == TcpState::TimeWait {
             // The peer's FIN arrived and the kernel re-armed the timer
             // without tracing it: recover when from the timer's expiry.
@@ -242,6 +269,49 @@ impl TeardownModel {
             out.push(into_tw);
         }
         out.push(last);
+    }
+
+    /// Orphaned mini-sockets born at least `min_age_ns` before `now_ns`
+    /// whose move to TIME_WAIT has not been seen, oldest first, at most
+    /// `limit`: their timer id and birth.
+    #[must_use]
+    pub fn unresolved_orphans(
+        &self,
+        now_ns: u64,
+        min_age_ns: u64,
+        limit: usize,
+    ) -> Vec<(u64, Transition)> {
+        let mut found: Vec<(u64, Transition)> = self
+            .orphans
+            .iter()
+            .filter(|(_, t)| t.ts_ns.saturating_add(min_age_ns) <= now_ns)
+            .map(|(id, t)| (*id, t.clone()))
+            .collect();
+        found.sort_by_key(|(_, t)| t.ts_ns);
+        found.truncate(limit);
+        found
+    }
+
+    /// The kernel says the orphan with timer `id` entered TIME_WAIT at
+    /// `began_ns` (kernel monotonic time): reports that move now.
+    pub fn resolve_orphan(&mut self, id: u64, began_ns: u64, out: &mut Vec<Transition>) {
+        let Some(birth) = self.orphans.remove(&id) else {
+            return;
+        };
+        let fin_wait2_since = birth
+            .in_state_ns
+            .map(|spent| birth.ts_ns.saturating_sub(spent));
+        // Not before its FIN_WAIT2 began, as a timer's jiffy could say.
+        let began = began_ns.max(fin_wait2_since.unwrap_or(0));
+        self.resolved.insert(id, began);
+        out.push(Transition {
+            ts_ns: began,
+            old: TcpState::FinWait2,
+            new: TcpState::TimeWait,
+            in_state_ns: fin_wait2_since.map(|since| began.saturating_sub(since)),
+            end: None,
+            ..birth
+        });
     }
 
     /// Kernel time at which the mini-socket's TIME_WAIT began, from its
@@ -296,6 +366,7 @@ mod tests {
             new,
             in_state_ns: Some(in_state_ns),
             end: None,
+            netns: 0,
         }
     }
 
@@ -396,6 +467,70 @@ mod tests {
             ]
         );
         assert_eq!(out[1].in_state_ns, Some(60_000 * MS));
+    }
+
+    #[test]
+    fn an_orphan_resolved_by_the_kernel_moves_once_and_ends_in_time_wait() {
+        let mut model = TeardownModel::new(Some(HZ));
+        let mut out = Vec::new();
+        // FIN_WAIT2 since 990 ms; the mini-socket born at 1 s.
+        let birth = transition(TcpState::FinWait2, TcpState::FinWait2, 1_000 * MS, 10 * MS);
+        model.push(
+            tw_event(EventKind::TwBirth, birth, 0, TcpState::FinWait2),
+            &mut out,
+        );
+        assert!(out.is_empty());
+        assert!(
+            model
+                .unresolved_orphans(1_050 * MS, 100 * MS, 10)
+                .is_empty()
+        );
+        let pending = model.unresolved_orphans(1_200 * MS, 100 * MS, 10);
+        assert_eq!(pending.len(), 1);
+        let id = pending[0].0;
+        // The kernel says its TIME_WAIT began at 1.1 s.
+        model.resolve_orphan(id, 1_100 * MS, &mut out);
+        assert_eq!(
+            steps(&out),
+            [(TcpState::FinWait2, TcpState::TimeWait, None)]
+        );
+        assert_eq!(
+            (out[0].ts_ns, out[0].in_state_ns),
+            (1_100 * MS, Some(110 * MS))
+        );
+        assert!(model.unresolved_orphans(2_000 * MS, 0, 10).is_empty());
+        // A traced re-arm of the same move is not reported twice.
+        let rearm = transition(TcpState::FinWait2, TcpState::TimeWait, 1_500 * MS, 0);
+        model.push(
+            tw_event(EventKind::TwRearm, rearm, 0, TcpState::TimeWait),
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        out.clear();
+        // Resolved without a traced re-arm: the end is TIME_WAIT's.
+        let mut model = TeardownModel::new(Some(HZ));
+        let birth = transition(TcpState::FinWait2, TcpState::FinWait2, 1_000 * MS, 10 * MS);
+        model.push(
+            tw_event(EventKind::TwBirth, birth, 0, TcpState::FinWait2),
+            &mut out,
+        );
+        model.resolve_orphan(id, 1_100 * MS, &mut out);
+        out.clear();
+        let end = transition(
+            TcpState::FinWait2,
+            TcpState::Close,
+            61_100 * MS,
+            60_110 * MS,
+        );
+        model.push(
+            tw_event(EventKind::TwExpire, end, 1000 + 61 * HZ, TcpState::TimeWait),
+            &mut out,
+        );
+        assert_eq!(
+            steps(&out),
+            [(TcpState::TimeWait, TcpState::Close, Some(TwEnd::Expired))]
+        );
+        assert_eq!(out[0].in_state_ns, Some(60_000 * MS));
     }
 
     #[test]

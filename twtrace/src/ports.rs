@@ -221,6 +221,7 @@ mod tests {
             new,
             in_state_ns: None,
             end: None,
+            netns: 0,
         };
         let mut c = CloseCounter::default();
         let range = Some((32768, 60999));

@@ -154,8 +154,15 @@ pub enum Announce {
 /// How often pending mini-socket cancels are checked (so an early end
 /// shows within ~50 ms), and how often the consumer's `tick` runs.
 const FLUSH_EVERY: Duration = Duration::from_millis(25);
-/// How often loss counters are read for `Status`.
+/// How often loss counters are read for `Status`, and orphaned
+/// mini-sockets checked for an untraced move to TIME_WAIT.
 const STATUS_EVERY_NS: u64 = 1_000_000_000;
+/// Orphans asked about per second: each is one request to the kernel
+/// (~10 µs); the rest wait for the next second, or for their end.
+const ORPHANS_PER_CHECK: usize = 4096;
+/// Orphans younger than this are not asked about yet: most peers close
+/// within it, and one request then settles them.
+const ORPHAN_MIN_AGE_NS: u64 = 100_000_000;
 
 /// Runs one session to its end (see the module's summary).
 pub async fn run(
@@ -220,6 +227,27 @@ impl Pipeline {
 }
 
 impl Pipeline {
+    /// Asks the kernel where orphaned FIN_WAIT2 mini-sockets are: one that
+    /// moved to TIME_WAIT without a traced re-arm (the new expiry fell in
+    /// the same timer-wheel bucket) is reported now, with the moment from
+    /// its timer, instead of when it ends a minute later.
+    fn resolve_orphans(&mut self, now_ns: u64, min_age_ns: u64, limit: usize) {
+        let orphans = self.model.unresolved_orphans(now_ns, min_age_ns, limit);
+        if orphans.is_empty() {
+            return;
+        }
+        let queries: Vec<_> = orphans
+            .iter()
+            .map(|(_, t)| (t.netns, t.src, t.dst))
+            .collect();
+        let answers = snapshot::time_wait_since(&queries);
+        for ((id, _), began) in orphans.iter().zip(answers) {
+            if let Some(began) = began {
+                self.model.resolve_orphan(*id, began, &mut self.transitions);
+            }
+        }
+    }
+
     /// Seeds the census once the start-up snapshot is there.
     fn seed_when_taken(&mut self, status: &mut Status) {
         let taken = match self
@@ -303,7 +331,7 @@ impl Session {
         };
         let model =
             TeardownModel::new(sys::kernel_hz()).with_port_range(sys::local_port_range().ok());
-        let mut census = Census::default();
+        let mut census = Census::new(tracer.namespaces_known());
         // `record` follows a command that starts after this: it holds no
         // socket yet, and its pids are not known to filter a snapshot by.
         let snapshot = (!options.follow_forks).then(|| {
@@ -336,6 +364,9 @@ impl Session {
     fn deliver(&mut self, now_ns: u64, consumer: &mut impl Consumer) -> anyhow::Result<()> {
         let pipeline = &mut self.pipeline;
         pipeline.model.flush(now_ns, &mut pipeline.transitions);
+        if now_ns.saturating_sub(self.status_read_ns) >= STATUS_EVERY_NS {
+            pipeline.resolve_orphans(now_ns, ORPHAN_MIN_AGE_NS, ORPHANS_PER_CHECK);
+        }
         self.events += pipeline.transitions.len() as u64;
         for t in pipeline.transitions.drain(..) {
             pipeline.census.record(&t);
@@ -381,6 +412,8 @@ impl Session {
         } = &mut self;
         tracer.drain(|record| pipeline.push(record, consumer));
         pipeline.model.finish(&mut pipeline.transitions);
+        // Every report says where each orphan is now, however short the run.
+        pipeline.resolve_orphans(sys::monotonic_ns(), 0, usize::MAX);
         pipeline.wait_for_snapshot(status);
         self.deliver(0, consumer)?;
         self.refresh_status()?;

@@ -131,6 +131,61 @@ fn dump_here() -> anyhow::Result<NamespaceDump> {
     })
 }
 
+/// When each of these mini-sockets — (namespace inode, local, remote) —
+/// entered TIME_WAIT, in kernel monotonic time, if the kernel says it is
+/// there now. Asked one by one (a few among many), inside each namespace;
+/// namespace 0 (unknown) is looked for in twtrace's own.
+#[must_use]
+pub fn time_wait_since(queries: &[(u32, SocketAddr, SocketAddr)]) -> Vec<Option<u64>> {
+    let mut answers = vec![None; queries.len()];
+    let mut by_netns: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (i, (netns, _, _)) in queries.iter().enumerate() {
+        by_netns.entry(*netns).or_default().push(i);
+    }
+    let own = netns::own().ok();
+    let namespaces: HashMap<u64, Namespace> = if by_netns
+        .keys()
+        .any(|n| Some(u64::from(*n)) != own && *n != 0)
+    {
+        netns::all().into_iter().map(|ns| (ns.inode, ns)).collect()
+    } else {
+        HashMap::new()
+    };
+    for (netns, indices) in by_netns {
+        let ask = || -> Vec<(usize, Option<u64>)> {
+            let Ok(lookup) = sockdiag::Lookup::new() else {
+                return Vec::new();
+            };
+            indices
+                .iter()
+                .map(|&i| (i, began_time_wait(&lookup, queries[i].1, queries[i].2)))
+                .collect()
+        };
+        let found = if netns == 0 || Some(u64::from(netns)) == own {
+            ask()
+        } else if let Some(ns) = namespaces.get(&u64::from(netns)) {
+            netns::read_in(ns, ask).unwrap_or_default()
+        } else {
+            // The namespace is gone (and with it, its mini-sockets).
+            Vec::new()
+        };
+        for (i, answer) in found {
+            answers[i] = answer;
+        }
+    }
+    answers
+}
+
+/// A mini-socket in TIME_WAIT was armed for `TIME_WAIT_LEN_SECS` when it
+/// entered it: the time left says when.
+fn began_time_wait(lookup: &sockdiag::Lookup, src: SocketAddr, dst: SocketAddr) -> Option<u64> {
+    let found = lookup.find(src, dst).ok()??;
+    let remaining = found.mini_socket_remaining_ms.map(ms_to_ns)?;
+    let now = crate::sys::monotonic_ns();
+    (found.state == TcpState::TimeWait)
+        .then(|| now.saturating_sub((TIME_WAIT_LEN_SECS * NS_PER_SEC).saturating_sub(remaining)))
+}
+
 /// Turns one namespace's diagnostics into sockets with owners and ages.
 fn describe(netns: u64, dump: &NamespaceDump, processes: &ProcessSockets) -> Vec<SocketNow> {
     let NamespaceDump {

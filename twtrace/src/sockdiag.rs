@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, bail};
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_DUMP, NLM_F_MULTIPART, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_sock_diag::{
     SockDiagMessage,
@@ -51,6 +51,69 @@ pub fn teardown_and_listen() -> StateFlags {
 
 /// Every TCP socket (IPv4 and IPv6) of this thread's namespace in `states`.
 pub fn dump(states: &StateFlags) -> anyhow::Result<Vec<DiagSocket>> {
+    let socket = open()?;
+    let mut found = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        let id = if family == AF_INET {
+            SocketId::new_v4()
+        } else {
+            SocketId::new_v6()
+        };
+        request(&socket, NLM_F_REQUEST | NLM_F_DUMP, states.clone(), id)?;
+        receive(&socket, &mut found)?;
+    }
+    Ok(found)
+}
+
+/// Looks sockets up by their addresses, one request each: cheaper than a
+/// dump when a few are wanted among many. Made once per namespace.
+pub struct Lookup {
+    socket: Socket,
+}
+
+impl Lookup {
+    /// A lookup in this thread's network namespace.
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(Self { socket: open()? })
+    }
+
+    /// The socket (full or mini) with local address `src` and remote
+    /// `dst`, if the kernel has one.
+    pub fn find(&self, src: SocketAddr, dst: SocketAddr) -> anyhow::Result<Option<DiagSocket>> {
+        let id = SocketId {
+            source_port: src.port(),
+            destination_port: dst.port(),
+            source_address: src.ip(),
+            destination_address: dst.ip(),
+            interface_id: 0,
+            // INET_DIAG_NOCOOKIE: any socket with these addresses.
+            cookie: [0xff; 8],
+        };
+        let family = if src.is_ipv4() { AF_INET } else { AF_INET6 };
+        request_family(&self.socket, family, NLM_F_REQUEST, StateFlags::all(), id)?;
+        let mut found = Vec::new();
+        match receive(&self.socket, &mut found) {
+            Ok(()) => Ok(found.pop()),
+            // The kernel answers ENOENT when no socket has them.
+            Err(e) if e.downcast_ref::<NotFound>().is_some() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The kernel found no socket for an exact lookup.
+#[derive(Debug)]
+struct NotFound;
+
+impl std::fmt::Display for NotFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no such socket")
+    }
+}
+
+impl std::error::Error for NotFound {}
+
+fn open() -> anyhow::Result<Socket> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).context(
         "opening a NETLINK_SOCK_DIAG socket (the kernel's socket diagnostics, as ss uses)",
     )?;
@@ -60,29 +123,34 @@ pub fn dump(states: &StateFlags) -> anyhow::Result<Vec<DiagSocket>> {
     socket
         .connect(&NetlinkAddr::new(0, 0))
         .context("connecting the socket-diagnostics socket")?;
-    let mut found = Vec::new();
-    for family in [AF_INET, AF_INET6] {
-        request(&socket, family, states)?;
-        receive(&socket, &mut found)?;
-    }
-    Ok(found)
+    Ok(socket)
 }
 
-fn request(socket: &Socket, family: u8, states: &StateFlags) -> anyhow::Result<()> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let socket_id = if family == AF_INET {
-        SocketId::new_v4()
+fn request(socket: &Socket, flags: u16, states: StateFlags, id: SocketId) -> anyhow::Result<()> {
+    let family = if id.source_address.is_ipv4() {
+        AF_INET
     } else {
-        SocketId::new_v6()
+        AF_INET6
     };
+    request_family(socket, family, flags, states, id)
+}
+
+fn request_family(
+    socket: &Socket,
+    family: u8,
+    flags: u16,
+    states: StateFlags,
+    socket_id: SocketId,
+) -> anyhow::Result<()> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
     let mut packet = NetlinkMessage::new(
         header,
         SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
             extensions: ExtensionFlags::INFO,
-            states: states.clone(),
+            states,
             socket_id,
         })
         .into(),
@@ -96,7 +164,8 @@ fn request(socket: &Socket, family: u8, states: &StateFlags) -> anyhow::Result<(
     Ok(())
 }
 
-/// Reads one dump's answers until the kernel says it is done.
+/// Reads answers until the kernel says it is done (a dump), or until the
+/// one answer of an exact lookup.
 fn receive(socket: &Socket, found: &mut Vec<DiagSocket>) -> anyhow::Result<()> {
     // A dump answer comes in datagrams of at most a few pages each.
     let mut buf = vec![0u8; 256 * 1024];
@@ -110,14 +179,21 @@ fn receive(socket: &Socket, found: &mut Vec<DiagSocket>) -> anyhow::Result<()> {
             let message = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
                 .context("decoding a socket-diagnostics answer")?;
             let length = message.header.length as usize;
+            let multipart = message.header.flags & NLM_F_MULTIPART != 0;
             match message.payload {
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) => {
-                    bail!("the kernel refused the socket-diagnostics dump: {e:?}")
+                    if e.code.map(|c| -c.get()) == Some(libc::ENOENT) {
+                        return Err(NotFound.into());
+                    }
+                    bail!("the kernel refused the socket-diagnostics request: {e:?}")
                 }
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
                     if let Some(socket) = describe(&response, bytes) {
                         found.push(socket);
+                    }
+                    if !multipart {
+                        return Ok(());
                     }
                 }
                 _ => {}
@@ -221,5 +297,49 @@ mod tests {
                 .any(|s| s.src == server_addr && s.state == TcpState::Listen)
         );
         drop(server);
+    }
+
+    #[test]
+    fn a_lookup_finds_an_orphaned_mini_socket_and_sees_it_move_to_time_wait() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server_addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(server_addr).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let client_addr = client.local_addr().unwrap();
+        drop(client);
+        let mut buf = [0; 1];
+        assert_eq!((&server).read(&mut buf).unwrap(), 0);
+        let lookup = Lookup::new().unwrap();
+        let find = || {
+            lookup
+                .find(client_addr, server_addr)
+                .unwrap()
+                .expect("found")
+        };
+        let wait_for = |state| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            loop {
+                let now = find();
+                if now.state == state || std::time::Instant::now() > deadline {
+                    break now;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        // The client's FIN acknowledged (the ACK may be delayed): an
+        // orphaned FIN_WAIT2 mini-socket.
+        let orphan = wait_for(TcpState::FinWait2);
+        assert_eq!(orphan.state, TcpState::FinWait2);
+        assert_eq!(orphan.inode, 0);
+        assert!(orphan.mini_socket_remaining_ms.is_some());
+        drop(server);
+        // The server's FIN moves it to TIME_WAIT, with a fresh 60 s timer.
+        let moved = wait_for(TcpState::TimeWait);
+        assert_eq!(moved.state, TcpState::TimeWait);
+        let remaining = moved.mini_socket_remaining_ms.unwrap();
+        assert!((58_000..=60_000).contains(&remaining), "{remaining}");
+        // An address pair nobody uses.
+        let nobody: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert_eq!(lookup.find(nobody, server_addr).unwrap(), None);
     }
 }

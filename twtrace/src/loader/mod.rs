@@ -127,6 +127,7 @@ pub struct Tracer {
     events: AsyncFd<RingBuf<MapData>>,
     programs: Vec<&'static str>,
     warnings: Vec<String>,
+    namespaces_known: bool,
     _logger_task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -160,6 +161,7 @@ impl Tracer {
         warnings.extend(attached.warnings);
         Ok(Self {
             ebpf,
+            namespaces_known: facts.sock.is_some_and(|l| l.net != 0 && l.net_inum != 0),
             tw_alive_at_start: facts.tw_alive_at_start,
             tw_enabled: attached.time_wait,
             events,
@@ -196,6 +198,12 @@ impl Tracer {
         )?;
         map.remove(&pid)
             .with_context(|| format!("unfollowing pid {pid}"))
+    }
+
+    /// Whether events carry their socket's network namespace.
+    #[must_use]
+    pub fn namespaces_known(&self) -> bool {
+        self.namespaces_known
     }
 
     /// Whether TIME_WAIT mini-sockets are followed on this kernel.

@@ -124,13 +124,19 @@ impl KernelFacts {
                     .min(sources.max_time_wait)
             })
             .max(1024);
+        let sock = sources
+            .layouts
+            .as_ref()
+            .ok()
+            .and_then(|l| sock_layout(*l).ok());
+        if sock.is_none_or(|l| l.net == 0 || l.net_inum == 0) {
+            warnings.push(
+                "network namespaces unknown (no BTF for struct sock / struct net): events carry no namespace, so sockets in other namespaces are resolved only when they end".to_owned(),
+            );
+        }
         Ok(Self {
             set_state,
-            sock: sources
-                .layouts
-                .as_ref()
-                .ok()
-                .and_then(|l| sock_layout(*l).ok()),
+            sock,
             time_wait,
             fork_child_pid,
             tw_capacity,
@@ -185,8 +191,18 @@ fn sock_layout(btf: &dyn StructLayouts) -> anyhow::Result<SockLayout> {
         v6_rcv_saddr: at("skc_v6_rcv_saddr")?,
         v6_daddr: at("skc_v6_daddr")?,
         snd_nxt: u16::try_from(btf.member_offset("tcp_sock", "snd_nxt")?)?,
+        // Without them events carry no namespace; everything else works.
+        net: at("skc_net").unwrap_or(0),
+        net_inum: net_inum_offset(btf).unwrap_or(0),
         pad: 0,
     })
+}
+
+/// `offsetof(struct net, ns.inum)`: the namespace's inode number.
+fn net_inum_offset(btf: &dyn StructLayouts) -> anyhow::Result<u16> {
+    Ok(u16::try_from(
+        btf.member_offset("net", "ns")? + btf.member_offset("ns_common", "inum")?,
+    )?)
 }
 
 /// What following TIME_WAIT mini-sockets needs on this kernel, with
@@ -309,7 +325,8 @@ mod tests {
         let btf = Table::parse(BTF_6_18);
         let facts = KernelFacts::from_sources(&sources(TIMER_START_6_18, Some(&btf))).unwrap();
         assert_eq!(facts.set_state, SetStateLayout::DEFAULT);
-        assert!(facts.sock.is_some());
+        let sock = facts.sock.unwrap();
+        assert_eq!((sock.net, sock.net_inum), (48, 176));
         assert_eq!(facts.time_wait.start_bucket_expiry, 32);
         assert_eq!(facts.time_wait.raw_start_has_bucket, 1);
         assert!(facts.time_wait.snd_nxt_from_timer < 0);
@@ -337,12 +354,13 @@ mod tests {
         assert_eq!(facts.sock, None);
         assert_eq!(facts.time_wait.has_btf, 0);
         assert!(facts.time_wait_possible());
-        assert_eq!(facts.warnings.len(), 1);
+        assert_eq!(facts.warnings.len(), 2);
         assert!(
             facts.warnings[0].contains("orphaned FIN_WAIT2"),
             "{:?}",
             facts.warnings
         );
+        assert!(facts.warnings[1].contains("network namespaces unknown"));
     }
 
     #[test]

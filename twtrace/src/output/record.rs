@@ -247,6 +247,7 @@ mod tests {
                 new: TcpState::TimeWait,
                 in_state_ns: Some(ms * MS),
                 end: None,
+                netns: 0,
             });
         }
         stats

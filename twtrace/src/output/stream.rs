@@ -25,6 +25,8 @@ struct TransitionLine {
     #[serde(skip_serializing_if = "Option::is_none")]
     end: Option<&'static str>,
     sock: String,
+    /// The socket's network namespace inode; `null` when unknown.
+    netns: Option<u32>,
 }
 
 /// Writes transitions to `out` (buffered by the caller's choice of writer).
@@ -86,6 +88,7 @@ impl<W: Write> StreamWriter<W> {
                     in_state_ns: t.in_state_ns,
                     end: t.end.map(crate::event::TwEnd::name),
                     sock: format!("{:#x}", t.sock_id),
+                    netns: (t.netns != 0).then_some(t.netns),
                 };
                 serde_json::to_writer(&mut self.out, &line)?;
                 self.out.write_all(b"\n")
@@ -122,6 +125,7 @@ mod tests {
             new: TcpState::LastAck,
             in_state_ns: Some(200_000_000),
             end: None,
+            netns: 0,
         }
     }
 

@@ -311,6 +311,7 @@ mod tests {
                 new,
                 in_state_ns: Some(ms * 1_000_000),
                 end: None,
+                netns: 0,
             });
         }
         SummaryReport::new(

@@ -275,6 +275,7 @@ mod tests {
             new,
             in_state_ns: Some(ns),
             end: None,
+            netns: 0,
         }
     }
 

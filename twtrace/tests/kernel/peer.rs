@@ -240,7 +240,14 @@ pub fn run_if_peer() -> Option<ExitCode> {
             addr.parse().expect("server address"),
             Ending::decode(ending_text),
         ),
-        "maker" => make_time_waits(addr.parse().expect("count"), ending_text == "auto"),
+        "maker" => make_time_waits(
+            addr.parse().expect("count"),
+            ending_text.starts_with("auto"),
+            // `auto-late:MS`: the server closes MS after the client.
+            ending_text
+                .strip_prefix("auto-late:")
+                .map_or(0, |ms| ms.parse().expect("milliseconds")),
+        ),
         "churn" => churn(Duration::from_secs(addr.parse().expect("seconds"))),
         "flood" => flood(addr, ending_text.parse().expect("threads")),
         "leaker" => leak(addr.parse().expect("count")),
@@ -249,8 +256,10 @@ pub fn run_if_peer() -> Option<ExitCode> {
     Some(ExitCode::SUCCESS)
 }
 
-/// `auto`: no waiting on stdin (run by `twtrace record` as a workload).
-fn make_time_waits(count: usize, auto: bool) {
+/// `auto`: no waiting on stdin (run by `twtrace record` as a workload);
+/// `late_ms`: the server waits that long after the client's FIN before
+/// closing (the client's end waits in an orphaned FIN_WAIT2 meanwhile).
+fn make_time_waits(count: usize, auto: bool, late_ms: u64) {
     let mut go = String::new();
     if !auto {
         std::io::stdin().read_line(&mut go).expect("waiting for go");
@@ -264,6 +273,7 @@ fn make_time_waits(count: usize, auto: bool) {
         let mut rest = Vec::new();
         accepted.read_to_end(&mut rest).expect("read to EOF");
         quickack(&accepted);
+        thread::sleep(Duration::from_millis(late_ms));
         drop(accepted);
     }
     // Let the last FINs and ACKs land, then report.
@@ -401,6 +411,12 @@ fn flood(amount: &str, threads: usize) {
 #[must_use]
 pub fn auto_maker_env(count: usize) -> (&'static str, String) {
     (ENV, format!("maker {count} auto"))
+}
+
+/// The same, with the server closing `late_ms` after each client.
+#[must_use]
+pub fn late_maker_env(count: usize, late_ms: u64) -> (&'static str, String) {
+    (ENV, format!("maker {count} auto-late:{late_ms}"))
 }
 
 fn serve(bind: &str, ending: Ending) {

@@ -25,7 +25,10 @@ pub const TESTS: &[Test] = crate::tests![
 /// connections in a *grandchild* of twtrace (sh forks it), then sleeps so
 /// that unrelated traffic overlaps the recording.
 fn workload(count: usize, then: &str) -> Vec<String> {
-    let (var, value) = peer::auto_maker_env(count);
+    workload_with(peer::auto_maker_env(count), then)
+}
+
+pub fn workload_with((var, value): (&str, String), then: &str) -> Vec<String> {
     vec![
         "sh".into(),
         "-c".into(),
@@ -36,7 +39,7 @@ fn workload(count: usize, then: &str) -> Vec<String> {
     ]
 }
 
-fn record(args: &[&str], command: &[String]) -> std::process::Output {
+pub fn record(args: &[&str], command: &[String]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_twtrace"))
         .arg("record")
         .args(args)
@@ -46,7 +49,7 @@ fn record(args: &[&str], command: &[String]) -> std::process::Output {
         .expect("running twtrace record")
 }
 
-fn read_json(path: &std::path::Path) -> serde_json::Value {
+pub fn read_json(path: &std::path::Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).expect("report written");
     serde_json::from_str(&text).expect("report is JSON")
 }

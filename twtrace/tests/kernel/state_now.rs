@@ -12,14 +12,18 @@ use std::{
 
 use crate::{
     Test,
-    peer::{Netns, Peer},
-    support::command_stdout,
+    peer::{self, Netns, Peer},
+    record::{read_json, record, workload_with},
+    support::{command_stdout, scratch_dir, spawn_attached},
 };
 
 pub const TESTS: &[Test] = crate::tests![
     sockets_lists_what_predates_twtrace_exactly_as_ss_with_owners_and_ages,
     sockets_older_than_exits_4_only_when_something_is_that_old,
     summary_top_and_doctor_show_a_close_wait_leak_that_predates_them,
+    a_short_summary_reports_time_wait_entered_and_now,
+    record_fails_on_count_time_wait_within_a_short_job,
+    fin_wait2_of_orphans_is_timed_when_the_peer_closes_late,
 ];
 
 /// Sockets per state the leaker leaves.
@@ -245,4 +249,128 @@ fn summary_top_and_doctor_show_a_close_wait_leak_that_predates_them() {
                 && f["title"].as_str().unwrap().contains(&pid.to_string()))
     );
     drop(leak);
+}
+
+/// The state `name` in a report's `states` array.
+fn state<'a>(states: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    states
+        .as_array()
+        .expect("states")
+        .iter()
+        .find(|s| s["state"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {states}"))
+}
+
+/// Seven connections closed first by the client: a 4 s summary (shorter
+/// than TIME_WAIT's 60 s) reports TIME_WAIT entered 7 and now 7, though
+/// the kernel did not trace their move out of the orphaned FIN_WAIT2.
+fn a_short_summary_reports_time_wait_entered_and_now() {
+    let netns = Netns::new();
+    let mut maker = Peer::time_wait_maker(&netns, 7);
+    let pid = maker.pid.to_string();
+    let summary = spawn_attached(
+        Command::new(env!("CARGO_BIN_EXE_twtrace"))
+            .args(["summary", "-d", "4s", "-o", "json", "--pid", &pid])
+            .stdout(std::process::Stdio::piped()),
+    );
+    maker.go();
+    maker.wait_done();
+    let out = summary.wait_with_output().expect("summary");
+    assert!(out.status.success());
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(v["lost"]["events"], 0, "{v}");
+    let tw = state(&v["states"], "TIME_WAIT");
+    assert_eq!(
+        (tw["entered"].as_u64(), tw["now"].as_u64()),
+        (Some(7), Some(7)),
+        "{tw}"
+    );
+    assert_eq!(tw["oldest_now_exact"], true);
+    let fw2 = state(&v["states"], "FIN_WAIT2");
+    assert_eq!(
+        (fw2["entered"].as_u64(), fw2["count"].as_u64()),
+        (Some(7), Some(7)),
+        "{fw2}"
+    );
+    assert_eq!(state(&v["states"], "CLOSE_WAIT")["entered"], 7);
+    drop(maker);
+}
+
+/// `count(TIME_WAIT)` is what entered TIME_WAIT: it can break a CI job
+/// shorter than a minute.
+fn record_fails_on_count_time_wait_within_a_short_job() {
+    let dir = scratch_dir("record-tw");
+    let report = dir.join("report.json");
+    let out = record(
+        &[
+            "--json",
+            report.to_str().unwrap(),
+            "--fail-if",
+            "count(TIME_WAIT) > 1",
+            "--fail-if",
+            "now(TIME_WAIT) != 7",
+        ],
+        &workload_with(peer::auto_maker_env(7), "true"),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = read_json(&report);
+    let tw = state(&v["states"], "TIME_WAIT");
+    assert_eq!(
+        (tw["entered"].as_u64(), tw["now"].as_u64()),
+        (Some(7), Some(7)),
+        "{tw}"
+    );
+    let thresholds = v["thresholds"].as_array().unwrap();
+    assert_eq!(thresholds[0]["broken"], true);
+    assert_eq!(thresholds[0]["actual"], 7);
+    assert_eq!(
+        thresholds[1]["broken"], false,
+        "now(TIME_WAIT) is 7: {thresholds:?}"
+    );
+}
+
+/// The server closes 100 ms after each client: every client end spends
+/// ~100 ms in an orphaned FIN_WAIT2 whose move to TIME_WAIT the kernel
+/// does not trace; the report still times all seven, to a timer tick.
+fn fin_wait2_of_orphans_is_timed_when_the_peer_closes_late() {
+    const LATE_MS: u64 = 100;
+    let dir = scratch_dir("record-late");
+    let report = dir.join("report.json");
+    let out = record(
+        &["--json", report.to_str().unwrap()],
+        &workload_with(peer::late_maker_env(7, LATE_MS), "true"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = read_json(&report);
+    let fw2 = state(&v["states"], "FIN_WAIT2");
+    assert_eq!(
+        (fw2["entered"].as_u64(), fw2["count"].as_u64()),
+        (Some(7), Some(7)),
+        "{fw2}"
+    );
+    // A jiffy (up to 10 ms at HZ=100) either way, plus the server's wake-up.
+    let (min, max) = (
+        fw2["min_ns"].as_u64().unwrap(),
+        fw2["max_ns"].as_u64().unwrap(),
+    );
+    let late = LATE_MS * 1_000_000;
+    assert!(
+        min + 10_000_000 >= late && max <= late + 25_000_000,
+        "{fw2}"
+    );
+    let tw = state(&v["states"], "TIME_WAIT");
+    assert_eq!(
+        (tw["entered"].as_u64(), tw["now"].as_u64()),
+        (Some(7), Some(7)),
+        "{tw}"
+    );
 }
