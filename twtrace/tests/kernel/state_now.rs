@@ -12,7 +12,7 @@ use std::{
 
 use crate::{
     Test,
-    peer::{self, Netns, Peer},
+    peer::{self, Amount, Netns, Peer},
     record::{read_json, record, workload_with},
     support::{command_stdout, scratch_dir, spawn_attached},
 };
@@ -24,6 +24,7 @@ pub const TESTS: &[Test] = crate::tests![
     a_short_summary_reports_time_wait_entered_and_now,
     record_fails_on_count_time_wait_within_a_short_job,
     fin_wait2_of_orphans_is_timed_when_the_peer_closes_late,
+    sockets_snapshot_of_100k_time_wait_is_exact_and_quick,
 ];
 
 /// Sockets per state the leaker leaves.
@@ -373,4 +374,50 @@ fn fin_wait2_of_orphans_is_timed_when_the_peer_closes_late() {
         (Some(7), Some(7)),
         "{tw}"
     );
+}
+
+/// A namespace holding 100 000 TIME_WAIT sockets: the snapshot counts them
+/// exactly, in under 2 s.
+fn sockets_snapshot_of_100k_time_wait_is_exact_and_quick() {
+    // A few connections reuse a port whose TIME_WAIT their SYN takes over.
+    const PILE: u64 = 102_000;
+    let netns = Netns::new();
+    command_stdout(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &netns.name,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.tcp_max_tw_buckets=200000",
+        ],
+    );
+    let inode = std::fs::metadata(format!("/run/netns/{}", netns.name))
+        .expect("the namespace's file")
+        .ino();
+    let mut flood = Peer::flood(&netns, Amount::Connections(PILE), 2, None);
+    flood.go();
+    flood.wait_done();
+    let kernel = ss_count(&netns, "time-wait");
+    let (_, out) = twtrace(&["sockets", "-o", "json", "--state", "time-wait"]);
+    // Nothing is born or expires meanwhile: the first expiry is a minute off.
+    assert_eq!(ss_count(&netns, "time-wait"), kernel, "the pile moved");
+    assert!(kernel >= 100_000, "only {kernel} TIME_WAIT made");
+    let v = json(&out);
+    let ours = v["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["netns"] == inode)
+        .count();
+    assert_eq!(ours, kernel, "twtrace's count against ss");
+    let took = v["took_ns"].as_u64().unwrap();
+    eprintln!(
+        "snapshot of {kernel} TIME_WAIT sockets took {} ms",
+        took / 1_000_000
+    );
+    assert!(took < 2_000_000_000, "the snapshot took {took} ns");
+    drop(flood);
 }
