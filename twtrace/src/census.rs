@@ -23,6 +23,8 @@ use crate::{
 struct Resident {
     state: TcpState,
     owner: Option<Owner>,
+    /// Its network namespace's inode; 0 when unknown.
+    netns: u64,
     /// Kernel monotonic time the state began.
     since_ns: u64,
     since_exact: bool,
@@ -54,6 +56,7 @@ impl InStateNow {
 pub struct CensusNow {
     pub states: BTreeMap<TcpState, InStateNow>,
     pub by_owner: HashMap<OwnerKey, BTreeMap<TcpState, InStateNow>>,
+    pub by_netns: BTreeMap<u64, BTreeMap<TcpState, InStateNow>>,
     /// Sockets older than the threshold the census was asked with, per state.
     pub older_than: BTreeMap<TcpState, u64>,
 }
@@ -68,6 +71,15 @@ impl CensusNow {
     pub fn of_owner(&self, owner: &OwnerKey, state: TcpState) -> InStateNow {
         self.by_owner
             .get(owner)
+            .and_then(|states| states.get(&state))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    #[must_use]
+    pub fn of_netns(&self, netns: u64, state: TcpState) -> InStateNow {
+        self.by_netns
+            .get(&netns)
             .and_then(|states| states.get(&state))
             .copied()
             .unwrap_or_default()
@@ -135,6 +147,7 @@ impl Census {
             let resident = Resident {
                 state: s.state,
                 owner: s.owner,
+                netns: s.netns,
                 since_ns: s.seen_at_ns.saturating_sub(s.age_ns),
                 since_exact: s.age_exact,
                 ends_ns: s.remaining_ns.map(|r| s.seen_at_ns.saturating_add(r)),
@@ -162,6 +175,7 @@ impl Census {
             Resident {
                 state: t.new,
                 owner,
+                netns: u64::from(t.netns),
                 since_ns: t.ts_ns,
                 since_exact: true,
                 ends_ns: None,
@@ -193,6 +207,12 @@ impl Census {
         for r in self.sockets.values() {
             let age = now_ns.saturating_sub(r.since_ns);
             out.states
+                .entry(r.state)
+                .or_default()
+                .add(age, r.since_exact);
+            out.by_netns
+                .entry(r.netns)
+                .or_default()
                 .entry(r.state)
                 .or_default()
                 .add(age, r.since_exact);

@@ -191,6 +191,8 @@ pub struct TeardownStats {
     pub active_closes: u64,
     pub passive_closes: u64,
     pub owners: BTreeMap<OwnerKey, OwnerStats>,
+    /// Per network namespace inode (0: not known).
+    pub namespaces: BTreeMap<u64, StateHistograms>,
 }
 
 impl TeardownStats {
@@ -207,13 +209,16 @@ impl TeardownStats {
             }
             None => {}
         }
+        let namespace = self.namespaces.entry(u64::from(t.netns)).or_default();
         if let Some(ns) = t.in_state_ns {
             self.overall.record(t.old, ns);
             owner.states.record(t.old, ns);
+            namespace.record(t.old, ns);
         }
         if t.old != t.new {
             self.overall.enter(t.new);
             owner.states.enter(t.new);
+            namespace.enter(t.new);
         }
     }
 }

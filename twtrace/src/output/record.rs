@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::{
     histogram::{StateStats, TEARDOWN_STATES, TeardownStats},
-    output::summary::{Lost, ProcessReport, SummaryReport},
+    output::summary::{Lost, NamespaceReport, ProcessReport, SummaryReport},
     threshold::{Measured, Metric, Stat, Threshold},
 };
 
@@ -57,6 +57,7 @@ pub struct RecordReport {
     pub lost: Lost,
     pub states: Vec<StateStats>,
     pub processes: Vec<ProcessReport>,
+    pub namespaces: Vec<NamespaceReport>,
     pub thresholds: Vec<ThresholdResult>,
 }
 
@@ -86,6 +87,7 @@ impl RecordReport {
             lost: summary.lost,
             states: summary.states,
             processes: summary.processes,
+            namespaces: summary.namespaces,
             thresholds: Vec::new(),
         }
     }

@@ -49,6 +49,14 @@ pub struct Lost {
     pub too_deeply_nested: u64,
 }
 
+/// One network namespace's states.
+#[derive(Clone, Debug, Serialize)]
+pub struct NamespaceReport {
+    /// The namespace's inode, as `ip netns identify` shows it; 0: unknown.
+    pub netns: u64,
+    pub states: Vec<StateStats>,
+}
+
 /// One JSON document (or a text block) summarising a run.
 #[derive(Clone, Debug, Serialize)]
 pub struct SummaryReport {
@@ -68,6 +76,7 @@ pub struct SummaryReport {
     pub lost: Lost,
     pub states: Vec<StateStats>,
     pub processes: Vec<ProcessReport>,
+    pub namespaces: Vec<NamespaceReport>,
 }
 
 impl SummaryReport {
@@ -131,6 +140,7 @@ impl SummaryReport {
             },
             states: stats.overall.stats_with_now(|state| now.state(state)),
             processes,
+            namespaces: namespaces(stats, now),
         }
     }
 
@@ -203,6 +213,17 @@ impl SummaryReport {
             )?;
         }
         writeln!(out)?;
+        if self.namespaces.len() > 1 {
+            writeln!(out, "BY NETWORK NAMESPACE")?;
+            write_state_header(out, &format!("{:<11} ", "NETNS"))?;
+            for n in &self.namespaces {
+                let prefix = format!("{:<11} ", n.netns);
+                for s in &n.states {
+                    write_state_row(out, &prefix, s)?;
+                }
+            }
+            writeln!(out)?;
+        }
         let lost = &self.lost;
         writeln!(
             out,
@@ -236,6 +257,29 @@ impl SummaryReport {
         }
         Ok(())
     }
+}
+
+/// Every namespace with transitions or sockets now, in inode order.
+fn namespaces(stats: &TeardownStats, now: &CensusNow) -> Vec<NamespaceReport> {
+    let empty = crate::histogram::StateHistograms::default();
+    let inodes: BTreeSet<u64> = stats
+        .namespaces
+        .keys()
+        .chain(now.by_netns.keys())
+        .copied()
+        .collect();
+    inodes
+        .into_iter()
+        .map(|netns| NamespaceReport {
+            netns,
+            states: stats
+                .namespaces
+                .get(&netns)
+                .unwrap_or(&empty)
+                .stats_with_now(|state| now.of_netns(netns, state)),
+        })
+        .filter(|n| !n.states.is_empty())
+        .collect()
 }
 
 /// Processes shown in text; busiest closers first, JSON has them all.

@@ -294,6 +294,17 @@ fn a_short_summary_reports_time_wait_entered_and_now() {
         "{fw2}"
     );
     assert_eq!(state(&v["states"], "CLOSE_WAIT")["entered"], 7);
+    // The same, for the maker's namespace.
+    let inode = std::fs::metadata(format!("/run/netns/{}", netns.name))
+        .expect("the namespace's file")
+        .ino();
+    let ns = v["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["netns"] == inode)
+        .unwrap_or_else(|| panic!("no namespace {inode}: {}", v["namespaces"]));
+    assert_eq!(state(&ns["states"], "TIME_WAIT")["now"], 7, "{ns}");
     drop(maker);
 }
 
