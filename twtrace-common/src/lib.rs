@@ -382,6 +382,8 @@ pub struct Filter {
     pub follow_forks: u8,
     /// Offset of `child_pid` in the `sched:sched_process_fork` record.
     pub fork_child_pid: u16,
+    /// Non-zero: only sockets of this network namespace (its inode).
+    pub netns: u32,
 }
 
 impl Filter {
@@ -392,6 +394,7 @@ impl Filter {
         all_states: 0,
         follow_forks: 0,
         fork_child_pid: 0,
+        netns: 0,
     };
 }
 
@@ -492,7 +495,7 @@ const _: () = assert!(core::mem::size_of::<SockLayout>() == 24);
 const _: () = assert!(core::mem::size_of::<BirthKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PendingBirth>() == 48);
 const _: () = assert!(core::mem::size_of::<SetStateLayout>() == 24);
-const _: () = assert!(core::mem::size_of::<Filter>() == 8);
+const _: () = assert!(core::mem::size_of::<Filter>() == 12);
 
 #[cfg(feature = "user")]
 mod pod {

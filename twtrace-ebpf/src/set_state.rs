@@ -158,7 +158,7 @@ fn handle<C: EbpfContext>(ctx: &C, filter: &Filter, s: &SetState) -> Result<(), 
     let now = now_ns();
     let (record, in_state) = update_record(s, now);
     owner::track_listener(s, &record);
-    let emit = passes_filters(filter, record.pid, s.sport, s.dport);
+    let emit = passes_filters(filter, &record, s.sport, s.dport);
     // The full socket's CLOSE after FIN_WAIT2 or CLOSING may be only its
     // hand-over to a mini-socket: the connection lives on, it is no close.
     if s.new_state == tcp_state::CLOSE
@@ -217,8 +217,11 @@ fn update_record(s: &SetState, now: u64) -> (SockRecord, InState) {
     result
 }
 
-pub fn passes_filters(filter: &Filter, pid: u32, sport: u16, dport: u16) -> bool {
-    if filter.pids_enabled != 0 && FILTER_PIDS.get_ptr(pid).is_none() {
+pub fn passes_filters(filter: &Filter, owner: &SockRecord, sport: u16, dport: u16) -> bool {
+    if filter.pids_enabled != 0 && FILTER_PIDS.get_ptr(owner.pid).is_none() {
+        return false;
+    }
+    if filter.netns != 0 && owner.netns != filter.netns {
         return false;
     }
     if filter.ports_enabled != 0

@@ -19,7 +19,7 @@ use twtrace_common::{
 
 use crate::{
     emit::{self, InState, TimerFacts},
-    kernel::{atomic_add, bump, in_state, kread, now_ns, read},
+    kernel::{atomic_add, bump, in_state, kread, netns_of, now_ns, read},
     maps::{FILTER, NESTING, PENDING_BIRTHS, SOCK_LAYOUT, TW_CONFIG, TW_SCRATCH, TWS},
     set_state::{SetState, passes_filters},
     twin,
@@ -485,7 +485,8 @@ fn on_cancel<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
         forget_if_still(cfg, scratch);
     }
     scratch.cancel_timer = timer;
-    scratch.cancel_untracked = u8::from(record.is_none() && id.is_some_and(counts_untracked));
+    scratch.cancel_untracked =
+        u8::from(record.is_none() && id.is_some_and(|id| counts_untracked(cfg, timer, id)));
     if let Some(id) = id {
         scratch.cancel_sport = id.sport;
         scratch.cancel_dport = id.dport;
@@ -518,7 +519,7 @@ fn on_expire<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
             let _ = TWS.remove(timer);
         }
         None => {
-            if id.is_some_and(counts_untracked) {
+            if id.is_some_and(|id| counts_untracked(cfg, timer, id)) {
                 bump(counter::TW_UNTRACKED_END);
             }
         }
@@ -539,10 +540,25 @@ fn forget_if_still(cfg: &TwConfig, scratch: &TwScratch) {
 }
 
 /// Whether the end of a mini-socket without a record is this run's to
-/// count: its owner is unknown, so not under a pid filter; its ports are.
-fn counts_untracked(id: Identity) -> bool {
+/// count: its owner is unknown, so not under a pid filter; its ports and
+/// namespace are (read from the mini-socket, which begins with the same
+/// `sock_common` as a full socket).
+fn counts_untracked(cfg: &TwConfig, timer: u64, id: Identity) -> bool {
     let filter = FILTER.load();
-    filter.pids_enabled == 0 && passes_filters(&filter, 0, id.sport, id.dport)
+    let mini_socket = timer
+        .wrapping_add_signed(i64::from(cfg.family_from_timer))
+        .wrapping_sub(u64::from(SOCK_LAYOUT.load().family));
+    let owner = SockRecord {
+        since_ns: 0,
+        pid: 0,
+        netns: if filter.netns == 0 {
+            0
+        } else {
+            netns_of(mini_socket)
+        },
+        comm: [0; 16],
+    };
+    filter.pids_enabled == 0 && passes_filters(&filter, &owner, id.sport, id.dport)
 }
 
 // Inlined: Linux 6.1's verifier caps the stack of a whole call chain at

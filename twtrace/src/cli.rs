@@ -76,6 +76,11 @@ pub struct SocketsArgs {
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
 
+    /// Only sockets of this network namespace: its inode, its name
+    /// (`ip netns list`) or `pid:N`.
+    #[arg(long, value_name = "NETNS")]
+    pub netns: Option<String>,
+
     /// Only this state (FIN_WAIT1, FIN_WAIT2, CLOSING, TIME_WAIT,
     /// CLOSE_WAIT, LAST_ACK; any case, `-` or `_`). Repeatable.
     #[arg(long = "state", value_name = "STATE", value_parser = parse_teardown_state)]
@@ -161,6 +166,11 @@ pub struct FilterArgs {
     /// IPv6 only.
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
+
+    /// Only sockets of this network namespace: its inode (`lsns -t net`),
+    /// its name (`ip netns list`) or `pid:N` (the namespace of process N).
+    #[arg(long, value_name = "NETNS")]
+    pub netns: Option<String>,
 }
 
 impl FilterArgs {

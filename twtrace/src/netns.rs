@@ -113,6 +113,49 @@ pub fn time_wait_sockets_everywhere() -> Option<u64> {
     total.or_else(|| crate::sys::time_wait_sockets_now().ok())
 }
 
+/// The namespace a `--netns` argument names: an inode number, a name
+/// under `/run/netns` (as `ip netns` shows it), or `pid:N` for the
+/// namespace of process N.
+pub fn resolve(spec: &str) -> anyhow::Result<u64> {
+    use anyhow::Context;
+    let path = if let Some(pid) = spec.strip_prefix("pid:") {
+        let pid: u32 = pid
+            .parse()
+            .with_context(|| format!("--netns {spec}: `{pid}` is not a pid"))?;
+        PathBuf::from(format!("/proc/{pid}/ns/net"))
+    } else if let Ok(inode) = spec.parse::<u64>() {
+        return if all().iter().any(|ns| ns.inode == inode) {
+            Ok(inode)
+        } else {
+            anyhow::bail!("--netns {spec}: no network namespace has that inode (see `lsns -t net`)")
+        };
+    } else {
+        if spec.contains('/') {
+            anyhow::bail!("--netns {spec}: give a name from `ip netns list`, an inode or pid:N");
+        }
+        Path::new("/run/netns").join(spec)
+    };
+    let meta = fs::metadata(&path).with_context(|| {
+        format!(
+            "--netns {spec}: {} not found (see `ip netns list` or `lsns -t net`)",
+            path.display()
+        )
+    })?;
+    Ok(meta.ino())
+}
+
+/// A name users know the namespace by: its name under `/run/netns`, else
+/// `pid:N` of a process in it; `None` when neither exists.
+#[must_use]
+pub fn name_of(inode: u64, namespaces: &[Namespace]) -> Option<String> {
+    let ns = namespaces.iter().find(|ns| ns.inode == inode)?;
+    if let Ok(rest) = ns.path.strip_prefix("/run/netns") {
+        return Some(rest.display().to_string());
+    }
+    let pid = ns.path.parent()?.parent()?.file_name()?.to_str()?;
+    Some(format!("pid:{pid}"))
+}
+
 /// The namespace of this process.
 pub fn own() -> io::Result<u64> {
     Ok(fs::metadata(Path::new("/proc/self/ns/net"))?.ino())
@@ -121,6 +164,22 @@ pub fn own() -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_namespace_is_named_by_inode_or_pid_and_bad_names_say_why() {
+        let own = own().unwrap();
+        assert_eq!(
+            resolve(&format!("pid:{}", std::process::id())).unwrap(),
+            own
+        );
+        let err = resolve("no-such-namespace-here").unwrap_err().to_string();
+        assert!(err.contains("ip netns list"), "{err}");
+        assert!(resolve("pid:x").is_err());
+        assert!(resolve("../etc").is_err());
+        let all = all();
+        let name = name_of(own, &all).expect("a name");
+        assert!(name.starts_with("pid:") || !name.is_empty(), "{name}");
+    }
 
     #[test]
     fn our_own_namespace_is_among_them_and_readable_inside() {

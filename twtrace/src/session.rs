@@ -298,6 +298,7 @@ fn snapshot_filter(options: &TracerOptions) -> SocketFilter {
         pids: options.pids.clone(),
         ports: options.ports.clone(),
         ipv4: options.family.map(|f| f == crate::loader::Family::V4),
+        netns: options.netns.map(u64::from),
         ..SocketFilter::default()
     }
 }

@@ -354,6 +354,7 @@ pub struct SocketFilter {
     pub ipv4: Option<bool>,
     pub states: Vec<TcpState>,
     pub older_than_ns: Option<u64>,
+    pub netns: Option<u64>,
 }
 
 impl SocketFilter {
@@ -367,6 +368,7 @@ impl SocketFilter {
             && self.ipv4.is_none_or(|v4| s.src.is_ipv4() == v4)
             && (self.states.is_empty() || self.states.contains(&s.state))
             && self.older_than_ns.is_none_or(|limit| s.age_ns > limit)
+            && self.netns.is_none_or(|netns| s.netns == netns)
     }
 }
 

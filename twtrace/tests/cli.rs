@@ -60,6 +60,8 @@ const BAD_INPUT: &[(&[&str], i32, &str)] = &[
     (&["sockets", "--state", "listen"], 2, "not a teardown state"),
     (&["sockets", "--older-than", "-1s"], 2, "positive"),
     (&["sockets", "-o", "csv"], 2, "possible values"),
+    (&["sockets", "--netns", "no-such-ns"], 1, "ip netns list"),
+    (&["summary", "--netns", "pid:abc"], 1, "not a pid"),
     (&["record"], 2, "<CMD>"),
     (
         &["record", "--fail-if", "p99(X) > 1ms", "--", "true"],

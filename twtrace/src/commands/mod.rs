@@ -59,14 +59,21 @@ pub fn check_pids_exist(filter: &FilterArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[must_use]
+/// The tracer's options from the arguments; fails when `--netns` names
+/// no namespace.
 pub fn tracer_options(
     filter: &FilterArgs,
     capacity: &CapacityArgs,
     all_states: bool,
     kernel_log: Option<log::LevelFilter>,
-) -> TracerOptions {
-    TracerOptions {
+) -> anyhow::Result<TracerOptions> {
+    let netns = filter
+        .netns
+        .as_deref()
+        .map(crate::netns::resolve)
+        .transpose()?
+        .map(|inode| u32::try_from(inode).unwrap_or(u32::MAX));
+    Ok(TracerOptions {
         pids: filter.pids.clone(),
         ports: filter.ports.clone(),
         family: filter.family(),
@@ -76,5 +83,6 @@ pub fn tracer_options(
         max_time_wait: capacity.max_time_wait,
         kernel_log,
         follow_forks: false,
-    }
+        netns,
+    })
 }

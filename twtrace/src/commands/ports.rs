@@ -50,7 +50,7 @@ impl Consumer for Routes {
 
 pub async fn run(args: PortsArgs, kernel_log: Option<log::LevelFilter>) -> anyhow::Result<()> {
     commands::check_pids_exist(&args.filter)?;
-    let options = commands::tracer_options(&args.filter, &args.capacity, false, kernel_log);
+    let options = commands::tracer_options(&args.filter, &args.capacity, false, kernel_log)?;
     let range = sys::local_port_range().ok();
     let usable = sys::usable_ephemeral_ports().unwrap_or(0);
     let mut routes = Routes {

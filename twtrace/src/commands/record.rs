@@ -121,7 +121,7 @@ pub async fn run(
         hlog: create(args.hlog.as_deref(), "interval log")?,
         bench: create(args.bench_json.as_deref(), "benchmark file")?,
     };
-    let mut options = commands::tracer_options(&args.filter, &args.capacity, false, kernel_log);
+    let mut options = commands::tracer_options(&args.filter, &args.capacity, false, kernel_log)?;
     options.follow_forks = !args.all;
     let start = SystemTime::now();
     let started = Instant::now();

@@ -9,7 +9,7 @@ use crate::{
 
 pub async fn run(args: ServeArgs, kernel_log: Option<log::LevelFilter>) -> anyhow::Result<()> {
     commands::check_pids_exist(&args.filter)?;
-    let options = commands::tracer_options(&args.filter, &args.capacity, false, kernel_log);
+    let options = commands::tracer_options(&args.filter, &args.capacity, false, kernel_log)?;
     let mut metrics = Metrics::new();
     metrics.clone().serve(args.metrics_addr).await?;
     eprintln!(

@@ -27,6 +27,11 @@ pub fn run(args: &SocketsArgs) -> anyhow::Result<Outcome> {
         older_than_ns: args
             .older_than
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        netns: args
+            .netns
+            .as_deref()
+            .map(crate::netns::resolve)
+            .transpose()?,
     };
     let mut taken = snapshot::take();
     if taken.sockets.is_empty()

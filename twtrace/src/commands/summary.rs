@@ -13,7 +13,7 @@ use crate::{
 pub async fn run(args: SummaryArgs, kernel_log: Option<log::LevelFilter>) -> anyhow::Result<()> {
     let run = &args.run;
     commands::check_pids_exist(&run.filter)?;
-    let options = commands::tracer_options(&run.filter, &run.capacity, false, kernel_log);
+    let options = commands::tracer_options(&run.filter, &run.capacity, false, kernel_log)?;
     let metrics = Metrics::serve_if(args.metrics_addr).await?;
     let mut consumer = (TeardownStats::default(), metrics);
     let end = session::run(

@@ -36,7 +36,7 @@ use crate::{
 
 pub async fn run(args: TopArgs, kernel_log: Option<log::LevelFilter>) -> anyhow::Result<()> {
     commands::check_pids_exist(&args.filter)?;
-    let options = commands::tracer_options(&args.filter, &args.capacity, false, kernel_log);
+    let options = commands::tracer_options(&args.filter, &args.capacity, false, kernel_log)?;
     let metrics = Metrics::serve_if(args.metrics_addr).await?;
     let batch = args.batch || !io::stdout().is_terminal();
     // The terminal draws at once; a printed table waits for its interval.

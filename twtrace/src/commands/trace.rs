@@ -36,7 +36,8 @@ impl Consumer for Stream {
 pub async fn run(args: TraceArgs, kernel_log: Option<log::LevelFilter>) -> anyhow::Result<()> {
     let run = &args.run;
     commands::check_pids_exist(&run.filter)?;
-    let options = commands::tracer_options(&run.filter, &run.capacity, args.all_states, kernel_log);
+    let options =
+        commands::tracer_options(&run.filter, &run.capacity, args.all_states, kernel_log)?;
     let mut stream = Stream {
         out: StreamWriter::new(
             BufWriter::with_capacity(64 * 1024, io::stdout().lock()),

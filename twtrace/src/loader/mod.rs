@@ -57,6 +57,8 @@ pub struct TracerOptions {
     /// kernel (`record`); `pids` may then start empty and be filled with
     /// `Tracer::follow`.
     pub follow_forks: bool,
+    /// Only sockets of this network namespace (its inode).
+    pub netns: Option<u32>,
 }
 
 impl Default for TracerOptions {
@@ -71,6 +73,7 @@ impl Default for TracerOptions {
             max_time_wait: DEFAULT_MAX_TW,
             kernel_log: None,
             follow_forks: false,
+            netns: None,
         }
     }
 }
@@ -335,6 +338,7 @@ fn load(options: &TracerOptions, facts: &KernelFacts) -> anyhow::Result<Ebpf> {
                 "tracepoint sched:sched_process_fork has no usable child_pid on this kernel (needed to follow the command's children)"
             ),
         },
+        netns: options.netns.unwrap_or(0),
     };
     let log_level: u8 = match options.kernel_log {
         None | Some(log::LevelFilter::Off) => 0,

@@ -30,6 +30,7 @@ macro_rules! tests {
 
 mod at_scale;
 mod cli;
+mod namespaces;
 mod peer;
 mod record;
 mod reliability;
@@ -57,6 +58,7 @@ fn main() -> ExitCode {
         record::TESTS,
         reports::TESTS,
         state_now::TESTS,
+        namespaces::TESTS,
         reliability::TESTS,
     ]
     .concat()
