@@ -37,8 +37,9 @@ pub struct TeardownModel {
     /// Ephemeral ports held by mini-sockets, per local address and
     /// destination: what runs a client out of ports toward one server.
     held_by_route: HashMap<Route, u64>,
-    /// `ip_local_port_range`: only local ports in it are ephemeral.
-    ephemeral: Option<(u16, u16)>,
+    /// Each namespace's `ip_local_port_range`: only local ports in it are
+    /// ephemeral. Filled by the session before a namespace's first event.
+    port_ranges: HashMap<u64, (u16, u16)>,
     /// Full sockets that went `FIN_WAIT2`/`CLOSING` -> CLOSE with no mini-socket
     /// taking over: the namespace's `tcp_max_tw_buckets` was full.
     time_wait_skipped: u64,
@@ -50,19 +51,24 @@ pub struct TeardownModel {
     resolved: HashMap<u64, u64>,
 }
 
-/// A local address and the destination its ephemeral ports point to.
+/// A local address and the destination its ephemeral ports point to, in
+/// one network namespace (127.0.0.1 in two namespaces is two routes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct Route {
+    /// The namespace's inode; 0 when the kernel did not say.
+    pub netns: u64,
     pub local: std::net::IpAddr,
     pub remote: std::net::SocketAddr,
 }
 
 impl Route {
-    /// The route of a socket whose local port is ephemeral, else `None`.
+    /// The route of a socket whose local port is ephemeral (in its
+    /// namespace's range), else `None`.
     #[must_use]
     pub fn of(t: &Transition, ephemeral: Option<(u16, u16)>) -> Option<Self> {
         let (low, high) = ephemeral?;
         (low..=high).contains(&t.src.port()).then_some(Self {
+            netns: u64::from(t.netns),
             local: t.src.ip(),
             remote: t.dst,
         })
@@ -79,18 +85,27 @@ impl TeardownModel {
             mini_sockets_peak: 0,
             held_by: HashMap::new(),
             held_by_route: HashMap::new(),
-            ephemeral: None,
+            port_ranges: HashMap::new(),
             time_wait_skipped: 0,
             orphans: HashMap::new(),
             resolved: HashMap::new(),
         }
     }
 
-    /// Counts ports held per route, for local ports in this range.
+    /// Counts ports held per route in namespace `netns`, for local ports
+    /// in `range`.
+    pub fn set_port_range(&mut self, netns: u64, range: (u16, u16)) {
+        self.port_ranges.insert(netns, range);
+    }
+
+    /// Whether the namespace's port range is known yet.
     #[must_use]
-    pub fn with_port_range(mut self, range: Option<(u16, u16)>) -> Self {
-        self.ephemeral = range;
-        self
+    pub fn knows_namespace(&self, netns: u64) -> bool {
+        self.port_ranges.contains_key(&netns)
+    }
+
+    fn route_of(&self, t: &Transition) -> Option<Route> {
+        Route::of(t, self.port_ranges.get(&u64::from(t.netns)).copied())
     }
 
     /// Ephemeral ports held by mini-sockets now, per route.
@@ -149,7 +164,7 @@ impl TeardownModel {
                     .held_by
                     .entry(owner_pid(&event.transition))
                     .or_default() += 1;
-                if let Some(route) = Route::of(&event.transition, self.ephemeral) {
+                if let Some(route) = self.route_of(&event.transition) {
                     *self.held_by_route.entry(route).or_default() += 1;
                 }
                 self.mini_sockets += 1;
@@ -230,7 +245,7 @@ impl TeardownModel {
                 self.held_by.remove(&pid);
             }
         }
-        if let Some(route) = Route::of(&event.transition, self.ephemeral)
+        if let Some(route) = self.route_of(&event.transition)
             && let Some(held) = self.held_by_route.get_mut(&route)
         {
             *held = held.saturating_sub(1);
@@ -553,13 +568,15 @@ mod tests {
         assert_eq!(model.held_by_pid().get(&7), Some(&2));
         // Without a port range no route is counted.
         assert!(model.held_by_route().is_empty());
-        let mut model = TeardownModel::new(Some(HZ)).with_port_range(Some((32768, 60999)));
+        let mut model = TeardownModel::new(Some(HZ));
+        model.set_port_range(0, (32768, 60999));
         let birth = transition(TcpState::FinWait2, TcpState::TimeWait, MS, MS);
         model.push(
             tw_event(EventKind::TwBirth, birth, 0, TcpState::TimeWait),
             &mut out,
         );
         let route = Route {
+            netns: 0,
             local: "127.0.0.1".parse().unwrap(),
             remote: "127.0.0.1:80".parse().unwrap(),
         };

@@ -156,6 +156,17 @@ pub fn name_of(inode: u64, namespaces: &[Namespace]) -> Option<String> {
     Some(format!("pid:{pid}"))
 }
 
+/// The port settings of the namespace with this inode (0 or our own:
+/// ours), read inside it; `None` when it cannot be entered.
+#[must_use]
+pub fn port_settings_of(inode: u64) -> Option<crate::sys::PortSettings> {
+    if inode == 0 || own().ok() == Some(inode) {
+        return crate::sys::PortSettings::read().ok();
+    }
+    let ns = all().into_iter().find(|ns| ns.inode == inode)?;
+    read_in(&ns, || crate::sys::PortSettings::read().ok()).ok()?
+}
+
 /// The namespace of this process.
 pub fn own() -> io::Result<u64> {
     Ok(fs::metadata(Path::new("/proc/self/ns/net"))?.ino())

@@ -3,9 +3,11 @@
 //! rate of active closes that keeps adding to them, and how long until the
 //! usable range is full. Pure arithmetic, unit-tested.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 
-use crate::model::Route;
+use crate::{model::Route, sys::PortSettings};
 
 /// How long each active close holds its port: `TCP_TIMEWAIT_LEN`.
 #[expect(clippy::cast_precision_loss, reason = "60")]
@@ -13,6 +15,8 @@ const HOLD_SECS: f64 = twtrace_common::TIME_WAIT_LEN_SECS as f64;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Forecast {
+    /// The route's network namespace (inode; 0: unknown).
+    pub netns: u64,
     pub local: String,
     pub remote: String,
     /// Ports held in TIME_WAIT now (born while traced).
@@ -24,25 +28,61 @@ pub struct Forecast {
     pub usable: u64,
     /// Active closes per second toward it over the observed period.
     pub closes_per_s: f64,
-    /// Ports TIME_WAIT will hold once the rate has run for 60 s.
+    /// How long each close keeps its port from `connect()`: 60 s, or
+    /// `tcp_tw_reuse_delay` where `tcp_tw_reuse` applies.
+    pub hold_s: f64,
+    /// Ports TIME_WAIT will hold once the rate has run for `hold_s`.
     pub steady_state: f64,
     /// Seconds until no port is left at this rate; `None`: never.
     pub full_in_s: Option<f64>,
 }
 
-/// Forecast for one route. Each close holds a port for 60 s, so at rate
-/// `r` the held count grows by `r` per second until it reaches `60·r`; the
-/// range fills only when `60·r` exceeds it, after `(usable - held) / r`.
+/// How long a close keeps its port from `connect()` toward `remote`, in
+/// seconds: `tcp_tw_reuse` (1, or 2 for loopback destinations) with
+/// timestamps lets `connect()` take a TIME_WAIT port back after
+/// `tcp_tw_reuse_delay`; otherwise TIME_WAIT holds it its whole 60 s.
+#[must_use]
+pub fn hold_secs(settings: &PortSettings, remote: std::net::IpAddr) -> f64 {
+    let reuse = match settings.tw_reuse {
+        1 => true,
+        2 => remote.is_loopback(),
+        _ => false,
+    };
+    if reuse && settings.timestamps != 0 {
+        #[expect(clippy::cast_precision_loss, reason = "milliseconds")]
+        let delay = settings.tw_reuse_delay_ms as f64 / 1000.0;
+        delay
+    } else {
+        HOLD_SECS
+    }
+}
+
+/// Forecast for one route. Each close holds a port for `hold_s`, so at
+/// rate `r` the held count grows by `r` per second until it reaches
+/// `hold_s·r`; the range fills only when that exceeds it, after
+/// `(usable - held) / r`. Ports held in TIME_WAIT beyond `hold_s` are
+/// reusable, so at most `hold_s·r` of them count.
 #[must_use]
 pub fn forecast(
     route: Route,
-    held: u64,
-    held_other: u64,
+    (held, held_other): (u64, u64),
     usable: u64,
     closes_per_s: f64,
+    hold_s: f64,
 ) -> Forecast {
-    let steady_state = closes_per_s * HOLD_SECS;
-    let taken = held + held_other;
+    let steady_state = closes_per_s * hold_s;
+    #[expect(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "port counts are far below 2^52"
+    )]
+    let blocking = if hold_s < HOLD_SECS {
+        held.min(steady_state.ceil() as u64)
+    } else {
+        held
+    };
+    let taken = blocking + held_other;
     #[expect(clippy::cast_precision_loss, reason = "port counts are far below 2^52")]
     let (held_f, usable_f) = (taken as f64, usable as f64);
     let full_in_s = if taken >= usable {
@@ -53,12 +93,14 @@ pub fn forecast(
         None
     };
     Forecast {
+        netns: route.netns,
         local: route.local.to_string(),
         remote: route.remote.to_string(),
         held,
         held_other,
         usable,
         closes_per_s,
+        hold_s,
         steady_state,
         full_in_s,
     }
@@ -71,11 +113,20 @@ const MAX_LIVE: usize = 1 << 20;
 /// holding a port in another teardown state.
 #[derive(Debug, Default)]
 pub struct CloseCounter {
-    counts: std::collections::HashMap<Route, u64>,
-    live: std::collections::HashMap<u64, Route>,
+    counts: HashMap<Route, u64>,
+    live: HashMap<u64, Route>,
+}
+
+/// Per route: active closes so far, and ports held in other teardown
+/// states now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteCounts {
+    pub closes: HashMap<Route, u64>,
+    pub held_other: HashMap<Route, u64>,
 }
 
 impl CloseCounter {
+    /// Follows one transition; `ephemeral` is its namespace's port range.
     pub fn record(&mut self, t: &crate::event::Transition, ephemeral: Option<(u16, u16)>) {
         use crate::event::TcpState::{
             Close, CloseWait, Closing, FinWait1, FinWait2, LastAck, TimeWait,
@@ -98,47 +149,63 @@ impl CloseCounter {
         }
     }
 
-    /// Forecasts for every route seen, most urgent first.
     #[must_use]
-    pub fn forecasts(
-        &self,
-        held: &std::collections::HashMap<Route, u64>,
-        usable: u64,
-        seconds: f64,
-    ) -> Vec<Forecast> {
-        let mut other: std::collections::HashMap<Route, u64> = std::collections::HashMap::new();
+    pub fn counts(&self) -> RouteCounts {
+        let mut held_other: HashMap<Route, u64> = HashMap::new();
         for route in self.live.values() {
-            *other.entry(*route).or_default() += 1;
+            *held_other.entry(*route).or_default() += 1;
         }
-        let mut routes: Vec<Route> = held
-            .keys()
-            .chain(self.counts.keys())
-            .chain(other.keys())
-            .copied()
-            .collect();
-        routes.sort();
-        routes.dedup();
-        #[expect(clippy::cast_precision_loss, reason = "close counts")]
-        let mut out: Vec<Forecast> = routes
-            .into_iter()
-            .map(|r| {
-                let closes = self.counts.get(&r).copied().unwrap_or(0) as f64;
-                let rate = if seconds > 0.0 { closes / seconds } else { 0.0 };
-                forecast(
-                    r,
-                    held.get(&r).copied().unwrap_or(0),
-                    other.get(&r).copied().unwrap_or(0),
-                    usable,
-                    rate,
-                )
-            })
-            .collect();
-        out.sort_by(|a, b| {
-            let urgency = |f: &Forecast| f.full_in_s.unwrap_or(f64::INFINITY);
-            urgency(a).total_cmp(&urgency(b)).then(b.held.cmp(&a.held))
-        });
-        out
+        RouteCounts {
+            closes: self.counts.clone(),
+            held_other,
+        }
     }
+}
+
+/// Forecasts for every route seen, most urgent first: `held` ports in
+/// TIME_WAIT per route, each namespace's settings (`fallback` where a
+/// namespace's are unknown), over `seconds` of observation.
+#[must_use]
+pub fn forecasts(
+    counts: &RouteCounts,
+    held: &HashMap<Route, u64>,
+    settings: &HashMap<u64, PortSettings>,
+    fallback: Option<&PortSettings>,
+    seconds: f64,
+) -> Vec<Forecast> {
+    let mut routes: Vec<Route> = held
+        .keys()
+        .chain(counts.closes.keys())
+        .chain(counts.held_other.keys())
+        .copied()
+        .collect();
+    routes.sort();
+    routes.dedup();
+    #[expect(clippy::cast_precision_loss, reason = "close counts")]
+    let mut out: Vec<Forecast> = routes
+        .into_iter()
+        .map(|r| {
+            let closes = counts.closes.get(&r).copied().unwrap_or(0) as f64;
+            let rate = if seconds > 0.0 { closes / seconds } else { 0.0 };
+            let settings = settings.get(&r.netns).or(fallback);
+            let ports = (
+                held.get(&r).copied().unwrap_or(0),
+                counts.held_other.get(&r).copied().unwrap_or(0),
+            );
+            forecast(
+                r,
+                ports,
+                settings.map_or(0, PortSettings::usable),
+                rate,
+                settings.map_or(HOLD_SECS, |s| hold_secs(s, r.remote.ip())),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        let urgency = |f: &Forecast| f.full_in_s.unwrap_or(f64::INFINITY);
+        urgency(a).total_cmp(&urgency(b)).then(b.held.cmp(&a.held))
+    });
+    out
 }
 
 /// One readable line, e.g. `127.0.0.1 → 127.0.0.2:6379: 21400 / 28232
@@ -161,8 +228,18 @@ pub fn describe(f: &Forecast) -> String {
     } else {
         String::new()
     };
+    let netns = if f.netns == 0 {
+        String::new()
+    } else {
+        format!("[netns {}] ", f.netns)
+    };
+    let reuse = if f.hold_s < HOLD_SECS {
+        format!(" (tcp_tw_reuse: ports back after {:.1} s)", f.hold_s)
+    } else {
+        String::new()
+    };
     format!(
-        "{} → {}: {} / {} ports in TIME_WAIT{other}, {:.0} closes/s, {when}",
+        "{netns}{} → {}: {} / {} ports in TIME_WAIT{other}, {:.0} closes/s, {when}{reuse}",
         f.local, f.remote, f.held, f.usable, f.closes_per_s
     )
 }
@@ -173,6 +250,7 @@ mod tests {
 
     fn route() -> Route {
         Route {
+            netns: 0,
             local: "127.0.0.1".parse().unwrap(),
             remote: "127.0.0.2:6379".parse().unwrap(),
         }
@@ -180,11 +258,11 @@ mod tests {
 
     #[test]
     fn fills_when_sixty_seconds_of_closes_exceed_the_range() {
-        let f = forecast(route(), 21_400, 0, 28_232, 410.0);
+        let f = forecast(route(), (21_400, 0), 28_232, 410.0, 60.0);
         // 410/s x 60 s = 24 600 < 28 232: the range never fills.
         assert_eq!(f.full_in_s, None);
         assert!((f.steady_state - 24_600.0).abs() < 1e-9);
-        let f = forecast(route(), 21_400, 0, 28_232, 500.0);
+        let f = forecast(route(), (21_400, 0), 28_232, 500.0, 60.0);
         // (28 232 - 21 400) / 500 = 13.664 s.
         assert!((f.full_in_s.unwrap() - 13.664).abs() < 1e-9);
         assert_eq!(
@@ -193,15 +271,50 @@ mod tests {
         );
     }
 
+    fn settings(tw_reuse: u64) -> PortSettings {
+        PortSettings {
+            port_range: (32768, 60999),
+            reserved: 0,
+            tw_reuse,
+            tw_reuse_delay_ms: 1000,
+            timestamps: 1,
+            max_tw_buckets: Some(131_072),
+        }
+    }
+
+    #[test]
+    fn tw_reuse_lets_connect_take_ports_back_after_its_delay() {
+        let loopback = "127.0.0.2".parse().unwrap();
+        let remote = "10.0.0.2".parse().unwrap();
+        assert!((hold_secs(&settings(0), loopback) - 60.0).abs() < 1e-9);
+        assert!((hold_secs(&settings(2), loopback) - 1.0).abs() < 1e-9);
+        assert!((hold_secs(&settings(2), remote) - 60.0).abs() < 1e-9);
+        assert!((hold_secs(&settings(1), remote) - 1.0).abs() < 1e-9);
+        let no_timestamps = PortSettings {
+            timestamps: 0,
+            ..settings(1)
+        };
+        assert!((hold_secs(&no_timestamps, remote) - 60.0).abs() < 1e-9);
+        // 1 000 ports at 100 closes/s: full in 10 s without reuse; with
+        // it only a second's closes block, 100 ports: never full.
+        let f = forecast(route(), (0, 0), 1000, 100.0, 60.0);
+        assert!((f.full_in_s.unwrap() - 10.0).abs() < 1e-9);
+        let f = forecast(route(), (900, 0), 1000, 100.0, 1.0);
+        assert_eq!(f.full_in_s, None, "{f:?}");
+    }
+
     #[test]
     fn edge_cases() {
         assert_eq!(
-            forecast(route(), 28_000, 232, 28_232, 0.0).full_in_s,
+            forecast(route(), (28_000, 232), 28_232, 0.0, 60.0).full_in_s,
             Some(0.0)
         );
-        assert_eq!(forecast(route(), 10, 0, 28_232, 0.0).full_in_s, None);
-        assert!(describe(&forecast(route(), 10, 0, 28_232, 0.0)).ends_with("not growing"));
-        let d = describe(&forecast(route(), 10, 5, 28_232, 1.0));
+        assert_eq!(
+            forecast(route(), (10, 0), 28_232, 0.0, 60.0).full_in_s,
+            None
+        );
+        assert!(describe(&forecast(route(), (10, 0), 28_232, 0.0, 60.0)).ends_with("not growing"));
+        let d = describe(&forecast(route(), (10, 5), 28_232, 1.0, 60.0));
         assert!(
             d.contains("never full") && d.contains("(+5 in other teardown states)"),
             "{d}"
@@ -245,7 +358,13 @@ mod tests {
             range,
         );
         let held = [(route(), 15)].into_iter().collect();
-        let out = c.forecasts(&held, 28_232, 10.0);
+        let out = forecasts(
+            &c.counts(),
+            &held,
+            &HashMap::new(),
+            Some(&settings(0)),
+            10.0,
+        );
         assert_eq!(out.len(), 1);
         assert!((out[0].closes_per_s - 2.0).abs() < 1e-9);
         assert_eq!(out[0].held, 15);
@@ -259,6 +378,16 @@ mod tests {
             &t("127.0.0.1:40000", TcpState::LastAck, TcpState::Close),
             range,
         );
-        assert_eq!(c.forecasts(&held, 28_232, 10.0)[0].held_other, 0);
+        assert_eq!(
+            forecasts(
+                &c.counts(),
+                &held,
+                &HashMap::new(),
+                Some(&settings(0)),
+                10.0
+            )[0]
+            .held_other,
+            0
+        );
     }
 }

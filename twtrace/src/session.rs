@@ -135,6 +135,11 @@ pub struct Status {
     pub held_by_pid: HashMap<u32, u64>,
     /// Ephemeral ports held per route (see `TeardownModel::held_by_route`).
     pub held_by_route: HashMap<Route, u64>,
+    /// Active closes and ports held in other teardown states, per route.
+    pub route_counts: crate::ports::RouteCounts,
+    /// Each namespace's port settings (where routes live), and the host's.
+    pub port_settings: HashMap<u64, sys::PortSettings>,
+    pub host_settings: Option<sys::PortSettings>,
     /// Sockets in each teardown state now, overall and per owner; ages
     /// past `LEAK_AGE_NS` counted apart.
     pub now: CensusNow,
@@ -209,6 +214,10 @@ struct Pipeline {
     /// second on a host with 100 000 sockets) while events are followed.
     snapshot: Option<std::sync::mpsc::Receiver<Snapshot>>,
     snapshot_filter: SocketFilter,
+    /// Each namespace's port settings, read at its first event.
+    settings: HashMap<u64, sys::PortSettings>,
+    host_settings: Option<sys::PortSettings>,
+    routes: crate::ports::CloseCounter,
 }
 
 impl Pipeline {
@@ -216,6 +225,10 @@ impl Pipeline {
         match event::decode(record) {
             Ok(event) => {
                 consumer.kernel_event(&event);
+                let netns = u64::from(event.transition.netns);
+                if !self.model.knows_namespace(netns) {
+                    self.learn_namespace(netns);
+                }
                 self.model.push(event, &mut self.transitions);
             }
             Err(error) => {
@@ -227,6 +240,27 @@ impl Pipeline {
 }
 
 impl Pipeline {
+    /// Reads a namespace's port settings at its first event (a thread
+    /// enters it once); one that is already gone gets the host's.
+    fn learn_namespace(&mut self, netns: u64) {
+        let settings = crate::netns::port_settings_of(netns).or(self.host_settings);
+        if let Some(settings) = settings {
+            self.model.set_port_range(netns, settings.port_range);
+            self.settings.insert(netns, settings);
+        } else {
+            // Unknown range: no routes for it, and no second attempt.
+            self.model.set_port_range(netns, (1, 0));
+        }
+    }
+
+    /// Follows the transitions' routes for the port forecasts.
+    fn count_routes(&mut self) {
+        for t in &self.transitions {
+            let range = self.settings.get(&u64::from(t.netns)).map(|s| s.port_range);
+            self.routes.record(t, range);
+        }
+    }
+
     /// Asks the kernel where orphaned FIN_WAIT2 mini-sockets are: one that
     /// moved to TIME_WAIT without a traced re-arm (the new expiry fell in
     /// the same timer-wheel bucket) is reported now, with the moment from
@@ -330,8 +364,7 @@ impl Session {
             warnings: tracer.warnings().to_vec(),
             ..Status::default()
         };
-        let model =
-            TeardownModel::new(sys::kernel_hz()).with_port_range(sys::local_port_range().ok());
+        let model = TeardownModel::new(sys::kernel_hz());
         let mut census = Census::new(tracer.namespaces_known());
         // `record` follows a command that starts after this: it holds no
         // socket yet, and its pids are not known to filter a snapshot by.
@@ -350,6 +383,9 @@ impl Session {
                 census,
                 snapshot,
                 snapshot_filter: snapshot_filter(options),
+                settings: HashMap::new(),
+                host_settings: sys::PortSettings::read().ok(),
+                routes: crate::ports::CloseCounter::default(),
             },
             status,
             status_read_ns: 0,
@@ -369,6 +405,7 @@ impl Session {
             pipeline.resolve_orphans(now_ns, ORPHAN_MIN_AGE_NS, ORPHANS_PER_CHECK);
         }
         self.events += pipeline.transitions.len() as u64;
+        pipeline.count_routes();
         for t in pipeline.transitions.drain(..) {
             pipeline.census.record(&t);
             consumer.transition(&t)?;
@@ -389,6 +426,11 @@ impl Session {
         self.status.time_wait.skipped = model.time_wait_skipped();
         self.status.held_by_pid.clone_from(model.held_by_pid());
         self.status.held_by_route.clone_from(model.held_by_route());
+        self.status.route_counts = self.pipeline.routes.counts();
+        self.status
+            .port_settings
+            .clone_from(&self.pipeline.settings);
+        self.status.host_settings = self.pipeline.host_settings;
         let census = &mut self.pipeline.census;
         let now_ns = sys::monotonic_ns();
         census.expire(now_ns);

@@ -373,6 +373,41 @@ pub fn local_port_range() -> anyhow::Result<(u16, u16)> {
     }
 }
 
+/// What decides how fast a network namespace runs out of ephemeral ports:
+/// its own sysctls (every namespace has its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PortSettings {
+    pub port_range: (u16, u16),
+    /// Ports `ip_local_reserved_ports` holds back.
+    pub reserved: u64,
+    pub tw_reuse: u64,
+    /// `tcp_tw_reuse_delay` (ms); kernels without it reuse after 1 s.
+    pub tw_reuse_delay_ms: u64,
+    pub timestamps: u64,
+    pub max_tw_buckets: Option<u64>,
+}
+
+impl PortSettings {
+    /// The settings of this thread's network namespace.
+    pub fn read() -> anyhow::Result<Self> {
+        let sysctl = |name: &str| read_sysctl_u64(&format!("/proc/sys/net/ipv4/{name}"));
+        Ok(Self {
+            port_range: local_port_range()?,
+            reserved: reserved_ports(),
+            tw_reuse: sysctl("tcp_tw_reuse").unwrap_or(0),
+            tw_reuse_delay_ms: sysctl("tcp_tw_reuse_delay").unwrap_or(1000),
+            timestamps: sysctl("tcp_timestamps").unwrap_or(0),
+            max_tw_buckets: sysctl("tcp_max_tw_buckets").ok(),
+        })
+    }
+
+    /// Ephemeral ports `connect()` may use.
+    #[must_use]
+    pub fn usable(&self) -> u64 {
+        usable_ports(self.port_range, self.reserved)
+    }
+}
+
 /// Ephemeral ports `connect()` may use: `ip_local_port_range` less
 /// `ip_local_reserved_ports`.
 pub fn usable_ephemeral_ports() -> anyhow::Result<u64> {

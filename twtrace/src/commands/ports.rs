@@ -2,7 +2,6 @@
 //! local address and destination.
 
 use std::{
-    collections::HashMap,
     io::{self, Write},
     ops::ControlFlow,
 };
@@ -13,7 +12,7 @@ use crate::{
     cli::PortsArgs,
     commands,
     event::Transition,
-    model::Route,
+    netns,
     output::Format,
     ports,
     session::{self, Announce, Consumer, Status},
@@ -24,26 +23,37 @@ use crate::{
 struct Report {
     schema: &'static str,
     duration_ns: u64,
+    /// The host's own namespace's settings.
     port_range: Option<(u16, u16)>,
     usable_ports: u64,
+    /// The settings of each namespace a route lives in.
+    namespaces: Vec<NamespaceSettings>,
     routes: Vec<ports::Forecast>,
 }
 
-/// Closes per route, and the ports held at the last status.
+#[derive(Serialize)]
+struct NamespaceSettings {
+    netns: u64,
+    /// Its name under `/run/netns`, else `pid:N` of a process in it.
+    name: Option<String>,
+    usable_ports: u64,
+    #[serde(flatten)]
+    settings: sys::PortSettings,
+}
+
+/// The last status: what the forecast is made of.
+#[derive(Default)]
 struct Routes {
-    range: Option<(u16, u16)>,
-    closes: ports::CloseCounter,
-    held: HashMap<Route, u64>,
+    status: Status,
 }
 
 impl Consumer for Routes {
-    fn transition(&mut self, t: &Transition) -> io::Result<()> {
-        self.closes.record(t, self.range);
+    fn transition(&mut self, _: &Transition) -> io::Result<()> {
         Ok(())
     }
 
     fn tick(&mut self, status: &Status) -> io::Result<ControlFlow<()>> {
-        self.held.clone_from(&status.held_by_route);
+        self.status.clone_from(status);
         Ok(ControlFlow::Continue(()))
     }
 }
@@ -51,13 +61,7 @@ impl Consumer for Routes {
 pub async fn run(args: PortsArgs, kernel_log: Option<log::LevelFilter>) -> anyhow::Result<()> {
     commands::check_pids_exist(&args.filter)?;
     let options = commands::tracer_options(&args.filter, &args.capacity, false, kernel_log)?;
-    let range = sys::local_port_range().ok();
-    let usable = sys::usable_ephemeral_ports().unwrap_or(0);
-    let mut routes = Routes {
-        range,
-        closes: ports::CloseCounter::default(),
-        held: HashMap::new(),
-    };
+    let mut routes = Routes::default();
     let end = session::run(
         &options,
         Some(args.duration),
@@ -67,15 +71,36 @@ pub async fn run(args: PortsArgs, kernel_log: Option<log::LevelFilter>) -> anyho
     .await?;
     #[expect(clippy::cast_precision_loss, reason = "seconds")]
     let seconds = end.duration_ns as f64 / 1e9;
-    let forecasts = routes.closes.forecasts(&routes.held, usable, seconds);
+    let status = &routes.status;
+    let forecasts = ports::forecasts(
+        &status.route_counts,
+        &status.held_by_route,
+        &status.port_settings,
+        status.host_settings.as_ref(),
+        seconds,
+    );
     let mut out = io::stdout().lock();
     match args.output {
         Format::Json => {
+            let known = netns::all();
+            let mut namespaces: Vec<NamespaceSettings> = status
+                .port_settings
+                .iter()
+                .filter(|(inode, _)| forecasts.iter().any(|f| f.netns == **inode))
+                .map(|(&netns, &settings)| NamespaceSettings {
+                    netns,
+                    name: netns::name_of(netns, &known),
+                    usable_ports: settings.usable(),
+                    settings,
+                })
+                .collect();
+            namespaces.sort_by_key(|n| n.netns);
             let report = Report {
-                schema: "twtrace-ports/1",
+                schema: "twtrace-ports/2",
                 duration_ns: end.duration_ns,
-                port_range: range,
-                usable_ports: usable,
+                port_range: status.host_settings.map(|s| s.port_range),
+                usable_ports: status.host_settings.map_or(0, |s| s.usable()),
+                namespaces,
                 routes: forecasts,
             };
             serde_json::to_writer_pretty(&mut out, &report)?;

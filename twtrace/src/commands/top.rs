@@ -51,8 +51,6 @@ pub async fn run(args: TopArgs, kernel_log: Option<log::LevelFilter>) -> anyhow:
 /// What both views count, and when the next snapshot is due.
 struct Counting {
     model: TopModel,
-    closes: ports::CloseCounter,
-    port_range: Option<(u16, u16)>,
     metrics: Option<Metrics>,
     started_ns: u64,
     interval_ns: u64,
@@ -65,8 +63,6 @@ impl Counting {
         let interval_ns = u64::try_from(args.interval.as_nanos()).unwrap_or(u64::MAX);
         Self {
             model: TopModel::new(started_ns),
-            closes: ports::CloseCounter::default(),
-            port_range: sys::local_port_range().ok(),
             metrics,
             started_ns,
             interval_ns,
@@ -80,7 +76,6 @@ impl Counting {
 
     fn record(&mut self, t: &Transition) -> io::Result<()> {
         self.model.record(t);
-        self.closes.record(t, self.port_range);
         self.metrics.transition(t)
     }
 
@@ -107,17 +102,20 @@ impl Counting {
     /// What the header and the detail show besides the model: the host's
     /// counts, the port forecast, the warnings.
     fn host_facts(&self, status: &Status, elapsed_ns: u64) -> HostFacts {
-        let usable = sys::usable_ephemeral_ports().ok();
         #[expect(clippy::cast_precision_loss, reason = "seconds")]
         let seconds = elapsed_ns as f64 / 1e9;
         HostFacts {
-            routes: self
-                .closes
-                .forecasts(&status.held_by_route, usable.unwrap_or(0), seconds),
+            routes: ports::forecasts(
+                &status.route_counts,
+                &status.held_by_route,
+                &status.port_settings,
+                status.host_settings.as_ref(),
+                seconds,
+            ),
             kernel_time_wait: crate::netns::time_wait_sockets_everywhere(),
             now: status.now.clone(),
-            port_range: self.port_range,
-            usable_ports: usable,
+            port_range: status.host_settings.map(|s| s.port_range),
+            usable_ports: status.host_settings.map(|s| s.usable()),
             warnings: status.warnings.clone(),
             events_lost: status.loss.events_lost(),
             tw_evictions: status.time_wait.evictions,

@@ -556,13 +556,14 @@ mod tests {
                     now: crate::census::CensusNow::default(),
                     routes: vec![crate::ports::forecast(
                         crate::model::Route {
+                            netns: 0,
                             local: "127.0.0.1".parse().unwrap(),
                             remote: "127.0.0.2:6379".parse().unwrap(),
                         },
-                        21_400,
-                        0,
+                        (21_400, 0),
                         28_232,
                         500.0,
+                        60.0,
                     )],
                 },
                 elapsed_ns: 5_300 * MS,

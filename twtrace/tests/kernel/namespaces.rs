@@ -1,15 +1,23 @@
 //! Network namespaces: every transition carries its own, and `--netns`
 //! keeps one (by name, inode or `pid:N`), in the kernel.
 
-use std::{os::unix::fs::MetadataExt, process::Command};
+use std::{
+    os::unix::fs::MetadataExt,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use crate::{
     Test,
     peer::{Netns, Peer},
-    support::spawn_attached,
+    support::{command_stdout, spawn_attached},
 };
 
-pub const TESTS: &[Test] = crate::tests![netns_filter_keeps_one_namespace_by_name_inode_or_pid,];
+pub const TESTS: &[Test] = crate::tests![
+    netns_filter_keeps_one_namespace_by_name_inode_or_pid,
+    ports_forecasts_when_connect_fails_in_a_namespace_with_1000_ports,
+    ports_with_tcp_tw_reuse_forecasts_never_full_and_nothing_fails,
+];
 
 fn inode(netns: &Netns) -> u64 {
     std::fs::metadata(format!("/run/netns/{}", netns.name))
@@ -71,4 +79,83 @@ fn netns_filter_keeps_one_namespace_by_name_inode_or_pid() {
     let by_pid = format!("pid:{}", both[1].1.pid);
     let v = summary_of(&by_pid, &mut both);
     assert_eq!(v["active_closes"], 7, "{v}");
+}
+
+/// A namespace whose clients may use 1 000 ports, with `tcp_tw_reuse` as
+/// given (and timestamps on, as by default).
+fn small_port_range(tw_reuse: u8) -> Netns {
+    let netns = Netns::new();
+    for setting in [
+        "net.ipv4.ip_local_port_range=40000 40999".to_owned(),
+        format!("net.ipv4.tcp_tw_reuse={tw_reuse}"),
+        "net.ipv4.tcp_timestamps=1".to_owned(),
+    ] {
+        command_stdout(
+            "ip",
+            &["netns", "exec", &netns.name, "sysctl", "-q", "-w", &setting],
+        );
+    }
+    netns
+}
+
+/// Runs `twtrace ports` on `netns` for 3 s while the peer connects 100
+/// times a second; returns the namespace's route forecast and when the
+/// trace ended, counted from the peer's go.
+fn forecast_while_paced(netns: &Netns, peer: &mut Peer) -> (serde_json::Value, Duration) {
+    let ports = spawn_attached(
+        Command::new(env!("CARGO_BIN_EXE_twtrace"))
+            .args(["ports", "-d", "3s", "-o", "json", "--netns", &netns.name])
+            .stdout(std::process::Stdio::piped()),
+    );
+    let go = Instant::now();
+    peer.go();
+    let out = ports.wait_with_output().expect("ports");
+    let ended = go.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ports JSON");
+    assert_eq!(v["schema"], "twtrace-ports/2");
+    let routes = v["routes"].as_array().expect("routes");
+    assert_eq!(routes.len(), 1, "one route, in the namespace: {routes:?}");
+    assert_eq!(routes[0]["netns"], inode(netns));
+    let ns = &v["namespaces"][0];
+    assert_eq!(ns["usable_ports"], 1000, "the namespace's own range: {v}");
+    (routes[0].clone(), ended)
+}
+
+/// 1 000 ports, `tcp_tw_reuse` 0, 100 closes/s toward one server: the
+/// forecast says when `connect()` will fail, and it does then (±20 %).
+fn ports_forecasts_when_connect_fails_in_a_namespace_with_1000_ports() {
+    let netns = small_port_range(0);
+    let mut peer = Peer::paced(&netns, 100, 30);
+    let (route, ended) = forecast_while_paced(&netns, &mut peer);
+    let full_in = route["full_in_s"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("never full? {route}"));
+    let predicted = ended.as_secs_f64() + full_in;
+    let said = peer.read_line();
+    let failed_at: f64 = said
+        .strip_prefix("failed ")
+        .unwrap_or_else(|| panic!("connect() never failed: {said}"))
+        .parse()
+        .expect("seconds");
+    eprintln!("predicted {predicted:.2} s, connect() failed at {failed_at:.2} s");
+    assert!(
+        (predicted - failed_at).abs() <= 0.2 * failed_at,
+        "predicted {predicted:.2} s, failed at {failed_at:.2} s: {route}"
+    );
+}
+
+/// The same with `tcp_tw_reuse` 1: ports come back after a second, so the
+/// forecast says never full, and 15 s at the same rate see no failure.
+fn ports_with_tcp_tw_reuse_forecasts_never_full_and_nothing_fails() {
+    let netns = small_port_range(1);
+    let mut peer = Peer::paced(&netns, 100, 15);
+    let (route, _) = forecast_while_paced(&netns, &mut peer);
+    assert!(route["full_in_s"].is_null(), "{route}");
+    assert!(route["hold_s"].as_f64().unwrap() <= 1.0, "{route}");
+    assert_eq!(peer.read_line(), "ok");
 }

@@ -145,6 +145,25 @@ impl Peer {
         spawn(netns, &format!("leaker {count} -"))
     }
 
+    /// Starts a process that, once told to go, connects `rate` times a
+    /// second to a listener of its own in `netns`, the client closing
+    /// first each time (so its port waits in TIME_WAIT), until `connect()`
+    /// fails — then it prints `failed SECONDS` (since go) — or for
+    /// `seconds`, then prints `ok`.
+    pub fn paced(netns: &Netns, rate: u32, seconds: u32) -> Self {
+        spawn(netns, &format!("paced {rate} {seconds}"))
+    }
+
+    /// The next line the peer prints.
+    pub fn read_line(&mut self) -> String {
+        let stdout = self.child.stdout.as_mut().expect("peer stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("reading from the peer");
+        line.trim().to_owned()
+    }
+
     /// Takes the go signal out, to give to whoever starts the peer.
     pub fn go_signal(&mut self) -> impl FnOnce() + Send + 'static {
         let mut stdin = self.stdin.take().expect("client already started");
@@ -251,6 +270,10 @@ pub fn run_if_peer() -> Option<ExitCode> {
         "churn" => churn(Duration::from_secs(addr.parse().expect("seconds"))),
         "flood" => flood(addr, ending_text.parse().expect("threads")),
         "leaker" => leak(addr.parse().expect("count")),
+        "paced" => paced(
+            addr.parse().expect("connections per second"),
+            ending_text.parse().expect("seconds"),
+        ),
         other => panic!("unknown peer kind {other}"),
     }
     Some(ExitCode::SUCCESS)
@@ -313,6 +336,36 @@ fn leak(count: usize) {
     let mut end = String::new();
     let _ = std::io::stdin().read_line(&mut end);
     drop(leaked);
+}
+
+fn paced(rate: u32, seconds: u32) {
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).expect("waiting for go");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let server = listener.local_addr().expect("local addr");
+    let started = std::time::Instant::now();
+    let every = Duration::from_secs(1) / rate;
+    let mut outcome = "ok".to_owned();
+    for n in 0..rate * seconds {
+        let due = started + every * n;
+        thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+        let client = match TcpStream::connect(server) {
+            Ok(client) => client,
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                outcome = format!("failed {:.3}", started.elapsed().as_secs_f64());
+                break;
+            }
+            Err(e) => panic!("connect: {e}"),
+        };
+        let (mut accepted, _) = listener.accept().expect("accept");
+        drop(client);
+        let mut rest = Vec::new();
+        accepted.read_to_end(&mut rest).expect("read to EOF");
+        quickack(&accepted);
+    }
+    println!("{outcome}");
+    std::io::stdout().flush().expect("flush");
+    let _ = std::io::stdin().read_line(&mut go);
 }
 
 fn churn(length: Duration) {
