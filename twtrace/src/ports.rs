@@ -72,10 +72,9 @@ pub fn forecast(
 ) -> Forecast {
     let steady_state = closes_per_s * hold_s;
     #[expect(
-        clippy::cast_precision_loss,
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,
-        reason = "port counts are far below 2^52"
+        reason = "a non-negative port count, far below 2^52"
     )]
     let blocking = if hold_s < HOLD_SECS {
         held.min(steady_state.ceil() as u64)
@@ -166,6 +165,10 @@ impl CloseCounter {
 /// TIME_WAIT per route, each namespace's settings (`fallback` where a
 /// namespace's are unknown), over `seconds` of observation.
 #[must_use]
+#[expect(
+    clippy::implicit_hasher,
+    reason = "the session's maps, with the default hasher"
+)]
 pub fn forecasts(
     counts: &RouteCounts,
     held: &HashMap<Route, u64>,

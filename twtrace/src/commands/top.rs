@@ -95,13 +95,13 @@ impl Counting {
         if !wanted {
             return Ok(None);
         }
-        let facts = self.host_facts(status, now.saturating_sub(self.started_ns));
+        let facts = Self::host_facts(status, now.saturating_sub(self.started_ns));
         Ok(Some(self.model.snapshot(now, facts)))
     }
 
     /// What the header and the detail show besides the model: the host's
     /// counts, the port forecast, the warnings.
-    fn host_facts(&self, status: &Status, elapsed_ns: u64) -> HostFacts {
+    fn host_facts(status: &Status, elapsed_ns: u64) -> HostFacts {
         #[expect(clippy::cast_precision_loss, reason = "seconds")]
         let seconds = elapsed_ns as f64 / 1e9;
         HostFacts {
