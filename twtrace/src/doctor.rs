@@ -62,7 +62,45 @@ pub struct HostSnapshot {
     pub tw_recycle_exists: bool,
     /// Processes holding CLOSE_WAIT sockets past the leak threshold.
     pub close_wait_leaks: Vec<CloseWaitLeak>,
+    /// Network namespaces whose port settings differ from the host's.
+    pub namespaces: Vec<NamespaceFacts>,
     pub leak_threshold_ns: u64,
+}
+
+/// A network namespace whose port settings differ from the host's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NamespaceFacts {
+    pub netns: u64,
+    /// Its name under `/run/netns`, else `pid:N` of a process in it.
+    pub name: Option<String>,
+    pub settings: sys::PortSettings,
+    /// TIME_WAIT sockets in it now (its sockstat).
+    pub time_wait: Option<u64>,
+}
+
+/// Every namespace but ours whose port settings are not `host`'s.
+fn namespaces_unlike(host: Option<sys::PortSettings>) -> Vec<NamespaceFacts> {
+    let own = crate::netns::own().ok();
+    let all = crate::netns::all();
+    all.iter()
+        .filter(|ns| Some(ns.inode) != own)
+        .filter_map(|ns| {
+            let (settings, time_wait) = crate::netns::read_in(ns, || {
+                (
+                    sys::PortSettings::read().ok(),
+                    sys::time_wait_sockets_now().ok(),
+                )
+            })
+            .ok()?;
+            let settings = settings?;
+            (Some(settings) != host).then(|| NamespaceFacts {
+                netns: ns.inode,
+                name: crate::netns::name_of(ns.inode, &all),
+                settings,
+                time_wait,
+            })
+        })
+        .collect()
 }
 
 /// A process that has not called `close()` on sockets whose peer hung up.
@@ -179,6 +217,7 @@ impl HostSnapshot {
             timestamps: sysctl("tcp_timestamps"),
             tw_recycle_exists: Path::new(SYSCTL).join("tcp_tw_recycle").exists(),
             close_wait_leaks: close_wait_leaks(&crate::snapshot::take().sockets, leak_threshold_ns),
+            namespaces: namespaces_unlike(sys::PortSettings::read().ok()),
             leak_threshold_ns,
         }
     }
@@ -219,7 +258,41 @@ pub fn assess(h: &HostSnapshot) -> Vec<Finding> {
     ports(h, &mut f);
     teardown_sysctls(h, &mut f);
     leaks(h, &mut f);
+    namespaces(h, &mut f);
     f
+}
+
+/// Namespaces with settings of their own: their ports run out by their
+/// own rules. A warning when TIME_WAIT holds half of one's usable ports.
+fn namespaces(h: &HostSnapshot, f: &mut Vec<Finding>) {
+    for ns in &h.namespaces {
+        let s = &ns.settings;
+        let usable = s.usable();
+        let tw = ns.time_wait.unwrap_or(0);
+        let severity = if tw * 2 >= usable {
+            Severity::Warn
+        } else {
+            Severity::Info
+        };
+        let name = ns.name.clone().unwrap_or_else(|| ns.netns.to_string());
+        f.push(finding(
+            "netns_ports",
+            severity,
+            format!("network namespace {name} ({})", ns.netns),
+            format!(
+                "{usable} usable ports ({}-{}, {} reserved), tcp_tw_reuse {}, tcp_tw_reuse_delay {} ms, tcp_timestamps {}, tcp_max_tw_buckets {}; {tw} in TIME_WAIT now",
+                s.port_range.0,
+                s.port_range.1,
+                s.reserved,
+                s.tw_reuse,
+                s.tw_reuse_delay_ms,
+                s.timestamps,
+                s.max_tw_buckets.map_or_else(|| "?".to_owned(), |n| n.to_string()),
+            ),
+            "Its settings differ from the host's: each namespace has its own port range and TIME_WAIT sysctls, and its clients run out of ports by them, not by the host's.",
+            "Forecast it with `twtrace ports --netns NAME`; set its sysctls inside it (`ip netns exec NAME sysctl ...`, or the pod's securityContext.sysctls).",
+        ));
+    }
 }
 
 /// CLOSE_WAIT past the threshold: the application's bug, not a sysctl's.
@@ -521,6 +594,41 @@ mod tests {
         assert!(leak.value.contains("25 sockets"), "{}", leak.value);
         assert!(leak.meaning.contains("not a kernel setting"));
         assert_eq!(exit_code(&findings), 4);
+    }
+
+    #[test]
+    fn a_namespace_with_its_own_port_range_is_reported_and_warns_when_half_full() {
+        let mut h = healthy();
+        let settings = sys::PortSettings {
+            port_range: (40000, 40999),
+            reserved: 0,
+            tw_reuse: 0,
+            tw_reuse_delay_ms: 1000,
+            timestamps: 1,
+            max_tw_buckets: Some(131_072),
+        };
+        h.namespaces = vec![NamespaceFacts {
+            netns: 4_026_532_178,
+            name: Some("pod-a".into()),
+            settings,
+            time_wait: Some(10),
+        }];
+        let finding = |h: &HostSnapshot| {
+            assess(h)
+                .into_iter()
+                .find(|f| f.id == "netns_ports")
+                .unwrap()
+        };
+        let f = finding(&h);
+        assert_eq!(f.severity, Severity::Info);
+        assert!(f.title.contains("pod-a"), "{}", f.title);
+        assert!(
+            f.value.starts_with("1000 usable ports (40000-40999"),
+            "{}",
+            f.value
+        );
+        h.namespaces[0].time_wait = Some(600);
+        assert_eq!(finding(&h).severity, Severity::Warn);
     }
 
     fn severity_of(findings: &[Finding], id: &str) -> Severity {

@@ -130,6 +130,23 @@ fn forecast_while_paced(netns: &Netns, peer: &mut Peer) -> (serde_json::Value, D
 /// forecast says when `connect()` will fail, and it does then (±20 %).
 fn ports_forecasts_when_connect_fails_in_a_namespace_with_1000_ports() {
     let netns = small_port_range(0);
+    // doctor lists the namespace's own settings.
+    let doctor = Command::new(env!("CARGO_BIN_EXE_twtrace"))
+        .args(["doctor", "-o", "json"])
+        .output()
+        .expect("doctor");
+    let v: serde_json::Value = serde_json::from_slice(&doctor.stdout).expect("doctor JSON");
+    let ns = v["host"]["namespaces"]
+        .as_array()
+        .expect("namespaces")
+        .iter()
+        .find(|n| n["netns"] == inode(&netns))
+        .unwrap_or_else(|| panic!("doctor misses the namespace: {}", v["host"]["namespaces"]));
+    assert_eq!(
+        ns["settings"]["port_range"],
+        serde_json::json!([40000, 40999])
+    );
+    assert_eq!(ns["settings"]["tw_reuse"], 0);
     let mut peer = Peer::paced(&netns, 100, 30);
     let (route, ended) = forecast_while_paced(&netns, &mut peer);
     let full_in = route["full_in_s"]
