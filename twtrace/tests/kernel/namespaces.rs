@@ -76,7 +76,22 @@ fn netns_filter_keeps_one_namespace_by_name_inode_or_pid() {
     assert_eq!(v["active_closes"], 7, "{v}");
 
     let mut both = makers();
-    let by_pid = format!("pid:{}", both[1].1.pid);
+    // `ip netns exec` enters the namespace, then runs the maker in the
+    // same process: until then its pid names the host's namespace.
+    let pid = both[1].1.pid;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(format!("/proc/{pid}/ns/net"))
+        .map(|m| m.ino())
+        .ok()
+        != Some(inode(&both[1].0))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the maker never entered its namespace"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let by_pid = format!("pid:{pid}");
     let v = summary_of(&by_pid, &mut both);
     assert_eq!(v["active_closes"], 7, "{v}");
 }
