@@ -329,8 +329,9 @@ pub struct TopArgs {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
-/// Parses `500ms`, `5s`, `2m`, `1h`, `1.5s`. Rejects zero, negatives and
-/// bare numbers (is `5` seconds or milliseconds?).
+/// Parses `500ms`, `5s`, `2m`, `1h`, `1.5s`, and a bare number as seconds
+/// (as `top -d 1`, `watch -n 1` and `vmstat 1` take it). Rejects zero and
+/// negatives.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text.starts_with('-') {
@@ -338,14 +339,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("`{text}` needs a unit: ms, s, m or h (e.g. 5s)"))?;
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let value: f64 = number
         .parse()
         .map_err(|_| format!("`{text}` is not a duration (e.g. 500ms, 5s, 2m)"))?;
     let seconds = match unit {
         "ms" => value / 1000.0,
-        "s" => value,
+        "s" | "" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
         _ => {
@@ -383,14 +384,17 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_mins(2)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_hours(1)));
+        // A bare number is seconds, as top, watch and vmstat take it.
+        assert_eq!(parse_duration("1"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
     }
 
     #[test]
     fn bad_durations_are_rejected_with_a_reason() {
-        for bad in ["-5s", "abc", "5", "0s", "5x", "", "1.2.3s"] {
+        for bad in ["-5s", "abc", "0", "0s", "5x", "", "1.2.3s"] {
             assert!(parse_duration(bad).is_err(), "{bad} was accepted");
         }
-        assert!(parse_duration("5").unwrap_err().contains("needs a unit"));
+        assert!(parse_duration("0").unwrap_err().contains("positive"));
     }
 
     #[test]

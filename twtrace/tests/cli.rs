@@ -23,7 +23,7 @@ const BAD_INPUT: &[(&[&str], i32, &str)] = &[
         "must be a positive duration",
     ),
     (&["trace", "--duration", "abc"], 2, "not a duration"),
-    (&["trace", "--duration", "5"], 2, "--duration"),
+    (&["trace", "--duration", "0"], 2, "--duration"),
     (&["trace", "--duration", "0s"], 2, "positive"),
     (&["trace", "--port", "0"], 2, "--port"),
     (&["trace", "--port", "65536"], 2, "--port"),

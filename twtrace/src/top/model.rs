@@ -9,19 +9,97 @@ use std::{
 
 use crate::{
     event::{CloseSide, TcpState, Transition},
-    histogram::{OwnerKey, StateHistograms, StateStats},
+    histogram::{OwnerKey, StateHistograms, StateStats, TEARDOWN_STATES},
+    top::trend::{Ring, Trends},
 };
+
+/// A process's own trend: two minutes at the default refresh (the view's
+/// history for the whole host is longer).
+const PROCESS_TREND: usize = 120;
+
+/// A route forecast to run out of ports within this many seconds marks the
+/// processes closing toward it.
+pub const PORTS_HORIZON_S: f64 = 300.0;
 
 /// Remote endpoints remembered per process; beyond it new ones are pooled.
 const MAX_REMOTES: usize = 256;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct OwnerCounters {
     active: u64,
     passive: u64,
     states: StateHistograms,
     remotes: HashMap<Remote, u64>,
     remotes_other: u64,
+    /// Closes per interval, and sockets held (TIME_WAIT, FIN_WAIT2,
+    /// CLOSE_WAIT) at each snapshot.
+    closes_trend: Ring,
+    held_trend: Ring,
+}
+
+impl Default for OwnerCounters {
+    fn default() -> Self {
+        Self {
+            active: 0,
+            passive: 0,
+            states: StateHistograms::default(),
+            remotes: HashMap::new(),
+            remotes_other: 0,
+            closes_trend: Ring::with_capacity(PROCESS_TREND),
+            held_trend: Ring::with_capacity(PROCESS_TREND),
+        }
+    }
+}
+
+/// The shape of one state's time distribution: counts in log-spaced
+/// buckets (1-2-5 per decade), with its p50 and p99.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub state: &'static str,
+    /// (upper bound in ns, sockets whose time fell in the bucket), from
+    /// the first bucket with any to the last.
+    pub buckets: Vec<(u64, u64)>,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+}
+
+/// Bucket upper bounds: 1 µs .. 10 min, 1-2-5 per decade.
+fn bucket_bounds() -> Vec<u64> {
+    let mut bounds = Vec::new();
+    let mut decade = 1_000u64;
+    while decade < 600_000_000_000 {
+        for step in [1, 2, 5] {
+            bounds.push(decade * step);
+        }
+        decade *= 10;
+    }
+    bounds.push(600_000_000_000);
+    bounds
+}
+
+fn shape_of(state: TcpState, h: &hdrhistogram::Histogram<u64>) -> Option<Shape> {
+    if h.is_empty() {
+        return None;
+    }
+    let mut lower = 0;
+    let mut buckets: Vec<(u64, u64)> = bucket_bounds()
+        .into_iter()
+        .map(|upper| {
+            let count = h.count_between(lower, upper.saturating_sub(1));
+            lower = upper;
+            (upper, count)
+        })
+        .collect();
+    let first = buckets.iter().position(|b| b.1 > 0)?;
+    let last = buckets.iter().rposition(|b| b.1 > 0)?;
+    buckets.truncate(last + 1);
+    buckets.drain(..first);
+    Some(Shape {
+        state: state.name(),
+        buckets,
+        p50_ns: h.value_at_quantile(0.5),
+        p99_ns: h.value_at_quantile(0.99),
+    })
 }
 
 /// Who a process's connections talk to: the peer's address and, when the
@@ -94,6 +172,14 @@ pub struct ProcessRow {
     pub close_wait_oldest_ns: Option<u64>,
     /// Its oldest CLOSE_WAIT is past the leak threshold.
     pub leaking: bool,
+    /// It closes first toward a route forecast to run out of ports within
+    /// `PORTS_HORIZON_S`.
+    pub ports_at_risk: bool,
+    /// Its closes per interval and sockets held, oldest first.
+    pub closes_trend: Ring,
+    pub held_trend: Ring,
+    /// Each state's time distribution (detail view).
+    pub shapes: Vec<Shape>,
     /// p50 and p99 (ns) of the states shown in the table; `None`: no data.
     pub fin_wait2: Option<(u64, u64)>,
     pub time_wait: Option<(u64, u64)>,
@@ -121,11 +207,15 @@ pub struct Header {
 pub struct TopSnapshot {
     pub header: Header,
     pub rows: Vec<ProcessRow>,
+    pub trends: Trends,
 }
 
 #[derive(Debug)]
 pub struct TopModel {
     owners: HashMap<OwnerKey, OwnerCounters>,
+    trends: Trends,
+    /// Events lost at the previous snapshot (the loss counters are totals).
+    lost_before: u64,
     started_ns: u64,
     /// Counters at the previous snapshot, to turn totals into rates.
     previous: HashMap<OwnerKey, (u64, u64)>,
@@ -148,6 +238,8 @@ impl TopModel {
     pub fn new(now_ns: u64) -> Self {
         Self {
             owners: HashMap::new(),
+            trends: Trends::default(),
+            lost_before: 0,
             started_ns: now_ns,
             previous: HashMap::new(),
             previous_ns: now_ns,
@@ -185,56 +277,28 @@ impl TopModel {
             elapsed_ns: now_ns.saturating_sub(self.started_ns),
             ..Header::default()
         };
-        let mut rows = Vec::with_capacity(self.owners.len());
-        let mut delta_active = 0;
-        let mut delta_passive = 0;
-        let idle = OwnerCounters::default();
         // Owners seen closing, and those that only hold sockets (a leak
         // from before the start shows even if nothing moves).
-        let keys: std::collections::BTreeSet<&OwnerKey> = self
-            .owners
-            .keys()
-            .chain(header.host.now.by_owner.keys())
-            .collect();
+        let keys: Vec<OwnerKey> = header.host.now.by_owner.keys().copied().collect();
         for key in keys {
-            let c = self.owners.get(key).unwrap_or(&idle);
+            self.owners.entry(key).or_default();
+        }
+        let at_risk = routes_at_risk(&header.host.routes);
+        let mut rows = Vec::with_capacity(self.owners.len());
+        let (mut delta_active, mut delta_passive) = (0, 0);
+        for (key, c) in &mut self.owners {
             let (prev_active, prev_passive) = self.previous.get(key).copied().unwrap_or_default();
             let (da, dp) = (c.active - prev_active, c.passive - prev_passive);
             delta_active += da;
             delta_passive += dp;
-            let now = |state| header.host.now.of_owner(key, state);
-            let time_wait_now = now(TcpState::TimeWait).count + now(TcpState::FinWait2).count;
-            let close_wait = now(TcpState::CloseWait);
-            let p50_p99 = |state| {
-                c.states
-                    .get(state)
-                    .filter(|h| !h.is_empty())
-                    .map(|h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99)))
-            };
-            let mut remotes: Vec<(String, u64)> =
-                c.remotes.iter().map(|(r, n)| (r.to_string(), *n)).collect();
-            remotes.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-            remotes.truncate(10);
-            if c.remotes_other > 0 {
-                remotes.push(("(others)".into(), c.remotes_other));
-            }
-            rows.push(ProcessRow {
-                pid: key.pid,
-                comm: key.comm.to_string(),
-                active_per_s: rate(da, period),
-                passive_per_s: rate(dp, period),
-                time_wait_now,
-                close_wait_now: close_wait.count,
-                close_wait_oldest_ns: (close_wait.count > 0).then_some(close_wait.oldest_age_ns),
-                leaking: close_wait.count > 0
-                    && close_wait.oldest_age_ns > crate::session::LEAK_AGE_NS,
-                fin_wait2: p50_p99(TcpState::FinWait2),
-                time_wait: p50_p99(TcpState::TimeWait),
-                close_wait: p50_p99(TcpState::CloseWait),
-                total_closes: c.active + c.passive,
-                states: c.states.stats_with_now(now),
-                remotes,
-            });
+            let held: u64 = [TcpState::TimeWait, TcpState::FinWait2, TcpState::CloseWait]
+                .into_iter()
+                .map(|state| header.host.now.of_owner(key, state).count)
+                .sum();
+            c.closes_trend.push(da + dp);
+            c.held_trend.push(held);
+            let rates = (rate(da, period), rate(dp, period));
+            rows.push(row_of(key, c, &header.host, rates, &at_risk));
         }
         let now = |state| header.host.now.state(state).count;
         header.time_wait_traced = now(TcpState::TimeWait) + now(TcpState::FinWait2);
@@ -242,6 +306,7 @@ impl TopModel {
         header.active_per_s = rate(delta_active, period);
         header.passive_per_s = rate(delta_passive, period);
         header.closes_per_s = header.active_per_s + header.passive_per_s;
+        self.record_trends(&header, (delta_active, delta_passive), period);
         self.previous = self
             .owners
             .iter()
@@ -249,7 +314,90 @@ impl TopModel {
             .collect();
         self.previous_ns = now_ns;
         rows.sort_by(|a, b| a.pid.cmp(&b.pid).then_with(|| a.comm.cmp(&b.comm)));
-        TopSnapshot { header, rows }
+        TopSnapshot {
+            header,
+            rows,
+            trends: self.trends.clone(),
+        }
+    }
+
+    /// One sample of the header's numbers for the charts.
+    fn record_trends(&mut self, header: &Header, (active, passive): (u64, u64), period: u64) {
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a non-negative rate, rounded for a chart"
+        )]
+        let per_s = |delta: u64| rate(delta, period).round() as u64;
+        let t = &mut self.trends;
+        t.active_per_s.push(per_s(active));
+        t.passive_per_s.push(per_s(passive));
+        t.time_wait_traced.push(header.time_wait_traced);
+        t.time_wait_kernel
+            .push(header.host.kernel_time_wait.unwrap_or(0));
+        t.close_wait_now.push(header.close_wait_now.count);
+        let lost = header.host.events_lost;
+        t.lost.push(lost.saturating_sub(self.lost_before));
+        self.lost_before = lost;
+    }
+}
+
+/// The remote ends (as rows name them) of routes forecast to run out of
+/// ports within the horizon.
+fn routes_at_risk(routes: &[crate::ports::Forecast]) -> Vec<String> {
+    routes
+        .iter()
+        .filter(|f| f.full_in_s.is_some_and(|s| s <= PORTS_HORIZON_S))
+        .map(|f| f.remote.clone())
+        .collect()
+}
+
+/// One process's row; `at_risk` are the remotes of routes about to run
+/// out of ports.
+fn row_of(
+    key: &OwnerKey,
+    c: &OwnerCounters,
+    host: &HostFacts,
+    (active, passive): (f64, f64),
+    at_risk: &[String],
+) -> ProcessRow {
+    let now = |state| host.now.of_owner(key, state);
+    let close_wait = now(TcpState::CloseWait);
+    let p50_p99 = |state| {
+        c.states
+            .get(state)
+            .filter(|h| !h.is_empty())
+            .map(|h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99)))
+    };
+    let mut remotes: Vec<(String, u64)> =
+        c.remotes.iter().map(|(r, n)| (r.to_string(), *n)).collect();
+    remotes.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    remotes.truncate(10);
+    if c.remotes_other > 0 {
+        remotes.push(("(others)".into(), c.remotes_other));
+    }
+    ProcessRow {
+        pid: key.pid,
+        comm: key.comm.to_string(),
+        active_per_s: active,
+        passive_per_s: passive,
+        time_wait_now: now(TcpState::TimeWait).count + now(TcpState::FinWait2).count,
+        close_wait_now: close_wait.count,
+        close_wait_oldest_ns: (close_wait.count > 0).then_some(close_wait.oldest_age_ns),
+        leaking: close_wait.count > 0 && close_wait.oldest_age_ns > crate::session::LEAK_AGE_NS,
+        ports_at_risk: remotes.iter().any(|(r, _)| at_risk.contains(r)),
+        fin_wait2: p50_p99(TcpState::FinWait2),
+        time_wait: p50_p99(TcpState::TimeWait),
+        close_wait: p50_p99(TcpState::CloseWait),
+        total_closes: c.active + c.passive,
+        states: c.states.stats_with_now(now),
+        remotes,
+        closes_trend: c.closes_trend.clone(),
+        held_trend: c.held_trend.clone(),
+        shapes: TEARDOWN_STATES
+            .iter()
+            .filter_map(|&state| shape_of(state, c.states.get(state)?))
+            .collect(),
     }
 }
 

@@ -13,7 +13,10 @@ use ratatui::{
 };
 
 use crate::{
-    top::model::{ProcessRow, TopSnapshot},
+    top::{
+        charts,
+        model::{ProcessRow, TopSnapshot},
+    },
     units,
 };
 
@@ -32,12 +35,13 @@ pub enum Column {
     CloseWaitP50,
     CloseWaitP99,
     Total,
+    Marks,
 }
 
 // TIME_WAIT's own length is fixed (60 s, unless cut short): its
 // percentiles are in the detail view; the table gives the room to what
 // varies, CLOSE_WAIT held now and its age.
-const COLUMNS: [(Column, &str, u16); 12] = [
+const COLUMNS: [(Column, &str, u16); 13] = [
     (Column::Pid, "PID", 8),
     (Column::Comm, "COMM", 16),
     (Column::ActivePerS, "ACTIVE/s", 9),
@@ -50,6 +54,7 @@ const COLUMNS: [(Column, &str, u16); 12] = [
     (Column::CloseWaitP50, "CW p50", 8),
     (Column::CloseWaitP99, "CW p99", 8),
     (Column::Total, "CLOSES", 8),
+    (Column::Marks, "!", 3),
 ];
 
 pub const FOOTER: &str =
@@ -187,6 +192,7 @@ pub fn visible_rows<'a>(snapshot: &'a TopSnapshot, state: &ViewState) -> Vec<&'a
                 Column::CloseWaitP50 => p(x.close_wait, 0).cmp(&p(y.close_wait, 0)),
                 Column::CloseWaitP99 => p(x.close_wait, 1).cmp(&p(y.close_wait, 1)),
                 Column::Total => x.total_closes.cmp(&y.total_closes),
+                Column::Marks => marks(x).cmp(marks(y)),
             }
         };
         let primary = if natural_ascending {
@@ -207,7 +213,19 @@ pub fn visible_rows<'a>(snapshot: &'a TopSnapshot, state: &ViewState) -> Vec<&'a
     rows
 }
 
-fn cells(row: &ProcessRow) -> [String; 12] {
+/// What needs attention, readable without colour: `L` a CLOSE_WAIT leak
+/// (its oldest past 60 s), `P` closing first toward a route forecast to
+/// run out of ports within 5 minutes.
+fn marks(row: &ProcessRow) -> &'static str {
+    match (row.leaking, row.ports_at_risk) {
+        (true, true) => "LP",
+        (true, false) => "L",
+        (false, true) => "P",
+        (false, false) => "",
+    }
+}
+
+fn cells(row: &ProcessRow) -> [String; 13] {
     let q = |v: Option<(u64, u64)>, i: usize| {
         v.map_or_else(
             || "-".to_owned(),
@@ -227,6 +245,7 @@ fn cells(row: &ProcessRow) -> [String; 12] {
         q(row.close_wait, 0),
         q(row.close_wait, 1),
         row.total_closes.to_string(),
+        marks(row).to_owned(),
     ]
 }
 
@@ -343,7 +362,11 @@ pub fn render(frame: &mut Frame, snapshot: &TopSnapshot, state: &ViewState) {
     if state.detail && !rows.is_empty() {
         render_detail(frame, body, rows[selected], &snapshot.header.host.routes);
     } else {
-        render_table(frame, body, &rows, selected, state);
+        let (table, trends) = split_for_trends(body, rows.len());
+        render_table(frame, table, &rows, selected, state);
+        if let Some(trends) = trends {
+            charts::render_trends(frame, trends, &snapshot.trends);
+        }
     }
 
     let footer_text = match &state.editing {
@@ -359,6 +382,52 @@ pub fn render(frame: &mut Frame, snapshot: &TopSnapshot, state: &ViewState) {
     }
 }
 
+/// The table keeps priority: it gets every row it has (up to the whole
+/// body); the charts get what is left, if at least two charts fit.
+fn split_for_trends(body: Rect, rows: usize) -> (Rect, Option<Rect>) {
+    // Borders and the column titles: three lines besides the rows.
+    let table_needs = u16::try_from(rows)
+        .unwrap_or(u16::MAX)
+        .saturating_add(3)
+        .max(4);
+    let left = body.height.saturating_sub(table_needs);
+    if left < 2 * charts::CHART_HEIGHT {
+        return (body, None);
+    }
+    let [table, trends] =
+        Layout::vertical([Constraint::Length(table_needs), Constraint::Min(0)]).areas(body);
+    (table, Some(trends))
+}
+
+/// On a narrow terminal the percentiles (in the detail view too) give way
+/// to what says who closes and what is stuck, each column a little
+/// narrower: (column index, width).
+const NARROW: [(usize, u16); 9] = [
+    (0, 7),
+    (1, 15),
+    (2, 9),
+    (3, 9),
+    (4, 6),
+    (5, 6),
+    (6, 9),
+    (11, 7),
+    (12, 2),
+];
+
+/// The columns that fit `width` (inside the border), with their widths.
+fn fitting_columns(width: u16) -> Vec<(usize, u16)> {
+    let all: u16 = COLUMNS.iter().map(|(_, _, w)| w + 1).sum();
+    if width >= all {
+        COLUMNS
+            .iter()
+            .enumerate()
+            .map(|(i, (_, _, w))| (i, *w))
+            .collect()
+    } else {
+        NARROW.to_vec()
+    }
+}
+
 fn render_table(
     frame: &mut Frame,
     area: Rect,
@@ -366,8 +435,10 @@ fn render_table(
     selected: usize,
     state: &ViewState,
 ) {
-    let header = Row::new(COLUMNS.iter().map(|(column, title, _)| {
-        let marker = if *column == state.sort {
+    let shown = fitting_columns(area.width.saturating_sub(2));
+    let header = Row::new(shown.iter().map(|&(i, _)| {
+        let (column, title, _) = COLUMNS[i];
+        let marker = if column == state.sort {
             if state.reversed { "▲" } else { "▼" }
         } else {
             ""
@@ -378,12 +449,15 @@ fn render_table(
     let body = rows.iter().map(|row| {
         let row_style = if row.leaking {
             Style::new().fg(ratatui::style::Color::Red)
+        } else if row.ports_at_risk {
+            Style::new().fg(ratatui::style::Color::Yellow)
         } else {
             Style::new()
         };
-        Row::new(cells(row).map(Cell::from)).style(row_style)
+        let cells = cells(row);
+        Row::new(shown.iter().map(|&(i, _)| Cell::from(cells[i].clone()))).style(row_style)
     });
-    let widths = COLUMNS.map(|(_, _, w)| Constraint::Length(w));
+    let widths = shown.iter().map(|&(_, w)| Constraint::Length(w));
     let table = Table::new(body, widths)
         .header(header)
         .block(Block::bordered().title(" who closes first "))
@@ -399,12 +473,26 @@ fn render_detail(
     row: &ProcessRow,
     routes: &[crate::ports::Forecast],
 ) {
-    let [states_area, remotes_area, ports_area] = Layout::vertical([
+    // Shapes and the process's trend only where there is room for them
+    // besides the numbers.
+    let charts = if area.height >= 9 + 3 + 5 + 10 + 2 * charts::CHART_HEIGHT {
+        10 + 2 * charts::CHART_HEIGHT
+    } else {
+        0
+    };
+    let [states_area, charts_area, remotes_area, ports_area] = Layout::vertical([
         Constraint::Length(9),
+        Constraint::Length(charts),
         Constraint::Min(3),
         Constraint::Length(5),
     ])
     .areas(area);
+    if charts > 0 {
+        let [shapes, trend] =
+            Layout::vertical([Constraint::Length(10), Constraint::Min(0)]).areas(charts_area);
+        charts::render_shapes(frame, shapes, &row.shapes);
+        charts::render_process_trend(frame, trend, row);
+    }
     let forecasts: Vec<Line> = if routes.is_empty() {
         vec![Line::from("no ephemeral port held in TIME_WAIT yet")]
     } else {
@@ -418,23 +506,39 @@ fn render_detail(
         Paragraph::new(forecasts).block(Block::bordered().title(" ports at risk (all processes) ")),
         ports_area,
     );
-    let header = Row::new(["STATE", "COUNT", "MIN", "P50", "P90", "P99", "P99.9", "MAX"])
-        .style(Style::new().add_modifier(Modifier::BOLD));
+    let header = Row::new([
+        "STATE", "ENTERED", "LEFT", "NOW", "OLDEST", "MIN", "P50", "P90", "P99", "P99.9", "MAX",
+    ])
+    .style(Style::new().add_modifier(Modifier::BOLD));
     let body = row.states.iter().map(|s| {
+        let left = |ns| {
+            if s.count == 0 {
+                "-".to_owned()
+            } else {
+                units::duration(ns)
+            }
+        };
         Row::new([
             s.state.to_owned(),
+            s.entered.to_string(),
             s.count.to_string(),
-            units::duration(s.min_ns),
-            units::duration(s.p50_ns),
-            units::duration(s.p90_ns),
-            units::duration(s.p99_ns),
-            units::duration(s.p999_ns),
-            units::duration(s.max_ns),
+            s.now.to_string(),
+            if s.now == 0 {
+                "-".to_owned()
+            } else {
+                units::duration(s.oldest_now_ns)
+            },
+            left(s.min_ns),
+            left(s.p50_ns),
+            left(s.p90_ns),
+            left(s.p99_ns),
+            left(s.p999_ns),
+            left(s.max_ns),
         ])
     });
     let widths = [Constraint::Length(11)]
         .into_iter()
-        .chain(std::iter::repeat_n(Constraint::Length(9), 7));
+        .chain(std::iter::repeat_n(Constraint::Length(9), 10));
     frame.render_widget(
         Table::new(body, widths)
             .header(header)
@@ -456,11 +560,11 @@ fn render_detail(
     );
 }
 
-const HELP: [&str; 11] = [
+const HELP: [&str; 12] = [
     "q, Esc, Ctrl-C   quit (Esc first closes help, detail, filter)",
     "↑ ↓  k j         move the selection",
     "g G  Home End    first, last row",
-    "s >  S <         sort by the next / previous column",
+    "s >  S <         sort by the next / previous column (all, shown or not)",
     "r                reverse the sort",
     "/                filter by comm (substring) or pid (prefix)",
     "Enter            details of the selected process",
@@ -468,6 +572,7 @@ const HELP: [&str; 11] = [
     "? h              this help",
     "",
     "ACTIVE: closed first (FIN_WAIT1)  PASSIVE: peer closed first (CLOSE_WAIT)",
+    "! L: CLOSE_WAIT leak (over 60 s)  P: its route runs out of ports within 5 min",
 ];
 
 fn render_help(frame: &mut Frame, area: Rect) {
@@ -510,6 +615,15 @@ mod tests {
             close_wait_now: if pid == 200 { 3 } else { 0 },
             close_wait_oldest_ns: (pid == 200).then_some(90_000 * MS),
             leaking: pid == 200,
+            ports_at_risk: pid == 100,
+            closes_trend: ring((0..60).map(|i| (i * total / 60) % 17)),
+            held_trend: ring((0..60).map(|i| i / 4)),
+            shapes: vec![crate::top::model::Shape {
+                state: "FIN_WAIT2",
+                buckets: vec![(10_000, 3), (20_000, total), (50_000, total / 3)],
+                p50_ns: 10_000,
+                p99_ns: 40_000,
+            }],
             fin_wait2: Some((10_000, 40_000)),
             time_wait: (pid == 100).then_some((60_000 * MS, 60_100 * MS)),
             close_wait: (passive > 0.0).then_some((2 * MS, 200 * MS)),
@@ -532,8 +646,31 @@ mod tests {
         }
     }
 
+    fn ring(values: impl IntoIterator<Item = u64>) -> crate::top::trend::Ring {
+        let mut r = crate::top::trend::Ring::default();
+        for v in values {
+            r.push(v);
+        }
+        r
+    }
+
+    /// Five minutes of a churn that builds up and falls back, with one
+    /// burst of losses.
+    fn trends() -> crate::top::trend::Trends {
+        let wave = |i: u64| (i % 60) * 10;
+        crate::top::trend::Trends {
+            active_per_s: ring((0..300).map(wave)),
+            passive_per_s: ring((0..300).map(|i| wave(i) / 2)),
+            time_wait_traced: ring((0..300).map(|i| wave(i) * 60)),
+            time_wait_kernel: ring((0..300).map(|i| wave(i) * 60 + 5)),
+            close_wait_now: ring((0..300).map(|i| i / 10)),
+            lost: ring((0..300).map(|i| u64::from(i == 200) * 40)),
+        }
+    }
+
     fn snapshot() -> TopSnapshot {
         TopSnapshot {
+            trends: trends(),
             header: Header {
                 closes_per_s: 12.5,
                 active_per_s: 10.0,
@@ -596,6 +733,65 @@ mod tests {
         KeyEvent::new(code, KeyModifiers::NONE)
     }
 
+    /// The golden screens live in `top/screens/`; `TWTRACE_BLESS=1` rewrites
+    /// them from the current rendering (then review the diff).
+    fn golden(name: &str, lines: &[String]) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/top/screens")
+            .join(name);
+        let got = lines.join("\n") + "\n";
+        if std::env::var_os("TWTRACE_BLESS").is_some() {
+            std::fs::write(&path, &got).unwrap();
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(got, want, "{name} differs:\n{got}");
+    }
+
+    #[test]
+    fn at_80x24_the_table_comes_first_and_charts_take_what_is_left() {
+        let lines = screen(&ViewState::default(), 80, 24);
+        golden("table-80x24.txt", &lines);
+        // The table, both rows, right under the header.
+        assert!(lines[3].contains("PID"), "{}", lines.join("\n"));
+        assert!(lines[4].contains("loadgen") && lines[5].contains("nginx"));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("closes/s active 590 (peak 590)"))
+        );
+    }
+
+    #[test]
+    fn at_200x50_the_charts_use_two_columns() {
+        let lines = screen(&ViewState::default(), 200, 50);
+        let both = lines
+            .iter()
+            .find(|l| l.contains("closes/s active"))
+            .expect("the closes chart");
+        assert!(both.contains("closes/s passive"), "{both}");
+        assert!(lines.iter().any(|l| l.contains("events lost 0 (peak 40)")));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.chars().any(|c| "▁▂▃▄▅▆▇█".contains(c)))
+        );
+        golden("table-200x50.txt", &lines);
+    }
+
+    #[test]
+    fn the_detail_at_200x50_draws_each_state_shape_and_the_process_trend() {
+        let state = ViewState {
+            detail: true,
+            ..ViewState::default()
+        };
+        let lines = screen(&state, 200, 50);
+        let text = lines.join("\n");
+        assert!(text.contains("FIN_WAIT2 p50 10.0µs p99 40.0µs"), "{text}");
+        assert!(text.contains("closes/interval"), "{text}");
+        assert!(text.contains("½") && text.contains("99"), "{text}");
+        golden("detail-200x50.txt", &lines);
+    }
+
     #[test]
     fn table_view_snapshot() {
         let lines = screen(&ViewState::default(), 124, 8);
@@ -603,9 +799,9 @@ mod tests {
             "closes/s 12.5 (active 10.0, passive 2.5)   TIME_WAIT now: 40 traced, 45 in kernel   ephemeral ports 28232 (32768-60999)",
             "CLOSE_WAIT now: 3 (oldest 1m30s)   events lost 0   map evictions 0   up 5.00s",
             "┌ who closes first ────────────────────────────────────────────────────────────────────────────────────────────────────────┐",
-            "│PID      COMM             ACTIVE/s▼ PASSIVE/s TW NOW  CW NOW  CW OLDEST  FW2 p50  FW2 p99  CW p50   CW p99   CLOSES       │",
-            "│100      loadgen          9.5       0.0       40      0       -          10.0µs   40.0µs   -        -        80           │",
-            "│200      nginx            0.5       2.5       15      3       !1m30s     10.0µs   40.0µs   2.00ms   200ms    30           │",
+            "│PID      COMM             ACTIVE/s▼ PASSIVE/s TW NOW  CW NOW  CW OLDEST  FW2 p50  FW2 p99  CW p50   CW p99   CLOSES   !   │",
+            "│100      loadgen          9.5       0.0       40      0       -          10.0µs   40.0µs   -        -        80       P   │",
+            "│200      nginx            0.5       2.5       15      3       !1m30s     10.0µs   40.0µs   2.00ms   200ms    30       L   │",
             "└──────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────┘",
             "q quit  ↑↓/jk move  s sort  r reverse  / filter  Enter detail  p pause  ? help",
         ];
@@ -686,7 +882,7 @@ mod tests {
         assert!(state.detail);
         let text = screen(&state, 110, 24).join("\n");
         assert!(text.contains("nginx (200): time in state"), "{text}");
-        assert!(text.contains("FIN_WAIT2   30"), "{text}");
+        assert!(text.contains("FIN_WAIT2 30        30"), "{text}");
         assert!(text.contains("127.0.0.2:6379"), "{text}");
         assert!(
             text.contains("21400 / 28232 ports in TIME_WAIT, 500 closes/s, full in 14 s"),
@@ -720,7 +916,7 @@ mod tests {
         assert!(lines[2].starts_with("     PID COMM"), "{}", lines[2]);
         assert_eq!(
             lines[3],
-            "     100 loadgen                9.5       0.0      40       0          -   10.0µs   40.0µs        -        -       80"
+            "     100 loadgen                9.5       0.0      40       0          -   10.0µs   40.0µs        -        -       80   P"
         );
     }
 }

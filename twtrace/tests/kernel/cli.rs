@@ -299,6 +299,10 @@ fn top_view_in_tmux_shows_the_closer_and_quits_cleanly() {
         .collect();
     assert_eq!(row[4], "30", "TW NOW: {row:?}");
     assert_eq!(row.last(), Some(&"60"), "CLOSES: {row:?}");
+    // Below the table, the trends: the closes just made show as bars.
+    tmux.wait_for(Duration::from_secs(5), "the charts", |s| {
+        s.contains("closes/s active") && s.chars().any(|c| "▁▂▃▄▅▆▇█".contains(c))
+    });
 
     tmux.keys("?");
     tmux.wait_for(Duration::from_secs(5), "help", |s| {
