@@ -48,6 +48,9 @@ pub async fn run(args: TopArgs, kernel_log: Option<log::LevelFilter>) -> anyhow:
     }
 }
 
+/// How long the first table waits for the start-up snapshot.
+const SNAPSHOT_PATIENCE_NS: u64 = 10_000_000_000;
+
 /// What both views count, and when the next snapshot is due.
 struct Counting {
     model: TopModel,
@@ -88,7 +91,12 @@ impl Counting {
     ) -> io::Result<Option<TopSnapshot>> {
         let _ = self.metrics.tick(status)?;
         let now = sys::monotonic_ns();
-        if now < self.next_ns {
+        // The first table waits for the sockets the host already held (a
+        // slow host may take more than an interval to list them), within
+        // reason.
+        let waiting_for_snapshot =
+            !status.snapshot_seeded && now.saturating_sub(self.started_ns) < SNAPSHOT_PATIENCE_NS;
+        if now < self.next_ns || waiting_for_snapshot {
             return Ok(None);
         }
         self.next_ns = now.saturating_add(self.interval_ns);
