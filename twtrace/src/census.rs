@@ -13,6 +13,8 @@ use std::{
     net::SocketAddr,
 };
 
+use rustc_hash::FxHashMap;
+
 use crate::{
     event::{Owner, TcpState, Transition},
     histogram::{OwnerKey, TEARDOWN_STATES},
@@ -107,7 +109,9 @@ type SocketKey = (u64, SocketAddr, SocketAddr);
 
 #[derive(Debug, Default)]
 pub struct Census {
-    sockets: HashMap<SocketKey, Resident>,
+    // Fx: a hash per transition on the hot path; the keys are the
+    // kernel's addresses, not input an attacker picks to collide.
+    sockets: FxHashMap<SocketKey, Resident>,
     /// Whether transitions carry their namespace; if not, sockets are told
     /// apart by their addresses alone.
     namespaces_known: bool,
@@ -136,7 +140,7 @@ impl Census {
     }
 
     /// Adds what the host held, as the snapshot saw it.
-    pub fn seed(&mut self, sockets: &[SocketNow]) {
+    pub fn seed<'a>(&mut self, sockets: impl IntoIterator<Item = &'a SocketNow>) {
         let changed = self.changed_during_snapshot.take().unwrap_or_default();
         for s in sockets {
             let key = self.key(s.netns, s.src, s.dst);

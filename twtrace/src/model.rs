@@ -15,6 +15,9 @@
 
 use std::collections::HashMap;
 
+// Fx for the maps touched per event: their keys are kernel addresses.
+use rustc_hash::FxHashMap;
+
 use twtrace_common::TIME_WAIT_LEN_SECS;
 
 use crate::event::{EventKind, KernelEvent, TcpState, Transition, TwEnd};
@@ -27,13 +30,13 @@ pub const CANCEL_GRACE_NS: u64 = 20_000_000;
 pub struct TeardownModel {
     /// Kernel ticks per second, to turn timer jiffies into nanoseconds.
     hz: Option<u64>,
-    pending_cancels: HashMap<u64, KernelEvent>,
+    pending_cancels: FxHashMap<u64, KernelEvent>,
     /// Mini-sockets (TIME_WAIT, or FIN_WAIT2 awaiting the peer's FIN) born
     /// while traced and not yet ended: each holds its port.
     mini_sockets: u64,
     mini_sockets_peak: u64,
     /// The same, per owner pid (0: owner unknown).
-    held_by: HashMap<u32, u64>,
+    held_by: FxHashMap<u32, u64>,
     /// Ephemeral ports held by mini-sockets, per local address and
     /// destination: what runs a client out of ports toward one server.
     held_by_route: HashMap<Route, u64>,
@@ -45,10 +48,10 @@ pub struct TeardownModel {
     time_wait_skipped: u64,
     /// Orphaned mini-sockets still in FIN_WAIT2 as far as traced, by timer:
     /// their birth. The move to TIME_WAIT may have happened untraced.
-    orphans: HashMap<u64, Transition>,
+    orphans: FxHashMap<u64, Transition>,
     /// Orphans whose move to TIME_WAIT was found by asking the kernel: when
     /// their TIME_WAIT began.
-    resolved: HashMap<u64, u64>,
+    resolved: FxHashMap<u64, u64>,
 }
 
 /// A local address and the destination its ephemeral ports point to, in
@@ -80,15 +83,15 @@ impl TeardownModel {
     pub fn new(hz: Option<u64>) -> Self {
         Self {
             hz,
-            pending_cancels: HashMap::new(),
+            pending_cancels: FxHashMap::default(),
             mini_sockets: 0,
             mini_sockets_peak: 0,
-            held_by: HashMap::new(),
+            held_by: FxHashMap::default(),
             held_by_route: HashMap::new(),
             port_ranges: HashMap::new(),
             time_wait_skipped: 0,
-            orphans: HashMap::new(),
-            resolved: HashMap::new(),
+            orphans: FxHashMap::default(),
+            resolved: FxHashMap::default(),
         }
     }
 
@@ -117,7 +120,7 @@ impl TeardownModel {
     /// Mini-sockets alive now per owner pid: the ports each process holds
     /// in TIME_WAIT (or in an orphaned FIN_WAIT2 awaiting the peer's FIN).
     #[must_use]
-    pub fn held_by_pid(&self) -> &HashMap<u32, u64> {
+    pub fn held_by_pid(&self) -> &FxHashMap<u32, u64> {
         &self.held_by
     }
 
@@ -296,15 +299,22 @@ impl TeardownModel {
         min_age_ns: u64,
         limit: usize,
     ) -> Vec<(u64, Transition)> {
-        let mut found: Vec<(u64, Transition)> = self
+        // Pick by birth time first, clone only those picked: at high churn
+        // there are tens of thousands, and this runs every second.
+        let mut due: Vec<(u64, u64)> = self
             .orphans
             .iter()
             .filter(|(_, t)| t.ts_ns.saturating_add(min_age_ns) <= now_ns)
-            .map(|(id, t)| (*id, t.clone()))
+            .map(|(id, t)| (t.ts_ns, *id))
             .collect();
-        found.sort_by_key(|(_, t)| t.ts_ns);
-        found.truncate(limit);
-        found
+        if due.len() > limit {
+            due.select_nth_unstable(limit);
+            due.truncate(limit);
+        }
+        due.sort_unstable();
+        due.into_iter()
+            .filter_map(|(_, id)| Some((id, self.orphans.get(&id)?.clone())))
+            .collect()
     }
 
     /// The kernel says the orphan with timer `id` entered TIME_WAIT at

@@ -112,8 +112,8 @@ const MAX_LIVE: usize = 1 << 20;
 /// holding a port in another teardown state.
 #[derive(Debug, Default)]
 pub struct CloseCounter {
-    counts: HashMap<Route, u64>,
-    live: HashMap<u64, Route>,
+    counts: rustc_hash::FxHashMap<Route, u64>,
+    live: rustc_hash::FxHashMap<u64, Route>,
 }
 
 /// Per route: active closes so far, and ports held in other teardown
@@ -155,7 +155,7 @@ impl CloseCounter {
             *held_other.entry(*route).or_default() += 1;
         }
         RouteCounts {
-            closes: self.counts.clone(),
+            closes: self.counts.iter().map(|(r, n)| (*r, *n)).collect(),
             held_other,
         }
     }

@@ -132,7 +132,7 @@ pub struct Status {
     /// Features this kernel cannot give, one line each.
     pub warnings: Vec<String>,
     /// Mini-sockets alive per owner pid (see `TeardownModel::held_by_pid`).
-    pub held_by_pid: HashMap<u32, u64>,
+    pub held_by_pid: rustc_hash::FxHashMap<u32, u64>,
     /// Ephemeral ports held per route (see `TeardownModel::held_by_route`).
     pub held_by_route: HashMap<Route, u64>,
     /// Active closes and ports held in other teardown states, per route.
@@ -162,9 +162,11 @@ const FLUSH_EVERY: Duration = Duration::from_millis(25);
 /// How often loss counters are read for `Status`, and orphaned
 /// mini-sockets checked for an untraced move to TIME_WAIT.
 const STATUS_EVERY_NS: u64 = 1_000_000_000;
-/// Orphans asked about per second: each is one request to the kernel
-/// (~10 µs); the rest wait for the next second, or for their end.
-const ORPHANS_PER_CHECK: usize = 4096;
+/// Orphans asked about per second, at most: each is one request to the
+/// kernel (~10 µs), and the asking stops after `ORPHAN_BUDGET` (1 % of a
+/// CPU); the rest wait for the next second, or for their end.
+const ORPHANS_PER_CHECK: usize = 2048;
+const ORPHAN_BUDGET: Duration = Duration::from_millis(10);
 /// Orphans younger than this are not asked about yet: most peers close
 /// within it, and one request then settles them.
 const ORPHAN_MIN_AGE_NS: u64 = 100_000_000;
@@ -274,7 +276,9 @@ impl Pipeline {
             .iter()
             .map(|(_, t)| (t.netns, t.src, t.dst))
             .collect();
-        let answers = snapshot::time_wait_since(&queries);
+        // At the end of a run every orphan is asked about, however long.
+        let budget = (limit != usize::MAX).then_some(ORPHAN_BUDGET);
+        let answers = snapshot::time_wait_since(&queries, budget);
         for ((id, _), began) in orphans.iter().zip(answers) {
             if let Some(began) = began {
                 self.model.resolve_orphan(*id, began, &mut self.transitions);
@@ -313,13 +317,9 @@ impl Pipeline {
                 "sockets that predate twtrace in {unreadable} are not counted"
             ));
         }
-        let held: Vec<_> = taken
-            .sockets
-            .iter()
-            .filter(|s| self.snapshot_filter.matches(s))
-            .cloned()
-            .collect();
-        self.census.seed(&held);
+        let filter = &self.snapshot_filter;
+        self.census
+            .seed(taken.sockets.iter().filter(|s| filter.matches(s)));
         status.snapshot_seeded = true;
         // Shown at once, not a second later.
         status.now = self.census.now(sys::monotonic_ns(), LEAK_AGE_NS);

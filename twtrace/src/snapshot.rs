@@ -136,7 +136,12 @@ fn dump_here() -> anyhow::Result<NamespaceDump> {
 /// there now. Asked one by one (a few among many), inside each namespace;
 /// namespace 0 (unknown) is looked for in twtrace's own.
 #[must_use]
-pub fn time_wait_since(queries: &[(u32, SocketAddr, SocketAddr)]) -> Vec<Option<u64>> {
+pub fn time_wait_since(
+    queries: &[(u32, SocketAddr, SocketAddr)],
+    budget: Option<std::time::Duration>,
+) -> Vec<Option<u64>> {
+    let deadline = budget.map(|b| Instant::now() + b);
+    let in_time = || deadline.is_none_or(|d| Instant::now() < d);
     let mut answers = vec![None; queries.len()];
     let mut by_netns: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     for (i, (netns, _, _)) in queries.iter().enumerate() {
@@ -158,6 +163,7 @@ pub fn time_wait_since(queries: &[(u32, SocketAddr, SocketAddr)]) -> Vec<Option<
             };
             indices
                 .iter()
+                .take_while(|_| in_time())
                 .map(|&i| (i, began_time_wait(&lookup, queries[i].1, queries[i].2)))
                 .collect()
         };
