@@ -21,17 +21,46 @@ use crate::{
     snapshot::SocketNow,
 };
 
+/// One socket in the census. Compact: a host may hold a few hundred
+/// thousand sockets in TIME_WAIT.
 #[derive(Clone, Copy, Debug)]
 struct Resident {
-    state: TcpState,
-    owner: Option<Owner>,
-    /// Its network namespace's inode; 0 when unknown.
-    netns: u64,
     /// Kernel monotonic time the state began.
     since_ns: u64,
+    /// Seeded mini-sockets: when the kernel frees it; 0 for the others.
+    ends_ns: u64,
+    owner: Option<Owner>,
+    /// Its network namespace's inode; 0 when unknown.
+    netns: u32,
+    state: TcpState,
     since_exact: bool,
-    /// Seeded mini-sockets: when the kernel frees it.
-    ends_ns: Option<u64>,
+}
+
+/// One end of a connection: namespace, local and remote address, packed
+/// (IPv4 as IPv4-mapped IPv6) into 40 bytes rather than 72.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct SocketKey {
+    netns: u32,
+    src_port: u16,
+    dst_port: u16,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+impl SocketKey {
+    fn new(netns: u32, src: SocketAddr, dst: SocketAddr) -> Self {
+        let octets = |ip: std::net::IpAddr| match ip {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            std::net::IpAddr::V6(v6) => v6.octets(),
+        };
+        Self {
+            netns,
+            src_port: src.port(),
+            dst_port: dst.port(),
+            src: octets(src.ip()),
+            dst: octets(dst.ip()),
+        }
+    }
 }
 
 /// How many sockets sit in one state now, and the oldest one's age.
@@ -104,9 +133,6 @@ impl CensusNow {
     }
 }
 
-/// One end of a connection: namespace, local and remote address.
-type SocketKey = (u64, SocketAddr, SocketAddr);
-
 #[derive(Debug, Default)]
 pub struct Census {
     // Fx: a hash per transition on the hot path; the keys are the
@@ -130,8 +156,8 @@ impl Census {
         }
     }
 
-    fn key(&self, netns: u64, src: SocketAddr, dst: SocketAddr) -> SocketKey {
-        (if self.namespaces_known { netns } else { 0 }, src, dst)
+    fn key(&self, netns: u32, src: SocketAddr, dst: SocketAddr) -> SocketKey {
+        SocketKey::new(if self.namespaces_known { netns } else { 0 }, src, dst)
     }
 
     /// A snapshot is about to be taken (after tracing began).
@@ -143,7 +169,8 @@ impl Census {
     pub fn seed<'a>(&mut self, sockets: impl IntoIterator<Item = &'a SocketNow>) {
         let changed = self.changed_during_snapshot.take().unwrap_or_default();
         for s in sockets {
-            let key = self.key(s.netns, s.src, s.dst);
+            let netns = u32::try_from(s.netns).unwrap_or(0);
+            let key = self.key(netns, s.src, s.dst);
             // A transition seen since the snapshot began is fresher.
             if changed.contains(&key) {
                 continue;
@@ -151,10 +178,12 @@ impl Census {
             let resident = Resident {
                 state: s.state,
                 owner: s.owner,
-                netns: s.netns,
+                netns,
                 since_ns: s.seen_at_ns.saturating_sub(s.age_ns),
                 since_exact: s.age_exact,
-                ends_ns: s.remaining_ns.map(|r| s.seen_at_ns.saturating_add(r)),
+                ends_ns: s
+                    .remaining_ns
+                    .map_or(0, |r| s.seen_at_ns.saturating_add(r).max(1)),
             };
             self.sockets.insert(key, resident);
         }
@@ -163,7 +192,7 @@ impl Census {
     /// Follows one transition: into a teardown state it stays, anywhere
     /// else (CLOSE above all) it leaves.
     pub fn record(&mut self, t: &Transition) {
-        let key = self.key(u64::from(t.netns), t.src, t.dst);
+        let key = self.key(t.netns, t.src, t.dst);
         if let Some(changed) = &mut self.changed_during_snapshot {
             changed.insert(key);
         }
@@ -179,10 +208,10 @@ impl Census {
             Resident {
                 state: t.new,
                 owner,
-                netns: u64::from(t.netns),
+                netns: t.netns,
                 since_ns: t.ts_ns,
                 since_exact: true,
-                ends_ns: None,
+                ends_ns: 0,
             },
         );
     }
@@ -190,7 +219,7 @@ impl Census {
     /// Lets seeded mini-sockets whose timer ran out go.
     pub fn expire(&mut self, now_ns: u64) {
         self.sockets
-            .retain(|_, r| r.ends_ns.is_none_or(|end| end > now_ns));
+            .retain(|_, r| r.ends_ns == 0 || r.ends_ns > now_ns);
     }
 
     #[must_use]
@@ -215,7 +244,7 @@ impl Census {
                 .or_default()
                 .add(age, r.since_exact);
             out.by_netns
-                .entry(r.netns)
+                .entry(u64::from(r.netns))
                 .or_default()
                 .entry(r.state)
                 .or_default()

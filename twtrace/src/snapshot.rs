@@ -92,9 +92,12 @@ pub fn take() -> Snapshot {
     };
     for ns in &namespaces {
         match netns::read_in(ns, dump_here) {
-            Ok(Ok(dump)) => snapshot
-                .sockets
-                .extend(describe(ns.inode, &dump, &processes)),
+            Ok(Ok(dump)) => {
+                snapshot.sockets.reserve(dump.sockets.len());
+                snapshot
+                    .sockets
+                    .extend(describe(ns.inode, &dump, &processes));
+            }
             Ok(Err(e)) => snapshot
                 .unreadable
                 .push(format!("{}: {e:#}", ns.path.display())),
