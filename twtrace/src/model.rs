@@ -594,6 +594,25 @@ mod tests {
     }
 
     #[test]
+    fn the_same_loopback_route_in_two_namespaces_is_two_routes() {
+        let mut model = TeardownModel::new(Some(HZ));
+        let mut out = Vec::new();
+        for netns in [11, 22] {
+            model.set_port_range(netns, (32768, 60999));
+            let mut birth = transition(TcpState::FinWait2, TcpState::TimeWait, MS, MS);
+            birth.src = "127.0.0.1:40000".parse().unwrap();
+            birth.netns = u32::try_from(netns).unwrap();
+            model.push(
+                tw_event(EventKind::TwBirth, birth, 0, TcpState::TimeWait),
+                &mut out,
+            );
+        }
+        let routes: Vec<u64> = model.held_by_route().keys().map(|r| r.netns).collect();
+        assert_eq!(routes.len(), 2, "{routes:?}");
+        assert!(routes.contains(&11) && routes.contains(&22));
+    }
+
+    #[test]
     fn cancel_alone_is_an_early_end_after_the_grace_period() {
         let cancel = transition(TcpState::TimeWait, TcpState::Close, 3_000 * MS, 2_000 * MS);
         let mut model = TeardownModel::new(Some(HZ));
