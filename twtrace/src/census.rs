@@ -239,22 +239,12 @@ impl Census {
         let mut out = CensusNow::default();
         for r in self.sockets.values() {
             let age = now_ns.saturating_sub(r.since_ns);
-            out.states
-                .entry(r.state)
-                .or_default()
-                .add(age, r.since_exact);
-            out.by_netns
-                .entry(u64::from(r.netns))
-                .or_default()
-                .entry(r.state)
-                .or_default()
-                .add(age, r.since_exact);
-            out.by_owner
-                .entry(OwnerKey::of_owner(r.owner))
-                .or_default()
-                .entry(r.state)
-                .or_default()
-                .add(age, r.since_exact);
+            let count = |states: &mut BTreeMap<TcpState, InStateNow>| {
+                states.entry(r.state).or_default().add(age, r.since_exact);
+            };
+            count(&mut out.states);
+            count(out.by_netns.entry(u64::from(r.netns)).or_default());
+            count(out.by_owner.entry(OwnerKey::of_owner(r.owner)).or_default());
             if age > threshold_ns {
                 *out.older_than.entry(r.state).or_default() += 1;
             }

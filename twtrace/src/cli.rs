@@ -60,26 +60,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct SocketsArgs {
-    /// Only sockets owned by this process (tgid). Repeatable.
-    #[arg(long = "pid", value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
-    pub pids: Vec<u32>,
-
-    /// Only sockets with this local or remote port. Repeatable.
-    #[arg(long = "port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
-    pub ports: Vec<u16>,
-
-    /// IPv4 only.
-    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
-    pub ipv4: bool,
-
-    /// IPv6 only.
-    #[arg(short = '6', long = "ipv6")]
-    pub ipv6: bool,
-
-    /// Only sockets of this network namespace: its inode, its name
-    /// (`ip netns list`) or `pid:N`.
-    #[arg(long, value_name = "NETNS")]
-    pub netns: Option<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
 
     /// Only this state (FIN_WAIT1, FIN_WAIT2, CLOSING, TIME_WAIT,
     /// CLOSE_WAIT, LAST_ACK; any case, `-` or `_`). Repeatable.

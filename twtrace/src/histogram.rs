@@ -145,6 +145,45 @@ impl StateStats {
     }
 }
 
+impl StateStats {
+    /// The row every table of states prints: state, entered, left, now,
+    /// the oldest's age (`≤`: an upper bound), then min, p50, p90, p99,
+    /// p99.9 and max of those that left (`-` while none has).
+    #[must_use]
+    pub fn cells(&self) -> [String; 11] {
+        let left = |ns| {
+            if self.count == 0 {
+                "-".to_owned()
+            } else {
+                crate::units::duration(ns)
+            }
+        };
+        let oldest = match (self.now, self.oldest_now_exact) {
+            (0, _) => "-".to_owned(),
+            (_, true) => crate::units::duration(self.oldest_now_ns),
+            (_, false) => format!("≤{}", crate::units::duration(self.oldest_now_ns)),
+        };
+        [
+            self.state.to_owned(),
+            self.entered.to_string(),
+            self.count.to_string(),
+            self.now.to_string(),
+            oldest,
+            left(self.min_ns),
+            left(self.p50_ns),
+            left(self.p90_ns),
+            left(self.p99_ns),
+            left(self.p999_ns),
+            left(self.max_ns),
+        ]
+    }
+}
+
+/// The titles of `StateStats::cells`.
+pub const STATE_COLUMNS: [&str; 11] = [
+    "STATE", "ENTERED", "LEFT", "NOW", "OLDEST", "MIN", "P50", "P90", "P99", "P99.9", "MAX",
+];
+
 /// The process a socket belonged to; pid 0 for "not known".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct OwnerKey {

@@ -16,18 +16,15 @@ pub const EXIT_FOUND_OLD: u8 = 4;
 
 pub fn run(args: &SocketsArgs) -> anyhow::Result<Outcome> {
     let filter = SocketFilter {
-        pids: args.pids.clone(),
-        ports: args.ports.clone(),
-        ipv4: match (args.ipv4, args.ipv6) {
-            (true, _) => Some(true),
-            (_, true) => Some(false),
-            _ => None,
-        },
+        pids: args.filter.pids.clone(),
+        ports: args.filter.ports.clone(),
+        ipv4: args.filter.family().map(|f| f == crate::loader::Family::V4),
         states: args.states.clone(),
         older_than_ns: args
             .older_than
             .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
         netns: args
+            .filter
             .netns
             .as_deref()
             .map(crate::netns::resolve)

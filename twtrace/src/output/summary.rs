@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use crate::{
     census::CensusNow,
-    histogram::{OwnerKey, OwnerStats, StateStats, TeardownStats},
+    histogram::{OwnerKey, OwnerStats, STATE_COLUMNS, StateStats, TeardownStats},
     loader::LossReport,
     session::{SessionEnd, TimeWaitTally},
     units,
@@ -286,45 +286,19 @@ fn namespaces(stats: &TeardownStats, now: &CensusNow) -> Vec<NamespaceReport> {
 const TEXT_PROCESSES: usize = 20;
 
 fn write_state_header(out: &mut impl Write, prefix: &str) -> io::Result<()> {
-    writeln!(
-        out,
-        "{prefix}{:<11} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "STATE", "ENTERED", "LEFT", "NOW", "OLDEST", "MIN", "P50", "P90", "P99", "P99.9", "MAX"
-    )
-}
-
-/// The oldest socket's age in the state now; `≤` when an upper bound.
-fn oldest(s: &StateStats) -> String {
-    match (s.now, s.oldest_now_exact) {
-        (0, _) => "-".to_owned(),
-        (_, true) => units::duration(s.oldest_now_ns),
-        (_, false) => format!("≤{}", units::duration(s.oldest_now_ns)),
-    }
+    write_cells(out, prefix, &STATE_COLUMNS.map(str::to_owned))
 }
 
 fn write_state_row(out: &mut impl Write, prefix: &str, s: &StateStats) -> io::Result<()> {
-    // No socket has left the state yet: no distribution to show.
-    let left = |ns| {
-        if s.count == 0 {
-            "-".to_owned()
-        } else {
-            units::duration(ns)
-        }
-    };
+    write_cells(out, prefix, &s.cells())
+}
+
+/// One line of a states table: the state left-aligned, numbers right.
+fn write_cells(out: &mut impl Write, prefix: &str, c: &[String; 11]) -> io::Result<()> {
     writeln!(
         out,
         "{prefix}{:<11} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        s.state,
-        s.entered,
-        s.count,
-        s.now,
-        oldest(s),
-        left(s.min_ns),
-        left(s.p50_ns),
-        left(s.p90_ns),
-        left(s.p99_ns),
-        left(s.p999_ns),
-        left(s.max_ns),
+        c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10]
     )
 }
 

@@ -506,36 +506,9 @@ fn render_detail(
         Paragraph::new(forecasts).block(Block::bordered().title(" ports at risk (all processes) ")),
         ports_area,
     );
-    let header = Row::new([
-        "STATE", "ENTERED", "LEFT", "NOW", "OLDEST", "MIN", "P50", "P90", "P99", "P99.9", "MAX",
-    ])
-    .style(Style::new().add_modifier(Modifier::BOLD));
-    let body = row.states.iter().map(|s| {
-        let left = |ns| {
-            if s.count == 0 {
-                "-".to_owned()
-            } else {
-                units::duration(ns)
-            }
-        };
-        Row::new([
-            s.state.to_owned(),
-            s.entered.to_string(),
-            s.count.to_string(),
-            s.now.to_string(),
-            if s.now == 0 {
-                "-".to_owned()
-            } else {
-                units::duration(s.oldest_now_ns)
-            },
-            left(s.min_ns),
-            left(s.p50_ns),
-            left(s.p90_ns),
-            left(s.p99_ns),
-            left(s.p999_ns),
-            left(s.max_ns),
-        ])
-    });
+    let header =
+        Row::new(crate::histogram::STATE_COLUMNS).style(Style::new().add_modifier(Modifier::BOLD));
+    let body = row.states.iter().map(|s| Row::new(s.cells()));
     let widths = [Constraint::Length(11)]
         .into_iter()
         .chain(std::iter::repeat_n(Constraint::Length(9), 10));
