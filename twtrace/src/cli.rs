@@ -83,17 +83,9 @@ pub struct SocketsArgs {
 
 /// A state a socket can sit in while torn down.
 pub fn parse_teardown_state(text: &str) -> Result<crate::event::TcpState, String> {
-    use crate::event::TcpState;
     let name = text.trim().to_ascii_uppercase().replace('-', "_");
-    [
-        TcpState::FinWait1,
-        TcpState::FinWait2,
-        TcpState::Closing,
-        TcpState::TimeWait,
-        TcpState::CloseWait,
-        TcpState::LastAck,
-    ]
-    .into_iter()
+    crate::histogram::TEARDOWN_STATES
+        .into_iter()
     .find(|s| s.name() == name)
     .ok_or_else(|| {
         format!(
