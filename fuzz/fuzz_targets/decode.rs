@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 use twtrace::{event, model::TeardownModel};
 
 fuzz_target!(|data: &[u8]| {
-    let mut model = TeardownModel::new(Some(250)).with_port_range(Some((32768, 60999)));
+    let mut model = TeardownModel::new(Some(250));
     let mut out = Vec::new();
     // The input is a run of records, each prefixed by its length byte, so
     // the model sees sequences (births, cancels, re-arms of one socket).
@@ -17,9 +17,18 @@ fuzz_target!(|data: &[u8]| {
         let len = usize::from(len).min(tail.len());
         let (record, next) = tail.split_at(len);
         if let Ok(event) = event::decode(record) {
+            // As the session does at a namespace's first event.
+            let netns = u64::from(event.transition.netns);
+            if !model.knows_namespace(netns) {
+                model.set_port_range(netns, (32768, 60999));
+            }
             model.push(event, &mut out);
         }
         rest = next;
+    }
+    // The kernel's word on orphans, at times the records themselves chose.
+    for (id, birth) in model.unresolved_orphans(u64::MAX / 4, 0, 64) {
+        model.resolve_orphan(id, birth.ts_ns.wrapping_mul(3) / 2, &mut out);
     }
     model.flush(u64::MAX / 2, &mut out);
     model.finish(&mut out);

@@ -38,16 +38,30 @@ pub fn run(tools: &Tools, seconds: u64) -> anyhow::Result<()> {
         std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
     ))?;
     let fuzz_dir = workspace_root().join("fuzz");
+    let cargo_fuzz = |args: &[&str]| {
+        let mut command = Command::new("rustup");
+        command
+            .args(["run", &tools.toolchain, "cargo", "fuzz"])
+            .args(args)
+            .current_dir(&fuzz_dir)
+            .env("PATH", &path)
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC")
+            .env_remove("CARGO");
+        command
+    };
+    // Built first, on its own: a target that no longer compiles is not a
+    // crash the fuzzer found.
+    eprintln!("xtask: building the fuzz target");
+    if !cargo_fuzz(&["build", "decode"])
+        .status()
+        .context("running cargo fuzz build")?
+        .success()
+    {
+        bail!("the fuzz target does not build (fuzz/fuzz_targets/decode.rs)");
+    }
     eprintln!("xtask: fuzzing the decoder for {seconds} s");
-    let status = Command::new("rustup")
-        .args(["run", &tools.toolchain, "cargo", "fuzz", "run", "decode"])
-        .arg("--")
-        .arg(format!("-max_total_time={seconds}"))
-        .current_dir(&fuzz_dir)
-        .env("PATH", path)
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("RUSTC")
-        .env_remove("CARGO")
+    let status = cargo_fuzz(&["run", "decode", "--", &format!("-max_total_time={seconds}")])
         .status()
         .context("running cargo fuzz")?;
     if !status.success() {
