@@ -35,8 +35,6 @@ pub struct TeardownModel {
     /// while traced and not yet ended: each holds its port.
     mini_sockets: u64,
     mini_sockets_peak: u64,
-    /// The same, per owner pid (0: owner unknown).
-    held_by: FxHashMap<u32, u64>,
     /// Ephemeral ports held by mini-sockets, per local address and
     /// destination: what runs a client out of ports toward one server.
     held_by_route: HashMap<Route, u64>,
@@ -86,7 +84,6 @@ impl TeardownModel {
             pending_cancels: FxHashMap::default(),
             mini_sockets: 0,
             mini_sockets_peak: 0,
-            held_by: FxHashMap::default(),
             held_by_route: HashMap::new(),
             port_ranges: HashMap::new(),
             time_wait_skipped: 0,
@@ -107,7 +104,10 @@ impl TeardownModel {
         self.port_ranges.contains_key(&netns)
     }
 
-    fn route_of(&self, t: &Transition) -> Option<Route> {
+    /// The route of a transition's socket, by its namespace's port range
+    /// (the one rule for "this local port is ephemeral").
+    #[must_use]
+    pub fn route_of(&self, t: &Transition) -> Option<Route> {
         Route::of(t, self.port_ranges.get(&u64::from(t.netns)).copied())
     }
 
@@ -115,13 +115,6 @@ impl TeardownModel {
     #[must_use]
     pub fn held_by_route(&self) -> &HashMap<Route, u64> {
         &self.held_by_route
-    }
-
-    /// Mini-sockets alive now per owner pid: the ports each process holds
-    /// in TIME_WAIT (or in an orphaned FIN_WAIT2 awaiting the peer's FIN).
-    #[must_use]
-    pub fn held_by_pid(&self) -> &FxHashMap<u32, u64> {
-        &self.held_by
     }
 
     /// Mini-sockets alive now, and the most alive at once so far.
@@ -163,10 +156,6 @@ impl TeardownModel {
                 {
                     self.end_cancelled(ended, out);
                 }
-                *self
-                    .held_by
-                    .entry(owner_pid(&event.transition))
-                    .or_default() += 1;
                 if let Some(route) = self.route_of(&event.transition) {
                     *self.held_by_route.entry(route).or_default() += 1;
                 }
@@ -241,13 +230,6 @@ impl TeardownModel {
 
     fn end(&mut self, event: KernelEvent, end: TwEnd, out: &mut Vec<Transition>) {
         self.mini_sockets = self.mini_sockets.saturating_sub(1);
-        let pid = owner_pid(&event.transition);
-        if let Some(held) = self.held_by.get_mut(&pid) {
-            *held = held.saturating_sub(1);
-            if *held == 0 {
-                self.held_by.remove(&pid);
-            }
-        }
         if let Some(route) = self.route_of(&event.transition)
             && let Some(held) = self.held_by_route.get_mut(&route)
         {
@@ -363,10 +345,6 @@ impl TeardownModel {
         let ns = ns.max(lower).min(i128::from(end_ns));
         u64::try_from(ns).ok()
     }
-}
-
-fn owner_pid(t: &Transition) -> u32 {
-    t.owner.as_ref().map_or(0, |o| o.pid)
 }
 
 #[cfg(test)]
@@ -575,7 +553,6 @@ mod tests {
             &mut out,
         );
         assert_eq!(model.mini_sockets(), (2, 3));
-        assert_eq!(model.held_by_pid().get(&7), Some(&2));
         // Without a port range no route is counted.
         assert!(model.held_by_route().is_empty());
         let mut model = TeardownModel::new(Some(HZ));

@@ -125,13 +125,11 @@ pub struct RouteCounts {
 }
 
 impl CloseCounter {
-    /// Follows one transition; `ephemeral` is its namespace's port range.
-    pub fn record(&mut self, t: &crate::event::Transition, ephemeral: Option<(u16, u16)>) {
+    /// Follows one transition of a socket on `route` (the model's
+    /// `route_of`: only ephemeral local ports have one).
+    pub fn record(&mut self, t: &crate::event::Transition, route: Route) {
         use crate::event::TcpState::{
             Close, CloseWait, Closing, FinWait1, FinWait2, LastAck, TimeWait,
-        };
-        let Some(route) = Route::of(t, ephemeral) else {
-            return;
         };
         if t.close_side() == Some(crate::event::CloseSide::Active) {
             *self.counts.entry(route).or_default() += 1;
@@ -274,6 +272,13 @@ mod tests {
         );
     }
 
+    /// As the session does: only sockets with a route are counted.
+    fn record(c: &mut CloseCounter, t: &crate::event::Transition, range: Option<(u16, u16)>) {
+        if let Some(route) = Route::of(t, range) {
+            c.record(t, route);
+        }
+    }
+
     fn settings(tw_reuse: u64) -> PortSettings {
         PortSettings {
             port_range: (32768, 60999),
@@ -342,13 +347,15 @@ mod tests {
         let mut c = CloseCounter::default();
         let range = Some((32768, 60999));
         for _ in 0..20 {
-            c.record(
+            record(
+                &mut c,
                 &t("127.0.0.1:40000", TcpState::Established, TcpState::FinWait1),
                 range,
             );
         }
         // Passive closes and non-ephemeral local ports do not count.
-        c.record(
+        record(
+            &mut c,
             &t(
                 "127.0.0.1:40000",
                 TcpState::Established,
@@ -356,7 +363,8 @@ mod tests {
             ),
             range,
         );
-        c.record(
+        record(
+            &mut c,
             &t("127.0.0.1:80", TcpState::Established, TcpState::FinWait1),
             range,
         );
@@ -373,11 +381,13 @@ mod tests {
         assert_eq!(out[0].held, 15);
         // One socket (sock_id 0) is still in CLOSE_WAIT: it holds a port.
         assert_eq!(out[0].held_other, 1);
-        c.record(
+        record(
+            &mut c,
             &t("127.0.0.1:40000", TcpState::CloseWait, TcpState::LastAck),
             range,
         );
-        c.record(
+        record(
+            &mut c,
             &t("127.0.0.1:40000", TcpState::LastAck, TcpState::Close),
             range,
         );

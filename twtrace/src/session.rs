@@ -131,8 +131,8 @@ pub struct Status {
     pub time_wait_tracking: bool,
     /// Features this kernel cannot give, one line each.
     pub warnings: Vec<String>,
-    /// Mini-sockets alive per owner pid (see `TeardownModel::held_by_pid`).
-    pub held_by_pid: rustc_hash::FxHashMap<u32, u64>,
+    /// Mini-sockets born while traced and alive now.
+    pub mini_sockets: u64,
     /// Ephemeral ports held per route (see `TeardownModel::held_by_route`).
     pub held_by_route: HashMap<Route, u64>,
     /// Active closes and ports held in other teardown states, per route.
@@ -252,14 +252,6 @@ impl Pipeline {
         } else {
             // Unknown range: no routes for it, and no second attempt.
             self.model.set_port_range(netns, (1, 0));
-        }
-    }
-
-    /// Follows the transitions' routes for the port forecasts.
-    fn count_routes(&mut self) {
-        for t in &self.transitions {
-            let range = self.settings.get(&u64::from(t.netns)).map(|s| s.port_range);
-            self.routes.record(t, range);
         }
     }
 
@@ -401,17 +393,20 @@ impl Session {
     fn deliver(&mut self, now_ns: u64, consumer: &mut impl Consumer) -> anyhow::Result<()> {
         let pipeline = &mut self.pipeline;
         pipeline.model.flush(now_ns, &mut pipeline.transitions);
-        if now_ns.saturating_sub(self.status_read_ns) >= STATUS_EVERY_NS {
+        let status_due = now_ns.saturating_sub(self.status_read_ns) >= STATUS_EVERY_NS;
+        if status_due {
             pipeline.resolve_orphans(now_ns, ORPHAN_MIN_AGE_NS, ORPHANS_PER_CHECK);
         }
         self.events += pipeline.transitions.len() as u64;
-        pipeline.count_routes();
         for t in pipeline.transitions.drain(..) {
+            if let Some(route) = pipeline.model.route_of(&t) {
+                pipeline.routes.record(&t, route);
+            }
             pipeline.census.record(&t);
             consumer.transition(&t)?;
         }
         pipeline.seed_when_taken(&mut self.status);
-        if now_ns.saturating_sub(self.status_read_ns) >= STATUS_EVERY_NS {
+        if status_due {
             self.refresh_status()?;
             self.status_read_ns = now_ns;
         }
@@ -424,7 +419,7 @@ impl Session {
         let untracked = self.status.loss.tw_untracked_ends;
         self.status.time_wait.evictions = untracked.saturating_sub(self.tracer.tw_alive_at_start());
         self.status.time_wait.skipped = model.time_wait_skipped();
-        self.status.held_by_pid.clone_from(model.held_by_pid());
+        self.status.mini_sockets = model.mini_sockets().0;
         self.status.held_by_route.clone_from(model.held_by_route());
         self.status.route_counts = self.pipeline.routes.counts();
         self.status

@@ -200,7 +200,7 @@ impl Metrics {
     }
 
     pub fn update(&self, status: &Status) {
-        let held: u64 = status.held_by_pid.values().sum();
+        let held = status.mini_sockets;
         self.time_wait_now
             .set(i64::try_from(held).unwrap_or(i64::MAX));
         let loss = &status.loss;
