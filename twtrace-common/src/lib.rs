@@ -237,7 +237,9 @@ pub struct TwConfig {
     /// Non-zero when the raw `timer_start`'s second argument is
     /// `bucket_expiry` (kernels whose record has that field).
     pub raw_start_has_bucket: u8,
-    pub pad: [u8; 6],
+    /// The mini-socket's `skc_net` relative to `tw_timer`; 0: unknown.
+    pub net_from_timer: i16,
+    pub pad: [u8; 4],
 }
 
 impl TwConfig {
@@ -257,7 +259,8 @@ impl TwConfig {
         family_from_timer: 0,
         has_btf: 0,
         raw_start_has_bucket: 0,
-        pad: [0; 6],
+        net_from_timer: 0,
+        pad: [0; 4],
     };
 }
 

@@ -36,10 +36,17 @@ pub fn netns_of(sk: u64) -> u32 {
     if l.net == 0 {
         return 0;
     }
-    let Ok(net) = kread::<u64>(sk + u64::from(l.net)) else {
+    netns_at(sk + u64::from(l.net))
+}
+
+/// The namespace inode behind a `possible_net_t` (a socket's or a
+/// mini-socket's `skc_net`) at kernel address `net_field`; 0 if unreadable.
+#[inline(always)]
+pub fn netns_at(net_field: u64) -> u32 {
+    let Ok(net) = kread::<u64>(net_field) else {
         return 0;
     };
-    kread::<u32>(net + u64::from(l.net_inum)).unwrap_or(0)
+    kread::<u32>(net + u64::from(SOCK_LAYOUT.load().net_inum)).unwrap_or(0)
 }
 
 /// `CLOCK_MONOTONIC` nanoseconds.

@@ -19,7 +19,7 @@ use twtrace_common::{
 
 use crate::{
     emit::{self, InState, TimerFacts},
-    kernel::{atomic_add, bump, in_state, kread, netns_of, now_ns, read},
+    kernel::{atomic_add, bump, in_state, kread, netns_at, now_ns, read},
     maps::{FILTER, NESTING, PENDING_BIRTHS, SOCK_LAYOUT, TW_CONFIG, TW_SCRATCH, TWS},
     set_state::{SetState, passes_filters},
     twin,
@@ -541,24 +541,24 @@ fn forget_if_still(cfg: &TwConfig, scratch: &TwScratch) {
 
 /// Whether the end of a mini-socket without a record is this run's to
 /// count: its owner is unknown, so not under a pid filter; its ports and
-/// namespace are (read from the mini-socket, which begins with the same
-/// `sock_common` as a full socket).
+/// namespace are (read from the mini-socket, only under `--netns`).
 fn counts_untracked(cfg: &TwConfig, timer: u64, id: Identity) -> bool {
     let filter = FILTER.load();
-    let mini_socket = timer
-        .wrapping_add_signed(i64::from(cfg.family_from_timer))
-        .wrapping_sub(u64::from(SOCK_LAYOUT.load().family));
+    if filter.pids_enabled != 0 {
+        return false;
+    }
+    let netns = if filter.netns == 0 || cfg.net_from_timer == 0 {
+        0
+    } else {
+        netns_at(timer.wrapping_add_signed(i64::from(cfg.net_from_timer)))
+    };
     let owner = SockRecord {
         since_ns: 0,
         pid: 0,
-        netns: if filter.netns == 0 {
-            0
-        } else {
-            netns_of(mini_socket)
-        },
+        netns,
         comm: [0; 16],
     };
-    filter.pids_enabled == 0 && passes_filters(&filter, &owner, id.sport, id.dport)
+    passes_filters(&filter, &owner, id.sport, id.dport)
 }
 
 // Inlined: Linux 6.1's verifier caps the stack of a whole call chain at

@@ -263,6 +263,12 @@ fn timer_offsets(btf: &dyn StructLayouts, config: &mut TwConfig) -> anyhow::Resu
     // `tw_snd_nxt`: kept in the common part (a union member there).
     config.snd_nxt_from_timer =
         from_timer(common + btf.member_offset("sock_common", "skc_tw_snd_nxt")?)?;
+    // Only the `--netns` filter needs it, for mini-sockets without a record.
+    config.net_from_timer = btf
+        .member_offset("sock_common", "skc_net")
+        .ok()
+        .and_then(|net| from_timer(common + net).ok())
+        .unwrap_or(0);
     Ok(())
 }
 
@@ -330,6 +336,7 @@ mod tests {
         assert_eq!(facts.time_wait.start_bucket_expiry, 32);
         assert_eq!(facts.time_wait.raw_start_has_bucket, 1);
         assert!(facts.time_wait.snd_nxt_from_timer < 0);
+        assert!(facts.time_wait.net_from_timer < 0);
         assert_eq!(facts.time_wait.start_now, 40);
         assert_eq!(facts.time_wait.has_btf, 1);
         assert!(facts.time_wait.substate_from_timer < 0);
