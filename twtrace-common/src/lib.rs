@@ -196,12 +196,15 @@ pub struct PendingBirth {
 /// Claims per hook kind and CPU (see the kernel side's `twin`).
 pub const CLAIM_SLOTS: usize = 4;
 
-/// Hits a primary program claimed, that its twin has not taken back.
+/// Hits a primary program claimed, that its twin has not taken back, and
+/// which of the two programs is running on the CPU now.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Claims {
     pub next: u64,
     pub ids: [u64; CLAIM_SLOTS],
+    pub primary_running: u32,
+    pub twin_running: u32,
 }
 
 /// Where the TIME_WAIT machinery sits in this kernel, found at load time.

@@ -14,7 +14,8 @@ use crate::{
     emit::{self, InState},
     kernel::{bump, in_state, kread, now_ns, read},
     maps::{FILTER, FILTER_PIDS, FILTER_PORTS, SET_STATE_LAYOUT, SOCK_LAYOUT, SOCKS},
-    owner, timewait, twin,
+    owner, timewait,
+    twin::{self, Role},
 };
 
 /// The fields of one state change that twtrace uses.
@@ -45,19 +46,22 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 /// skip a classic tracepoint program whenever another runs on the CPU.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
-    twin::claim(twin::SET_STATE, hit(&ctx));
-    if try_raw(&ctx).is_err() {
-        bump(counter::READ_FAILED);
-    }
-    0
+    raw_hit(&ctx, Role::Primary)
 }
 
 /// The same, for the hits the kernel skipped the program above for.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state_twin(ctx: RawTracePointContext) -> i32 {
-    if twin::unclaimed(twin::SET_STATE, hit(&ctx)) && try_raw(&ctx).is_err() {
-        bump(counter::READ_FAILED);
-    }
+    raw_hit(&ctx, Role::Twin)
+}
+
+#[inline(always)]
+fn raw_hit(ctx: &RawTracePointContext, role: Role) -> i32 {
+    twin::run(twin::SET_STATE, role, hit(ctx), || {
+        if try_raw(ctx).is_err() {
+            bump(counter::READ_FAILED);
+        }
+    });
     0
 }
 

@@ -22,7 +22,7 @@ use crate::{
     kernel::{atomic_add, bump, in_state, kread, netns_at, now_ns, read},
     maps::{FILTER, NESTING, PENDING_BIRTHS, SOCK_LAYOUT, TW_CONFIG, TW_SCRATCH, TWS},
     set_state::{SetState, passes_filters},
-    twin,
+    twin::{self, Role},
 };
 
 /// Who a mini-socket is: its ports and the sequence number it sends next.
@@ -178,13 +178,6 @@ fn on_raw_start(ctx: &RawTracePointContext, cfg: &TwConfig, timer: u64) {
     on_start(ctx, cfg, timer, &facts, jiffies);
 }
 
-/// Which of a hook's two programs runs (`twin`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Primary,
-    Twin,
-}
-
 /// The body of every raw timer hook and its twin: only tw timers, and a
 /// twin only for the hits its primary was skipped for.
 #[inline(always)]
@@ -199,12 +192,7 @@ fn tw_hit(
     if !is_tw_timer(&cfg, timer) {
         return 0;
     }
-    match role {
-        Role::Primary => twin::claim(kind, timer),
-        Role::Twin if !twin::unclaimed(kind, timer) => return 0,
-        Role::Twin => {}
-    }
-    handle(ctx, &cfg, timer);
+    twin::run(kind, role, timer, || handle(ctx, &cfg, timer));
     0
 }
 

@@ -5,14 +5,22 @@
 //! state change in a task, say. At 100 000 connections pinned to one CPU
 //! that lost one TIME_WAIT birth in three thousand. Each hook is attached
 //! twice; the kernel runs the two back to back for every hit, and the
-//! twin acts only on a hit its primary did not claim: the primary claims
-//! every hit it runs for, at entry, in a small per-CPU ring (so a hit that
-//! lands between the primary and its twin of another hit keeps both
-//! claims apart), and the twin takes its claim back. A hit both skipped
-//! (an interrupt nested in an interrupt) stays a counted recursion miss:
-//! the primaries' misses less the twins' rescues.
+//! twin acts only on a hit its primary was skipped for.
+//!
+//! The kernel skips the primary for a hit exactly when the primary is
+//! running on the CPU beneath it, so the primary marks itself running and
+//! the twin acts whenever it finds that mark. The mark cannot cover the
+//! few instructions between the kernel's own guard and the program's
+//! first store, so the primary also claims every hit it runs for, at
+//! entry, in a small per-CPU ring; a twin that finds no mark acts on a
+//! hit nobody claimed and takes its primary's claim back otherwise. A
+//! primary running above a twin does not claim: the kernel will skip that
+//! twin, and the claim would stay behind to hide a later hit of the same
+//! socket and states (claims left that way lost 2–6 births in 100 000).
+//! A hit both skipped stays a counted recursion miss: the primaries'
+//! misses less the twins' rescues.
 
-use twtrace_common::counter;
+use twtrace_common::{Claims, counter};
 
 use crate::{kernel::bump, maps::CLAIMS};
 
@@ -22,44 +30,76 @@ pub const TIMER_START: u32 = 1;
 pub const TIMER_CANCEL: u32 = 2;
 pub const TIMER_EXPIRE: u32 = 3;
 
-/// The primary program claims the hit `id` (what the tracepoint says:
-/// the socket and its states, the timer).
+/// Which of a hook's two programs runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Twin,
+}
+
+/// Runs `body` for hit `id` (what the tracepoint says: the socket and its
+/// states, the timer) if this program is the one to handle it: always for
+/// the primary, for the twin only when its primary was skipped.
 #[inline(always)]
-pub fn claim(kind: u32, id: u64) {
-    if let Some(claims) = CLAIMS.get_ptr_mut(kind) {
-        // SAFETY: this CPU's slot from a successful lookup. An interrupt
-        // between the two writes can only run the twin (the primary is
-        // running), which reads and clears matching ids: it cannot match
-        // a slot being written for another hit.
-        let claims = unsafe { &mut *claims };
-        // A free slot first: hits nested in the gap between a primary and
-        // its twin must not push that hit's claim out of the ring.
-        if let Some(slot) = claims.ids.iter_mut().find(|slot| **slot == 0) {
-            *slot = id;
-            return;
+pub fn run(kind: u32, role: Role, id: u64, body: impl FnOnce()) {
+    let Some(claims) = CLAIMS.get_ptr_mut(kind) else {
+        // Cannot happen (the index is in range); the primary alone acts.
+        if role == Role::Primary {
+            body();
         }
-        // All taken (twins skipped, their claims stale): the oldest goes.
-        let at = (claims.next % CLAIM_SLOTS) as usize;
-        claims.next = claims.next.wrapping_add(1);
-        if let Some(slot) = claims.ids.get_mut(at) {
-            *slot = id;
+        return;
+    };
+    // SAFETY: this CPU's slot from a successful lookup. Only a program
+    // nested in this one (an interrupt) touches it meanwhile, and it is
+    // the other of the pair (the kernel skips this one): it sets and
+    // clears its own mark, and writes only whole claim slots, so no
+    // partial write is ever read as a match.
+    let claims = unsafe { &mut *claims };
+    match role {
+        Role::Primary => {
+            claims.primary_running = 1;
+            if claims.twin_running == 0 {
+                claim(claims, id);
+            }
+            body();
+            claims.primary_running = 0;
+        }
+        Role::Twin => {
+            claims.twin_running = 1;
+            if primary_skipped(claims, kind, id) {
+                body();
+            }
+            claims.twin_running = 0;
         }
     }
 }
 
-/// Whether the twin should handle hit `id`: not when its primary claimed
-/// it (the claim is taken back), yes when the primary was skipped.
+fn claim(claims: &mut Claims, id: u64) {
+    // A free slot first: hits nested in the gap between a primary and its
+    // twin must not push that hit's claim out of the ring.
+    if let Some(slot) = claims.ids.iter_mut().find(|slot| **slot == 0) {
+        *slot = id;
+        return;
+    }
+    // All taken (claims left behind): the oldest goes.
+    let at = (claims.next % CLAIM_SLOTS) as usize;
+    claims.next = claims.next.wrapping_add(1);
+    if let Some(slot) = claims.ids.get_mut(at) {
+        *slot = id;
+    }
+}
+
+/// Whether the kernel skipped the primary for this hit: it is running
+/// beneath the twin, or it never claimed the hit. A found claim is taken
+/// back.
 #[inline(always)]
-pub fn unclaimed(kind: u32, id: u64) -> bool {
-    let Some(claims) = CLAIMS.get_ptr_mut(kind) else {
-        return false;
-    };
-    // SAFETY: as in `claim`; clearing a matching slot is one store.
-    let claims = unsafe { &mut *claims };
-    for slot in &mut claims.ids {
-        if *slot == id {
-            *slot = 0;
-            return false;
+fn primary_skipped(claims: &mut Claims, kind: u32, id: u64) -> bool {
+    if claims.primary_running == 0 {
+        for slot in &mut claims.ids {
+            if *slot == id {
+                *slot = 0;
+                return false;
+            }
         }
     }
     bump(match kind {
