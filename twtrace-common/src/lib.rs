@@ -43,6 +43,10 @@ pub const IPPROTO_TCP: u16 = 6;
 /// state (it predates the tracer, or its record was evicted), so the time it
 /// spent there is unknown and `in_state_ns` is 0.
 pub const FLAG_IN_STATE_UNKNOWN: u32 = 1 << 0;
+/// `TransitionEvent::flags`, `SockRecord::flags`, `TwRecord::flags`: the
+/// socket was accepted from a listener, so its local port is the
+/// listener's, not an ephemeral port it holds for a `connect()`.
+pub const FLAG_ACCEPTED: u32 = 1 << 1;
 
 /// `TransitionEvent::kind`: what the kernel saw.
 pub mod kind {
@@ -278,6 +282,9 @@ pub struct SockRecord {
     /// Network namespace inode; 0 when unknown.
     pub netns: u32,
     pub comm: [u8; 16],
+    /// `FLAG_ACCEPTED` when twtrace saw it come from a listener.
+    pub flags: u32,
+    pub pad: u32,
 }
 
 /// Key of the listener map: a listening socket's local address and port.
@@ -495,7 +502,7 @@ const _: () = assert!(core::mem::size_of::<TransitionEvent>() == 136);
 const _: () = assert!(core::mem::size_of::<TwRecord>() == 104);
 const _: () = assert!(core::mem::size_of::<TwScratch>() == 64);
 const _: () = assert!(core::mem::size_of::<TwConfig>() == 40);
-const _: () = assert!(core::mem::size_of::<SockRecord>() == 32);
+const _: () = assert!(core::mem::size_of::<SockRecord>() == 40);
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 20);
 const _: () = assert!(core::mem::size_of::<SockLayout>() == 24);
 const _: () = assert!(core::mem::size_of::<BirthKey>() == 8);

@@ -7,7 +7,7 @@ use core::mem::MaybeUninit;
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::warn;
 use twtrace_common::{
-    PendingBirth, SockRecord, TransitionEvent, TwRecord, counter, kind, tcp_state,
+    FLAG_ACCEPTED, PendingBirth, SockRecord, TransitionEvent, TwRecord, counter, kind, tcp_state,
 };
 
 use crate::{
@@ -112,7 +112,7 @@ fn socket_event<C: EbpfContext>(
             tw_expires: timer.expires,
             tw_bucket_expiry: timer.bucket_expiry,
             pid: owner.pid,
-            flags: in_state.1,
+            flags: in_state.1 | (owner.flags & FLAG_ACCEPTED),
             sport: s.sport,
             dport: s.dport,
             family: s.family,
@@ -197,7 +197,7 @@ fn tw_event<C: EbpfContext>(
             tw_expires: facts.expires,
             tw_bucket_expiry: facts.bucket_expiry,
             pid: record.pid,
-            flags: in_state.1,
+            flags: in_state.1 | (record.flags & FLAG_ACCEPTED),
             sport: record.sport,
             dport: record.dport,
             family: record.family,

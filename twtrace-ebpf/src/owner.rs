@@ -6,7 +6,7 @@
 
 use aya_ebpf::{EbpfContext, macros::raw_tracepoint, programs::RawTracePointContext};
 use aya_log_ebpf::debug;
-use twtrace_common::{ListenerKey, SockRecord, counter, tcp_state};
+use twtrace_common::{FLAG_ACCEPTED, ListenerKey, SockRecord, counter, tcp_state};
 
 use crate::{
     kernel::{bump, current_comm, current_pid, netns_of},
@@ -65,6 +65,12 @@ pub fn of_new_socket(s: &SetState, owner_context: bool, now: u64) -> SockRecord 
         pid: 0,
         netns: netns_of(s.sock_id),
         comm: [0; 16],
+        flags: if s.old_state == tcp_state::LISTEN {
+            FLAG_ACCEPTED
+        } else {
+            0
+        },
+        pad: 0,
     };
     if owner_context {
         set_to_current(&mut record);
@@ -129,6 +135,8 @@ fn learn<C: EbpfContext>(ctx: &C, sock_id: u64) {
         pid: 0,
         netns: netns_of(sock_id),
         comm: [0; 16],
+        flags: 0,
+        pad: 0,
     };
     set_to_current(&mut record);
     if SOCKS.insert(sock_id, record, 0).is_err() {

@@ -13,8 +13,8 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use twtrace_common::{
-    BirthKey, FLAG_IN_STATE_UNKNOWN, HANDOVER_WINDOW_NS, MAX_NESTING, PendingBirth, SockRecord,
-    TwConfig, TwRecord, TwScratch, counter, kind, tcp_state,
+    BirthKey, FLAG_ACCEPTED, FLAG_IN_STATE_UNKNOWN, HANDOVER_WINDOW_NS, MAX_NESTING, PendingBirth,
+    SockRecord, TwConfig, TwRecord, TwScratch, counter, kind, tcp_state,
 };
 
 use crate::{
@@ -292,7 +292,7 @@ fn rearm<C: EbpfContext>(
     if old != facts.substate {
         record.substate = facts.substate;
         record.since_ns = now;
-        record.flags = 0;
+        record.flags &= FLAG_ACCEPTED;
     }
     if record.emit != 0 {
         emit::tw_rearm(ctx, record, timer, now, old, spent, facts);
@@ -411,7 +411,7 @@ fn tw_record(
         family: s.family,
         substate,
         emit: 1,
-        flags: in_state(since_ns, now).1,
+        flags: in_state(since_ns, now).1 | (sock.flags & FLAG_ACCEPTED),
         comm: sock.comm,
         snd_nxt: 0,
         netns: sock.netns,
@@ -545,6 +545,8 @@ fn counts_untracked(cfg: &TwConfig, timer: u64, id: Identity) -> bool {
         pid: 0,
         netns,
         comm: [0; 16],
+        flags: 0,
+        pad: 0,
     };
     passes_filters(&filter, &owner, id.sport, id.dport)
 }

@@ -292,6 +292,7 @@ mod tests {
             in_state_ns: None,
             end: None,
             netns: 0,
+            accepted: false,
         }
     }
 

@@ -9,7 +9,9 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use twtrace_common::{AF_INET, AF_INET6, FLAG_IN_STATE_UNKNOWN, TransitionEvent, kind, tcp_state};
+use twtrace_common::{
+    AF_INET, AF_INET6, FLAG_ACCEPTED, FLAG_IN_STATE_UNKNOWN, TransitionEvent, kind, tcp_state,
+};
 
 /// A TCP state, named as the kernel names it, without the `TCP_` prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -235,6 +237,9 @@ pub struct Transition {
     pub end: Option<TwEnd>,
     /// The socket's network namespace inode; 0 when the kernel did not say.
     pub netns: u32,
+    /// Accepted from a listener (twtrace saw it): its local port is the
+    /// listener's, never an ephemeral port held for a `connect()`.
+    pub accepted: bool,
 }
 
 impl Transition {
@@ -346,6 +351,7 @@ pub fn from_raw(raw: &TransitionEvent) -> Result<KernelEvent, DecodeError> {
             in_state_ns: (raw.flags & FLAG_IN_STATE_UNKNOWN == 0).then_some(raw.in_state_ns),
             end: None,
             netns: raw.netns,
+            accepted: raw.flags & FLAG_ACCEPTED != 0,
         },
         tw,
     })

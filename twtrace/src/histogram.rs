@@ -283,6 +283,7 @@ mod tests {
             in_state_ns: ns,
             end: None,
             netns: 0,
+            accepted: false,
         }
     }
 

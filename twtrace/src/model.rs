@@ -64,9 +64,13 @@ pub struct Route {
 
 impl Route {
     /// The route of a socket whose local port is ephemeral (in its
-    /// namespace's range), else `None`.
+    /// namespace's range, and not a listener's that it was accepted on),
+    /// else `None`.
     #[must_use]
     pub fn of(t: &Transition, ephemeral: Option<(u16, u16)>) -> Option<Self> {
+        if t.accepted {
+            return None;
+        }
         let (low, high) = ephemeral?;
         (low..=high).contains(&t.src.port()).then_some(Self {
             netns: u64::from(t.netns),
@@ -370,6 +374,7 @@ mod tests {
             in_state_ns: Some(in_state_ns),
             end: None,
             netns: 0,
+            accepted: false,
         }
     }
 
@@ -568,6 +573,26 @@ mod tests {
             remote: "127.0.0.1:80".parse().unwrap(),
         };
         assert_eq!(model.held_by_route().get(&route), Some(&1));
+    }
+
+    #[test]
+    fn a_server_closing_first_on_a_listener_in_the_ephemeral_range_holds_no_route() {
+        // A listener bound to port 0 gets a port from the ephemeral range;
+        // its accepted sockets hold no port a connect() could want, and
+        // every client's port would otherwise be a route of its own.
+        let mut model = TeardownModel::new(Some(HZ));
+        let mut out = Vec::new();
+        model.set_port_range(0, (32768, 60999));
+        let mut birth = transition(TcpState::FinWait2, TcpState::TimeWait, MS, MS);
+        birth.accepted = true;
+        assert_eq!(model.route_of(&birth), None);
+        model.push(
+            tw_event(EventKind::TwBirth, birth.clone(), 0, TcpState::TimeWait),
+            &mut out,
+        );
+        assert!(model.held_by_route().is_empty());
+        birth.accepted = false;
+        assert!(model.route_of(&birth).is_some());
     }
 
     #[test]

@@ -343,6 +343,7 @@ mod tests {
             in_state_ns: None,
             end: None,
             netns: 0,
+            accepted: false,
         };
         let mut c = CloseCounter::default();
         let range = Some((32768, 60999));

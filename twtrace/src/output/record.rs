@@ -250,6 +250,7 @@ mod tests {
                 in_state_ns: Some(ms * MS),
                 end: None,
                 netns: 0,
+                accepted: false,
             });
         }
         stats

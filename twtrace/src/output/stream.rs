@@ -126,6 +126,7 @@ mod tests {
             in_state_ns: Some(200_000_000),
             end: None,
             netns: 0,
+            accepted: false,
         }
     }
 

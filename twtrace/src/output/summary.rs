@@ -330,6 +330,7 @@ mod tests {
                 in_state_ns: Some(ms * 1_000_000),
                 end: None,
                 netns: 0,
+                accepted: false,
             });
         }
         SummaryReport::new(

@@ -424,6 +424,7 @@ mod tests {
             in_state_ns: Some(ns),
             end: None,
             netns: 0,
+            accepted: false,
         }
     }
 

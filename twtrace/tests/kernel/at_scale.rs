@@ -111,11 +111,13 @@ fn at_scale_time_wait_now_matches_sockstat_through_two_lifetimes() {
     });
     let samples = seen;
     eprintln!(
-        "{} samples, last {:?}; twtrace: {} births, {} ends",
+        "{} samples, last {:?}; twtrace: {} births, {} ends; {:?} {:?}",
         samples.len(),
         samples.last(),
         count.births,
-        count.ends
+        count.ends,
+        end.loss,
+        end.time_wait
     );
     assert!(samples.len() >= 100, "too few samples: {}", samples.len());
     for s in &samples {
