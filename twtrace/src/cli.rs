@@ -161,12 +161,11 @@ impl FilterArgs {
 /// Kernel-side capacities.
 #[derive(Debug, Args, Clone)]
 pub struct CapacityArgs {
-    /// Ring buffer size in KiB (a power of two). Raise it if events are lost.
-    // 4 MiB: TIME_WAIT sockets expire in bursts (a timer-wheel bucket at
-    // a time, in one softirq, thousands at 2000 closes/s) that 256 KiB
-    // could not hold (measured by the soak: 4 % lost).
-    #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
-    pub ring_kib: u32,
+    /// Ring buffer size in KiB (a power of two). By default room for the
+    /// ends of a quarter of the TIME_WAIT capacity at once (the kernel
+    /// expires them in bursts), 4 to 64 MiB. Raise it if events are lost.
+    #[arg(long, value_name = "KIB", value_parser = parse_ring_kib)]
+    pub ring_kib: Option<u32>,
 
     /// Sockets the kernel remembers owners and timestamps for (LRU).
     #[arg(long, value_name = "N", default_value_t = twtrace_common::DEFAULT_MAX_SOCKETS,

@@ -78,7 +78,7 @@ pub fn tracer_options(
         ports: filter.ports.clone(),
         family: filter.family(),
         all_states,
-        ring_bytes: capacity.ring_kib * 1024,
+        ring_bytes: capacity.ring_kib.map(|kib| kib * 1024),
         max_sockets: capacity.max_sockets,
         max_time_wait: capacity.max_time_wait,
         kernel_log,

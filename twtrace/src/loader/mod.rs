@@ -44,8 +44,9 @@ pub struct TracerOptions {
     pub family: Option<Family>,
     /// Stream every transition, not only those into teardown states.
     pub all_states: bool,
-    /// Ring buffer size in bytes: a power of two, at least one page.
-    pub ring_bytes: u32,
+    /// Ring buffer size in bytes: a power of two, at least one page;
+    /// `None` sizes it from the TIME_WAIT capacity (`ring_bytes_for`).
+    pub ring_bytes: Option<u32>,
     /// Capacity of the per-socket record map.
     pub max_sockets: u32,
     /// Most TIME_WAIT mini-sockets followed at once (a cap on the sum of
@@ -68,7 +69,7 @@ impl Default for TracerOptions {
             ports: Vec::new(),
             family: None,
             all_states: false,
-            ring_bytes: 4096 * 1024,
+            ring_bytes: None,
             max_sockets: DEFAULT_MAX_SOCKETS,
             max_time_wait: DEFAULT_MAX_TW,
             kernel_log: None,
@@ -344,6 +345,9 @@ fn load(options: &TracerOptions, facts: &KernelFacts) -> anyhow::Result<Ebpf> {
         None | Some(log::LevelFilter::Off) => 0,
         Some(level) => level as u8,
     };
+    let ring_bytes = options
+        .ring_bytes
+        .unwrap_or_else(|| ring_bytes_for(facts.tw_capacity));
     let followed = if options.follow_forks {
         FOLLOWED_PIDS
     } else {
@@ -361,15 +365,29 @@ fn load(options: &TracerOptions, facts: &KernelFacts) -> anyhow::Result<Ebpf> {
         .override_global(aya_log::LEVEL, &log_level, false)
         .override_global(
             names::GLOBAL_WAKEUP_AT_BYTES,
-            &u64::from(options.ring_bytes / 4),
+            &u64::from(ring_bytes / 4),
             true,
         )
-        .map_max_entries(names::EVENTS, options.ring_bytes)
+        .map_max_entries(names::EVENTS, ring_bytes)
         .map_max_entries(names::SOCKS, with_lru_slack(options.max_sockets))
         .map_max_entries(names::TWS, with_lru_slack(facts.tw_capacity))
         .map_max_entries(names::FILTER_PIDS, followed)
         .load(EBPF_OBJECT)
         .context("loading twtrace's eBPF programs into the kernel (see `dmesg` and run with -v for the verifier log)")
+}
+
+/// The ring's default size: room for the ends of a quarter of the
+/// TIME_WAIT capacity at once. The kernel expires mini-sockets a
+/// timer-wheel bucket at a time (2 s of births at HZ=250, 4 s at 1000),
+/// in one softirq, faster than any reader drains: at 20 000 births/s,
+/// 40 000 ends in a few milliseconds, which overflowed 4 MiB. At least
+/// 4 MiB, at most 64 MiB (16 MiB for 262 144 mini-sockets).
+#[must_use]
+pub fn ring_bytes_for(tw_capacity: u32) -> u32 {
+    const RECORD: u64 = size_of::<twtrace_common::TransitionEvent>() as u64 + 8;
+    let quarter = u64::from(tw_capacity) * RECORD / 4;
+    let bytes = quarter.next_power_of_two().clamp(4 << 20, 64 << 20);
+    u32::try_from(bytes).unwrap_or(64 << 20)
 }
 
 /// An LRU map's size for `n` entries usable from any CPU.
@@ -379,11 +397,10 @@ fn with_lru_slack(n: u32) -> u32 {
 }
 
 fn validate(options: &TracerOptions) -> anyhow::Result<()> {
-    if !options.ring_bytes.is_power_of_two() || options.ring_bytes < 4096 {
-        bail!(
-            "ring buffer size must be a power of two of at least 4 KiB, got {} bytes",
-            options.ring_bytes
-        );
+    if let Some(bytes) = options.ring_bytes
+        && (!bytes.is_power_of_two() || bytes < 4096)
+    {
+        bail!("ring buffer size must be a power of two of at least 4 KiB, got {bytes} bytes");
     }
     if options.max_sockets == 0 {
         bail!("the socket map needs at least one entry");
@@ -434,5 +451,19 @@ fn spawn_kernel_logger(ebpf: &mut Ebpf) -> anyhow::Result<tokio::task::JoinHandl
 fn drain_ring(ring: &mut RingBuf<MapData>, mut each: impl FnMut(&[u8])) {
     while let Some(item) = ring.next() {
         each(&item);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ring_bytes_for;
+
+    #[test]
+    fn the_default_ring_holds_a_quarter_of_the_time_wait_capacity() {
+        assert_eq!(ring_bytes_for(1024), 4 << 20, "at least 4 MiB");
+        // 131 072 × 144 B / 4 = 4.5 MiB.
+        assert_eq!(ring_bytes_for(131_072), 8 << 20);
+        assert_eq!(ring_bytes_for(262_144), 16 << 20);
+        assert_eq!(ring_bytes_for(16_777_216), 64 << 20, "at most 64 MiB");
     }
 }
