@@ -186,18 +186,24 @@ pub async fn run(
     let mut flush = interval(FLUSH_EVERY);
     flush.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let fault = fault::Injected::from_env();
+    // How far the kernel's events have been read: a cancel is an end only
+    // once what could follow it (its re-arm, stamped right after) has been
+    // read, however the ring's reading and the flush interleave.
+    let mut read_up_to_ns = 0;
     loop {
         let Session {
             tracer, pipeline, ..
         } = &mut session;
         tokio::select! {
-            ready = tracer.next_batch(|record| pipeline.push(record, consumer)) => ready?,
+            began = tracer.next_batch(|record| pipeline.push(record, consumer)) => {
+                read_up_to_ns = began?;
+            }
             _ = flush.tick() => {}
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => break,
         }
-        session.deliver(sys::monotonic_ns(), consumer)?;
+        session.deliver(sys::monotonic_ns(), read_up_to_ns, consumer)?;
         if consumer.tick(&session.status)?.is_break() {
             break;
         }
@@ -390,9 +396,18 @@ impl Session {
     /// Ends the mini-sockets whose cancel nothing followed, hands every
     /// finished transition to the consumer, and refreshes the status once
     /// a second.
-    fn deliver(&mut self, now_ns: u64, consumer: &mut impl Consumer) -> anyhow::Result<()> {
+    /// Hands the consumer what the model completed; `read_up_to_ns` is how
+    /// far the kernel's events have been read (`Tracer::next_batch`).
+    fn deliver(
+        &mut self,
+        now_ns: u64,
+        read_up_to_ns: u64,
+        consumer: &mut impl Consumer,
+    ) -> anyhow::Result<()> {
         let pipeline = &mut self.pipeline;
-        pipeline.model.flush(now_ns, &mut pipeline.transitions);
+        pipeline
+            .model
+            .flush(read_up_to_ns, &mut pipeline.transitions);
         let status_due = now_ns.saturating_sub(self.status_read_ns) >= STATUS_EVERY_NS;
         if status_due {
             pipeline.resolve_orphans(now_ns, ORPHAN_MIN_AGE_NS, ORPHANS_PER_CHECK);
@@ -453,7 +468,7 @@ impl Session {
         // Every report says where each orphan is now, however short the run.
         pipeline.resolve_orphans(sys::monotonic_ns(), 0, usize::MAX);
         pipeline.wait_for_snapshot(status);
-        self.deliver(0, consumer)?;
+        self.deliver(0, 0, consumer)?;
         self.refresh_status()?;
         self.status.time_wait.kernel_overflows = overflows_now()
             .zip(self.overflows_at_start)

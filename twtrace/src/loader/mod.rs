@@ -220,9 +220,13 @@ impl Tracer {
     /// passed, then hands every record available to `each`, in order. The
     /// kernel wakes the reader only past that mark: a wake-up per event
     /// costs more than the event itself. Records are read in place, never
-    /// copied: `each` decodes them.
-    pub async fn next_batch(&mut self, each: impl FnMut(&[u8])) -> anyhow::Result<()> {
-        match tokio::time::timeout(POLL_EVERY, self.events.readable_mut()).await {
+    /// copied: `each` decodes them. Returns when the draining began
+    /// (`CLOCK_MONOTONIC` ns): every event the kernel stamped before it has
+    /// been handed over.
+    pub async fn next_batch(&mut self, each: impl FnMut(&[u8])) -> anyhow::Result<u64> {
+        let waited = tokio::time::timeout(POLL_EVERY, self.events.readable_mut()).await;
+        let began = sys::monotonic_ns();
+        match waited {
             Ok(guard) => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 drain_ring(guard.get_inner_mut(), each);
@@ -230,7 +234,7 @@ impl Tracer {
             }
             Err(_) => drain_ring(self.events.get_mut(), each),
         }
-        Ok(())
+        Ok(began)
     }
 
     /// Hands what is in the ring buffer now to `each`, without waiting.
