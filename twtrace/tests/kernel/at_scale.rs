@@ -94,8 +94,8 @@ fn at_the_limit(cpus: Option<&str>) {
 
 /// At the top rate this machine reaches, for over twice TIME_WAIT's 60 s,
 /// so births and expiries overlap: every second, twtrace's TIME_WAIT now
-/// equals the namespace's sockstat `tw` within what was born or ended
-/// while the kernel's count was read.
+/// equals the namespace's sockstat `tw` within what was born or ended in
+/// the second around the kernel's count.
 fn at_scale_time_wait_now_matches_sockstat_through_two_lifetimes() {
     require_scale_tests();
     support::require_time_wait();
@@ -124,7 +124,7 @@ fn at_scale_time_wait_now_matches_sockstat_through_two_lifetimes() {
         for (when, twtrace) in [("before", s.before), ("after", s.after)] {
             assert!(
                 s.kernel.abs_diff(twtrace) <= s.moved,
-                "at {:?}: sockstat tw {} vs twtrace's {twtrace} {when} ({} born or ended meanwhile)",
+                "at {:?}: sockstat tw {} vs twtrace's {twtrace} {when} ({} born or ended meanwhile): {s:?}",
                 s.at,
                 s.kernel,
                 s.moved
@@ -138,14 +138,27 @@ fn at_scale_time_wait_now_matches_sockstat_through_two_lifetimes() {
     assert_nothing_lost(&end);
 }
 
-/// These run on request: alone they match the kernel exactly, but with
-/// other heavy workloads on the machine a few births in 100 000 still go
-/// unreported without being counted (open in issue 14).
+/// Connections a second a churn must reach for these tests to finish in
+/// time: 110 000 in under 30 s.
+const MIN_RATE: u64 = 3_700;
+
+/// These need a machine that churns connections at a real server's rate;
+/// under software emulation (the VM matrix) they would take many minutes,
+/// so there they are skipped, with the rate measured.
 fn require_scale_tests() {
-    if std::env::var_os("TWTRACE_SCALE_TESTS").is_none() {
-        support::skip(
-            "at-scale TIME_WAIT tests run with TWTRACE_SCALE_TESTS=1 (not yet exact under concurrent load)",
-        );
+    static RATE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let rate = *RATE.get_or_init(|| {
+        let netns = Netns::new();
+        let mut flood = Peer::flood(&netns, Amount::Seconds(2), 2, None);
+        let before = Kernel::read(&netns.name);
+        flood.go();
+        flood.wait_done();
+        (Kernel::read(&netns.name).births() - before.births()) / 2
+    });
+    if rate < MIN_RATE {
+        support::skip(format!(
+            "this machine churns {rate} connections/s (software emulation?); the at-scale tests need {MIN_RATE}"
+        ));
     }
 }
 
@@ -366,7 +379,10 @@ struct Sample {
 }
 
 /// Reads sockstat every second in the namespace, bracketed by twtrace's
-/// counts 150 ms apart (twtrace's pipeline lags the kernel by tens of ms).
+/// counts half a second either side: the status tick the kernel's count
+/// falls in (twtrace's pipeline lags the kernel by tens of ms, and the
+/// kernel counts a mini-socket from its allocation to its last reference,
+/// a little apart from the timer events twtrace sees).
 struct Sampler {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<Vec<Sample>>,
@@ -381,13 +397,13 @@ impl Sampler {
                 let started = Instant::now();
                 let mut samples = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_secs(1));
                     let before = live.alive.load(Ordering::Relaxed);
                     let moved = live.moved.load(Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(500));
                     let Some(kernel) = sockstat_tw(&netns) else {
                         break;
                     };
-                    std::thread::sleep(Duration::from_millis(150));
+                    std::thread::sleep(Duration::from_millis(500));
                     samples.push(Sample {
                         at: started.elapsed(),
                         kernel,
