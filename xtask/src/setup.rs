@@ -73,7 +73,7 @@ pub fn run() -> anyhow::Result<Tools> {
 }
 
 /// Programs the kernel tests drive, and the Debian packages that have them.
-const TEST_TOOLS: [(&str, &str); 8] = [
+const TEST_TOOLS: [(&str, &str); 9] = [
     ("bpftool", "bpftool"),
     ("tmux", "tmux"),
     ("ip", "iproute2"),
@@ -82,13 +82,19 @@ const TEST_TOOLS: [(&str, &str); 8] = [
     ("unshare", "util-linux"),
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("busybox", "busybox-static"),
+    // The unit's sandbox is rated by `systemd-analyze security --offline`.
+    ("systemd-analyze", "systemd"),
 ];
+
+/// The Kubernetes schema validator from `PyPI`, for the `DaemonSet` manifest: the
+/// version the deploy test was written against.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
 /// Installs the test tools that are missing (Debian's apt), for `test`.
 pub fn test_tools() -> anyhow::Result<()> {
     step(
         3,
-        "test tools (tmux, iproute2, util-linux, bpftool, qemu, busybox)",
+        "test tools (tmux, iproute2, util-linux, bpftool, qemu, busybox, systemd-analyze)",
         || {
             let mut missing: Vec<&str> = TEST_TOOLS
                 .iter()
@@ -119,7 +125,38 @@ pub fn test_tools() -> anyhow::Result<()> {
             }
             Ok(true)
         },
+    )?;
+    step(4, KUBERNETES_VALIDATE, install_kubernetes_validate)
+}
+
+/// Into `.tools/python` (the deploy test looks there), with pip, once.
+fn install_kubernetes_validate() -> anyhow::Result<bool> {
+    let target = PathBuf::from(
+        env::var_os("TWTRACE_TOOLS_DIR")
+            .context("TWTRACE_TOOLS_DIR is unset: run through `cargo xtask` from the checkout")?,
     )
+    .join("python");
+    if target.join("bin/kubernetes-validate").is_file() {
+        return Ok(false);
+    }
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .arg("--target")
+        .arg(&target)
+        .arg(KUBERNETES_VALIDATE)
+        .env("PIP_ROOT_USER_ACTION", "ignore")
+        .status()
+        .context("running python3 -m pip (install python3 and pip)")?;
+    if !status.success() {
+        bail!("pip install {KUBERNETES_VALIDATE} failed");
+    }
+    Ok(true)
 }
 
 fn on_path(program: &str) -> bool {
