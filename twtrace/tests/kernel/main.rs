@@ -40,6 +40,11 @@ mod support;
 mod time_wait;
 mod transitions;
 
+/// The at-scale tests drive the machine at its top connection rate and
+/// hold twtrace to the kernel's counts there: they run alone, and no other
+/// test's timing has to survive them.
+static MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 fn main() -> ExitCode {
     if let Some(code) = peer::run_if_peer() {
         return code;
@@ -68,6 +73,16 @@ fn main() -> ExitCode {
         Trial::ignorable_test(name, move || {
             if let Some(reason) = skip {
                 return Ok(Completion::ignored_with(reason));
+            }
+            let (_shared, _alone);
+            if name.starts_with("at_scale_") {
+                _alone = MACHINE
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            } else {
+                _shared = MACHINE
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
             // A test that finds the running kernel cannot give what it
             // checks says so with `support::skip`, and is reported as
