@@ -115,6 +115,8 @@ pub struct TransitionEvent {
     pub netns: u32,
     /// Owner's command name, NUL padded; all zero while the owner is unknown.
     pub comm: [u8; 16],
+    /// The owner's cgroup (v2) id, learnt with the owner; 0 while unknown.
+    pub cgroup: u64,
 }
 
 /// What the kernel program remembers about each live TIME_WAIT mini-socket,
@@ -144,6 +146,8 @@ pub struct TwRecord {
     pub snd_nxt: u32,
     /// Network namespace inode, from the full socket's record.
     pub netns: u32,
+    /// The owner's cgroup id, from the full socket's record.
+    pub cgroup: u64,
 }
 
 /// Per-CPU scratch that links consecutive tracepoint hits on one CPU.
@@ -285,6 +289,8 @@ pub struct SockRecord {
     /// `FLAG_ACCEPTED` when twtrace saw it come from a listener.
     pub flags: u32,
     pub pad: u32,
+    /// The owner's cgroup (v2) id, learnt with the owner; 0 while unknown.
+    pub cgroup: u64,
 }
 
 /// Key of the listener map: a listening socket's local address and port.
@@ -498,11 +504,11 @@ pub const TIME_WAIT_LEN_SECS: u64 = 60;
 pub const MAX_FILTER_ENTRIES: u32 = 64;
 
 // Layouts are part of the kernel/user contract: catch accidental padding.
-const _: () = assert!(core::mem::size_of::<TransitionEvent>() == 136);
-const _: () = assert!(core::mem::size_of::<TwRecord>() == 104);
+const _: () = assert!(core::mem::size_of::<TransitionEvent>() == 144);
+const _: () = assert!(core::mem::size_of::<TwRecord>() == 112);
 const _: () = assert!(core::mem::size_of::<TwScratch>() == 64);
 const _: () = assert!(core::mem::size_of::<TwConfig>() == 40);
-const _: () = assert!(core::mem::size_of::<SockRecord>() == 40);
+const _: () = assert!(core::mem::size_of::<SockRecord>() == 48);
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 20);
 const _: () = assert!(core::mem::size_of::<SockLayout>() == 24);
 const _: () = assert!(core::mem::size_of::<BirthKey>() == 8);

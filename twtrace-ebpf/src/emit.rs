@@ -123,6 +123,7 @@ fn socket_event<C: EbpfContext>(
             pad: [0; 2],
             netns: owner.netns,
             comm: owner.comm,
+            cgroup: owner.cgroup,
         });
     });
 }
@@ -208,6 +209,7 @@ fn tw_event<C: EbpfContext>(
             pad: [0; 2],
             netns: record.netns,
             comm: record.comm,
+            cgroup: record.cgroup,
         });
     });
 }

@@ -60,6 +60,13 @@ pub fn current_pid() -> u32 {
     (bpf_get_current_pid_tgid() >> 32) as u32
 }
 
+/// The current task's cgroup id in the v2 hierarchy (the unified one on
+/// hybrid hosts): the inode of its directory there.
+pub fn current_cgroup() -> u64 {
+    // SAFETY: a helper call with no arguments and no preconditions.
+    unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() }
+}
+
 /// The current task's name, NUL padded.
 pub fn current_comm() -> [u8; 16] {
     bpf_get_current_comm().unwrap_or([0; 16])

@@ -9,7 +9,7 @@ use aya_log_ebpf::debug;
 use twtrace_common::{FLAG_ACCEPTED, ListenerKey, SockRecord, counter, tcp_state};
 
 use crate::{
-    kernel::{bump, current_comm, current_pid, netns_of},
+    kernel::{bump, current_cgroup, current_comm, current_pid, netns_of},
     maps::{LISTENERS, SOCKS},
     set_state::SetState,
 };
@@ -45,6 +45,7 @@ pub fn in_owner_context(old: u8, new: u8) -> bool {
 pub fn set_to_current(record: &mut SockRecord) {
     record.pid = current_pid();
     record.comm = current_comm();
+    record.cgroup = current_cgroup();
 }
 
 /// close() after shutdown(): the caller owns the socket.
@@ -59,6 +60,7 @@ pub fn closed_again(sock_id: u64) {
 /// The record of a socket twtrace sees for the first time: owned by the
 /// current process where the kernel runs for its user, else by the
 /// process that listens where it was accepted, else unknown.
+#[inline(always)]
 pub fn of_new_socket(s: &SetState, owner_context: bool, now: u64) -> SockRecord {
     let mut record = SockRecord {
         since_ns: now,
@@ -71,6 +73,7 @@ pub fn of_new_socket(s: &SetState, owner_context: bool, now: u64) -> SockRecord 
             0
         },
         pad: 0,
+        cgroup: 0,
     };
     if owner_context {
         set_to_current(&mut record);
@@ -79,6 +82,7 @@ pub fn of_new_socket(s: &SetState, owner_context: bool, now: u64) -> SockRecord 
     {
         record.pid = listener.pid;
         record.comm = listener.comm;
+        record.cgroup = listener.cgroup;
     }
     record
 }
@@ -137,6 +141,7 @@ fn learn<C: EbpfContext>(ctx: &C, sock_id: u64) {
         comm: [0; 16],
         flags: 0,
         pad: 0,
+        cgroup: 0,
     };
     set_to_current(&mut record);
     if SOCKS.insert(sock_id, record, 0).is_err() {

@@ -57,11 +57,10 @@ pub fn inet_sock_set_state_twin(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn raw_hit(ctx: &RawTracePointContext, role: Role) -> i32 {
-    twin::run(twin::SET_STATE, role, hit(ctx), || {
-        if try_raw(ctx).is_err() {
-            bump(counter::READ_FAILED);
-        }
-    });
+    let (_run, handle) = twin::enter(twin::SET_STATE, role, hit(ctx));
+    if handle && try_raw(ctx).is_err() {
+        bump(counter::READ_FAILED);
+    }
     0
 }
 

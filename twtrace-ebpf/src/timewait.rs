@@ -192,7 +192,10 @@ fn tw_hit(
     if !is_tw_timer(&cfg, timer) {
         return 0;
     }
-    twin::run(kind, role, timer, || handle(ctx, &cfg, timer));
+    let (_run, mine) = twin::enter(kind, role, timer);
+    if mine {
+        handle(ctx, &cfg, timer);
+    }
     0
 }
 
@@ -415,6 +418,7 @@ fn tw_record(
         comm: sock.comm,
         snd_nxt: 0,
         netns: sock.netns,
+        cgroup: sock.cgroup,
     }
 }
 
@@ -547,6 +551,7 @@ fn counts_untracked(cfg: &TwConfig, timer: u64, id: Identity) -> bool {
         comm: [0; 16],
         flags: 0,
         pad: 0,
+        cgroup: 0,
     };
     passes_filters(&filter, &owner, id.sport, id.dport)
 }

@@ -37,41 +37,56 @@ pub enum Role {
     Twin,
 }
 
-/// Runs `body` for hit `id` (what the tracepoint says: the socket and its
-/// states, the timer) if this program is the one to handle it: always for
-/// the primary, for the twin only when its primary was skipped.
+/// This program's run for one hit, on this CPU: its mark is cleared when
+/// the run ends (dropped).
+pub struct Run {
+    claims: *mut Claims,
+    role: Role,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        // SAFETY: the map value `enter` found; maps outlive program runs.
+        let claims = unsafe { &mut *self.claims };
+        match self.role {
+            Role::Primary => claims.primary_running = 0,
+            Role::Twin => claims.twin_running = 0,
+        }
+    }
+}
+
+/// Starts this program's run for hit `id` (what the tracepoint says: the
+/// socket and its states, the timer), and says whether this program is the
+/// one to handle it: always the primary, the twin only when its primary
+/// was skipped. Keep the run until the hit is handled. No closure: a body
+/// of its own would be one more call frame against Linux 6.1's 512-byte
+/// stack for a whole call chain.
 #[inline(always)]
-pub fn run(kind: u32, role: Role, id: u64, body: impl FnOnce()) {
+pub fn enter(kind: u32, role: Role, id: u64) -> (Option<Run>, bool) {
     let Some(claims) = CLAIMS.get_ptr_mut(kind) else {
         // Cannot happen (the index is in range); the primary alone acts.
-        if role == Role::Primary {
-            body();
-        }
-        return;
+        return (None, role == Role::Primary);
     };
     // SAFETY: this CPU's slot from a successful lookup. Only a program
     // nested in this one (an interrupt) touches it meanwhile, and it is
     // the other of the pair (the kernel skips this one): it sets and
     // clears its own mark, and writes only whole claim slots, so no
     // partial write is ever read as a match.
-    let claims = unsafe { &mut *claims };
-    match role {
+    let slot = unsafe { &mut *claims };
+    let handle = match role {
         Role::Primary => {
-            claims.primary_running = 1;
-            if claims.twin_running == 0 {
-                claim(claims, id);
+            slot.primary_running = 1;
+            if slot.twin_running == 0 {
+                claim(slot, id);
             }
-            body();
-            claims.primary_running = 0;
+            true
         }
         Role::Twin => {
-            claims.twin_running = 1;
-            if primary_skipped(claims, kind, id) {
-                body();
-            }
-            claims.twin_running = 0;
+            slot.twin_running = 1;
+            primary_skipped(slot, kind, id)
         }
-    }
+    };
+    (Some(Run { claims, role }), handle)
 }
 
 fn claim(claims: &mut Claims, id: u64) {

@@ -293,6 +293,7 @@ mod tests {
             end: None,
             netns: 0,
             accepted: false,
+            cgroup: 0,
         }
     }
 

@@ -240,6 +240,9 @@ pub struct Transition {
     /// Accepted from a listener (twtrace saw it): its local port is the
     /// listener's, never an ephemeral port held for a `connect()`.
     pub accepted: bool,
+    /// The owner's cgroup (v2) id, learnt with the owner; 0 while unknown
+    /// (`cgroup::Workloads` names it).
+    pub cgroup: u64,
 }
 
 impl Transition {
@@ -352,6 +355,7 @@ pub fn from_raw(raw: &TransitionEvent) -> Result<KernelEvent, DecodeError> {
             end: None,
             netns: raw.netns,
             accepted: raw.flags & FLAG_ACCEPTED != 0,
+            cgroup: raw.cgroup,
         },
         tw,
     })
@@ -395,6 +399,7 @@ pub(crate) mod tests {
             pad: [0; 2],
             netns: 0,
             comm,
+            cgroup: 0,
         }
     }
 
@@ -451,7 +456,7 @@ pub(crate) mod tests {
         let bytes = bytes_of(&raw_event());
         assert_eq!(
             decode(&bytes[..10]),
-            Err(DecodeError::WrongSize { got: 10, want: 136 })
+            Err(DecodeError::WrongSize { got: 10, want: 144 })
         );
         let mut long = bytes.clone();
         long.push(0);

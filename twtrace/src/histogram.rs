@@ -284,6 +284,7 @@ mod tests {
             end: None,
             netns: 0,
             accepted: false,
+            cgroup: 0,
         }
     }
 

@@ -6,6 +6,7 @@
 
 pub mod btf;
 pub mod census;
+pub mod cgroup;
 pub mod cli;
 pub mod commands;
 pub mod doctor;

@@ -251,6 +251,7 @@ mod tests {
                 end: None,
                 netns: 0,
                 accepted: false,
+                cgroup: 0,
             });
         }
         stats

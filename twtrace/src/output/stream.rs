@@ -6,12 +6,13 @@ use serde::Serialize;
 
 use super::Format;
 use crate::{
+    cgroup::{Workload, Workloads},
     event::{Comm, Transition},
     units,
 };
 
 #[derive(Serialize)]
-struct TransitionLine {
+struct TransitionLine<'a> {
     r#type: &'static str,
     ts_ns: i128,
     pid: u32,
@@ -27,6 +28,10 @@ struct TransitionLine {
     sock: String,
     /// The socket's network namespace inode; `null` when unknown.
     netns: Option<u32>,
+    /// The owner's cgroup path, and the unit, container and pod it names
+    /// (each only where known).
+    #[serde(flatten)]
+    workload: Option<&'a Workload>,
 }
 
 /// Writes transitions to `out` (buffered by the caller's choice of writer).
@@ -35,6 +40,7 @@ pub struct StreamWriter<W: Write> {
     format: Format,
     /// `CLOCK_REALTIME` − `CLOCK_MONOTONIC`, to print kernel stamps as wall time.
     wall_offset_ns: i128,
+    workloads: Workloads,
 }
 
 const TEXT_HEADER: &str = "TIME            PID     COMM             SRC                    DST                    TRANSITION                   IN_STATE";
@@ -45,6 +51,7 @@ impl<W: Write> StreamWriter<W> {
             out,
             format,
             wall_offset_ns,
+            workloads: Workloads::new(),
         }
     }
 
@@ -89,6 +96,7 @@ impl<W: Write> StreamWriter<W> {
                     end: t.end.map(crate::event::TwEnd::name),
                     sock: format!("{:#x}", t.sock_id),
                     netns: (t.netns != 0).then_some(t.netns),
+                    workload: self.workloads.get(t.cgroup),
                 };
                 serde_json::to_writer(&mut self.out, &line)?;
                 self.out.write_all(b"\n")
@@ -127,6 +135,7 @@ mod tests {
             end: None,
             netns: 0,
             accepted: false,
+            cgroup: 0,
         }
     }
 

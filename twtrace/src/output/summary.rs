@@ -331,6 +331,7 @@ mod tests {
                 end: None,
                 netns: 0,
                 accepted: false,
+                cgroup: 0,
             });
         }
         SummaryReport::new(

@@ -10,13 +10,14 @@ use std::{
 use crate::{
     Test,
     peer::{Netns, Peer},
-    support::{command_stdout, spawn_attached},
+    support::{self, command_stdout, spawn_attached},
 };
 
 pub const TESTS: &[Test] = crate::tests![
     netns_filter_keeps_one_namespace_by_name_inode_or_pid,
     ports_forecasts_when_connect_fails_in_a_namespace_with_1000_ports,
     ports_with_tcp_tw_reuse_forecasts_never_full_and_nothing_fails,
+    closers_carry_their_cgroup_unit_container_and_pod,
 ];
 
 fn inode(netns: &Netns) -> u64 {
@@ -190,4 +191,96 @@ fn ports_with_tcp_tw_reuse_forecasts_never_full_and_nothing_fails() {
     assert!(route["full_in_s"].is_null(), "{route}");
     assert!(route["hold_s"].as_f64().unwrap() <= 1.0, "{route}");
     assert_eq!(peer.read_line(), "ok");
+}
+
+/// Cgroups this test made under the host's v2 hierarchy, removed at the
+/// end (deepest first; their processes are gone by then).
+struct Cgroups(Vec<std::path::PathBuf>);
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for leaf in &self.0 {
+            let mut dir = Some(leaf.as_path());
+            while let Some(d) = dir.filter(|d| std::fs::remove_dir(d).is_ok()) {
+                dir = d.parent();
+            }
+        }
+    }
+}
+
+/// Two closers, each in a namespace and a cgroup of its own — one shaped
+/// as a systemd service, one as a container of a burstable pod under the
+/// kubelet's systemd driver — each transition carries its owner's cgroup,
+/// and `trace` names the unit, the container, the pod and its `QoS` class.
+fn closers_carry_their_cgroup_unit_container_and_pod() {
+    let Some(root) = twtrace::cgroup::v2_root() else {
+        support::skip("no cgroup v2 hierarchy is mounted: cgroup ids name nothing");
+    };
+    let tag = std::process::id();
+    let unit = format!("twtrace-test-{tag}-web.service");
+    let pod_uid = format!("{tag:08x}-0000-4000-8000-{tag:012x}");
+    let container = format!("{:0>64}", format!("{tag:x}"));
+    let paths = [
+        format!("/twtrace-test-{tag}.slice/{unit}"),
+        format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{container}.scope",
+            pod_uid.replace('-', "_")
+        ),
+    ];
+    let dirs: Vec<_> = paths.iter().map(|p| root.join(&p[1..])).collect();
+    for dir in &dirs {
+        std::fs::create_dir_all(dir).expect("making a cgroup");
+    }
+    let _cleanup = Cgroups(dirs.clone());
+    let mut both = makers();
+    for ((_, maker), dir) in both.iter().zip(&dirs) {
+        std::fs::write(dir.join("cgroup.procs"), maker.pid.to_string())
+            .expect("moving a closer into its cgroup");
+    }
+    let pids: Vec<String> = both.iter().map(|(_, m)| m.pid.to_string()).collect();
+    let trace = spawn_attached(
+        Command::new(env!("CARGO_BIN_EXE_twtrace"))
+            .args([
+                "trace", "-d", "3s", "-o", "json", "--pid", &pids[0], "--pid", &pids[1],
+            ])
+            .stdout(std::process::Stdio::piped()),
+    );
+    for (_, maker) in &mut both {
+        maker.go();
+    }
+    for (_, maker) in &mut both {
+        maker.wait_done();
+    }
+    let out = trace.wait_with_output().expect("trace");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .filter(|v: &serde_json::Value| v["type"] == "transition")
+        .collect();
+    for (i, (_, maker)) in both.iter().enumerate() {
+        let own: Vec<&serde_json::Value> = lines.iter().filter(|v| v["pid"] == maker.pid).collect();
+        // 5 and 7 connections, each closed first by the maker's client.
+        let closes = own
+            .iter()
+            .filter(|v| v["old_state"] == "ESTABLISHED" && v["new_state"] == "FIN_WAIT1")
+            .count();
+        assert!(closes >= [5, 7][i], "{closes} active closes: {own:?}");
+        for v in &own {
+            assert_eq!(v["cgroup"], paths[i].as_str(), "{v}");
+            if i == 0 {
+                assert_eq!(v["unit"], unit.as_str(), "{v}");
+                assert!(v.get("pod_uid").is_none(), "{v}");
+            } else {
+                assert_eq!(v["pod_uid"], pod_uid.as_str(), "{v}");
+                assert_eq!(v["qos"], "burstable", "{v}");
+                assert_eq!(v["container"], container.as_str(), "{v}");
+                assert!(v.get("unit").is_none(), "{v}");
+            }
+        }
+    }
 }
