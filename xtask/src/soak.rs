@@ -151,7 +151,15 @@ fn look_at_map(id: u32, count_entries: bool) -> anyhow::Result<MapLook> {
     let kind = show["type"].as_str().unwrap_or("?").to_string();
     let entries = if count_entries && kind.contains("hash") {
         let dump = bpftool_json(&["map", "dump", "id", &id_text])?;
-        dump.as_array().map(|a| a.len() as u64)
+        // Distinct keys: the kernel's key walk starts over from the first
+        // key when the one it stood on is deleted meanwhile (mini-sockets
+        // keep expiring after the load), so a dump can list keys twice.
+        dump.as_array().map(|a| {
+            a.iter()
+                .map(|entry| entry["key"].to_string())
+                .collect::<std::collections::HashSet<_>>()
+                .len() as u64
+        })
     } else {
         None
     };

@@ -158,19 +158,19 @@ fn record_passes_the_commands_exit_through() {
 fn record_ctrl_c_stops_the_command_and_reports() {
     let dir = scratch_dir("ctrl-c");
     let json = dir.join("report.json");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_twtrace"))
-        .args([
+    // Interrupted once attached (READY=1), when the command runs: under
+    // software emulation loading alone can take longer than a fixed wait.
+    let child = crate::support::spawn_attached(
+        std::process::Command::new(env!("CARGO_BIN_EXE_twtrace")).args([
             "record",
             "--json",
             json.to_str().unwrap(),
             "--",
             "sleep",
             "30",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("twtrace record");
-    std::thread::sleep(Duration::from_millis(1500));
+        ]),
+    );
+    std::thread::sleep(Duration::from_millis(200));
     interrupt(&child);
     let started = Instant::now();
     let out = child.wait_with_output().expect("twtrace exit");
