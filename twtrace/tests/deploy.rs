@@ -105,14 +105,17 @@ fn kubernetes_validate() -> (PathBuf, PathBuf) {
 fn the_daemonset_passes_the_kubernetes_schemas() {
     let (python, script) = kubernetes_validate();
     let manifest = repo().join("deploy/daemonset.yaml");
-    let out = run(
-        Command::new("python3")
-            .arg(&script)
-            .arg("--strict")
-            .arg(&manifest)
-            .env("PYTHONPATH", &python),
-        "kubernetes-validate",
-    );
+    let validate = |path: &Path| {
+        run(
+            Command::new("python3")
+                .arg(&script)
+                .arg("--strict")
+                .arg(path)
+                .env("PYTHONPATH", &python),
+            "kubernetes-validate",
+        )
+    };
+    let out = validate(&manifest);
     assert!(
         out.status.success(),
         "{}{}",
@@ -123,14 +126,7 @@ fn the_daemonset_passes_the_kubernetes_schemas() {
     let broken = std::env::temp_dir().join(format!("twtrace-ds-{}.yaml", std::process::id()));
     let text = std::fs::read_to_string(&manifest).unwrap();
     std::fs::write(&broken, text.replace("hostPID: true", "hostPID: sometimes")).unwrap();
-    let out = run(
-        Command::new("python3")
-            .arg(&script)
-            .arg("--strict")
-            .arg(&broken)
-            .env("PYTHONPATH", &python),
-        "kubernetes-validate",
-    );
+    let out = validate(&broken);
     let _ = std::fs::remove_file(&broken);
     assert!(!out.status.success(), "a broken manifest passed");
 }
