@@ -293,13 +293,16 @@ pub struct SockRecord {
     pub cgroup: u64,
 }
 
-/// Key of the listener map: a listening socket's local address and port.
+/// Key of the listener map: a listening socket's network namespace, local
+/// address and port (every container may listen on 0.0.0.0:8080). IPv4
+/// addresses fill the first 4 bytes of `addr`; a wildcard is all zeros.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListenerKey {
     pub addr: [u8; 16],
     pub port: u16,
     pub family: u16,
+    pub netns: u32,
 }
 
 /// Field offsets of `sock:inet_sock_set_state`, read from tracefs at load
@@ -509,7 +512,7 @@ const _: () = assert!(core::mem::size_of::<TwRecord>() == 112);
 const _: () = assert!(core::mem::size_of::<TwScratch>() == 64);
 const _: () = assert!(core::mem::size_of::<TwConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 48);
-const _: () = assert!(core::mem::size_of::<ListenerKey>() == 20);
+const _: () = assert!(core::mem::size_of::<ListenerKey>() == 24);
 const _: () = assert!(core::mem::size_of::<SockLayout>() == 24);
 const _: () = assert!(core::mem::size_of::<BirthKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PendingBirth>() == 48);
@@ -535,4 +538,6 @@ mod pod {
     unsafe impl aya::Pod for super::SockLayout {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TwScratch {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ListenerKey {}
 }

@@ -78,7 +78,7 @@ pub fn of_new_socket(s: &SetState, owner_context: bool, now: u64) -> SockRecord 
     if owner_context {
         set_to_current(&mut record);
     } else if s.old_state == tcp_state::LISTEN
-        && let Some(listener) = listener_owner(s)
+        && let Some(listener) = listener_owner(s, record.netns)
     {
         record.pid = listener.pid;
         record.comm = listener.comm;
@@ -88,28 +88,31 @@ pub fn of_new_socket(s: &SetState, owner_context: bool, now: u64) -> SockRecord 
 }
 
 /// Remembers who listens on each address, for the sockets accepted there.
+/// (Listeners older than twtrace are added from its start-up snapshot.)
 pub fn track_listener(s: &SetState, record: &SockRecord) {
     if s.new_state == tcp_state::LISTEN {
-        let _ = LISTENERS.insert(listener_key(s, false), *record, 0);
+        let _ = LISTENERS.insert(listener_key(s, record.netns, false), *record, 0);
     } else if s.old_state == tcp_state::LISTEN && s.new_state == tcp_state::CLOSE {
-        let _ = LISTENERS.remove(listener_key(s, false));
+        let _ = LISTENERS.remove(listener_key(s, record.netns, false));
     }
 }
 
-fn listener_key(s: &SetState, any_address: bool) -> ListenerKey {
+fn listener_key(s: &SetState, netns: u32, any_address: bool) -> ListenerKey {
     ListenerKey {
         addr: if any_address { [0; 16] } else { s.saddr },
         port: s.sport,
         family: s.family,
+        netns,
     }
 }
 
-/// The owner of the listener a new child socket was cloned from: the one
-/// bound to its exact address, else the wildcard one.
-fn listener_owner(s: &SetState) -> Option<SockRecord> {
+/// The owner of the listener a new child socket was cloned from, in the
+/// child's namespace: the one bound to its exact address, else the
+/// wildcard one.
+fn listener_owner(s: &SetState, netns: u32) -> Option<SockRecord> {
     let found = LISTENERS
-        .get_ptr(listener_key(s, false))
-        .or_else(|| LISTENERS.get_ptr(listener_key(s, true)))?;
+        .get_ptr(listener_key(s, netns, false))
+        .or_else(|| LISTENERS.get_ptr(listener_key(s, netns, true)))?;
     // SAFETY: a pointer from a successful lookup; copied out at once.
     Some(unsafe { *found })
 }

@@ -175,6 +175,16 @@ impl Default for Workloads {
     }
 }
 
+/// The v2 cgroup id of process `pid` — its cgroup directory's inode, as
+/// `bpf_get_current_cgroup_id()` gives it — under the hierarchy at `root`.
+#[must_use]
+pub fn id_of_process(root: &Path, pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|line| line.strip_prefix("0::"))?;
+    let dir = root.join(path.trim_start_matches('/'));
+    std::fs::metadata(dir).ok().map(|m| m.ino())
+}
+
 /// Where the v2 hierarchy is mounted, from `/proc/self/mountinfo`.
 #[must_use]
 pub fn v2_root() -> Option<PathBuf> {

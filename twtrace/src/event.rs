@@ -94,6 +94,12 @@ impl Comm {
         Self(bytes)
     }
 
+    /// The name as the kernel stores it, NUL-padded.
+    #[must_use]
+    pub fn to_raw(&self) -> [u8; 16] {
+        self.0
+    }
+
     /// The name's bytes, up to the first NUL.
     #[must_use]
     pub fn as_bytes(&self) -> &[u8] {

@@ -15,7 +15,7 @@ use crate::{
     census::{Census, CensusNow},
     event::{self, KernelEvent, Transition},
     histogram::TeardownStats,
-    loader::{LossReport, Tracer, TracerOptions},
+    loader::{KnownListener, LossReport, Tracer, TracerOptions},
     model::{Route, TeardownModel},
     snapshot::{self, Snapshot, SocketFilter},
     sys,
@@ -226,6 +226,8 @@ struct Pipeline {
     settings: HashMap<u64, sys::PortSettings>,
     host_settings: Option<sys::PortSettings>,
     routes: crate::ports::CloseCounter,
+    /// Listeners the snapshot found, for the tracer to learn.
+    listeners_found: Vec<KnownListener>,
 }
 
 impl Pipeline {
@@ -318,6 +320,21 @@ impl Pipeline {
         let filter = &self.snapshot_filter;
         self.census
             .seed(taken.sockets.iter().filter(|s| filter.matches(s)));
+        let cgroups = crate::cgroup::v2_root();
+        self.listeners_found = taken
+            .listeners
+            .iter()
+            .map(|l| KnownListener {
+                netns: u32::try_from(l.netns).unwrap_or(0),
+                addr: l.addr,
+                pid: l.owner.pid,
+                comm: l.owner.comm.to_raw(),
+                cgroup: cgroups
+                    .as_deref()
+                    .and_then(|root| crate::cgroup::id_of_process(root, l.owner.pid))
+                    .unwrap_or(0),
+            })
+            .collect();
         status.snapshot_seeded = true;
         // Shown at once, not a second later.
         status.now = self.census.now(sys::monotonic_ns(), LEAK_AGE_NS);
@@ -384,6 +401,7 @@ impl Session {
                 settings: HashMap::new(),
                 host_settings: sys::PortSettings::read().ok(),
                 routes: crate::ports::CloseCounter::default(),
+                listeners_found: Vec::new(),
             },
             status,
             status_read_ns: 0,
@@ -396,6 +414,19 @@ impl Session {
     /// Ends the mini-sockets whose cancel nothing followed, hands every
     /// finished transition to the consumer, and refreshes the status once
     /// a second.
+    /// Hands the tracer the listeners the start-up snapshot found.
+    fn add_listeners_found(&mut self) {
+        if self.pipeline.listeners_found.is_empty() {
+            return;
+        }
+        let found = std::mem::take(&mut self.pipeline.listeners_found);
+        if let Err(e) = self.tracer.add_listeners(&found) {
+            self.status.warnings.push(format!(
+                "connections accepted by listeners older than twtrace have no owner until they close, send or receive: {e:#}"
+            ));
+        }
+    }
+
     /// Hands the consumer what the model completed; `read_up_to_ns` is how
     /// far the kernel's events have been read (`Tracer::next_batch`).
     fn deliver(
@@ -421,6 +452,7 @@ impl Session {
             consumer.transition(&t)?;
         }
         pipeline.seed_when_taken(&mut self.status);
+        self.add_listeners_found();
         if status_due {
             self.refresh_status()?;
             self.status_read_ns = now_ns;

@@ -61,10 +61,21 @@ pub struct SocketNow {
     pub seen_at_ns: u64,
 }
 
+/// A listening socket now, and the process that holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerNow {
+    pub netns: u64,
+    pub addr: SocketAddr,
+    pub owner: Owner,
+}
+
 /// A whole snapshot, and what it could not see.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub sockets: Vec<SocketNow>,
+    /// Listeners whose holder is known: the tracer learns a listener's
+    /// owner at `listen()`, which it never saw for those older than it.
+    pub listeners: Vec<ListenerNow>,
     pub namespaces: usize,
     /// Namespaces that could not be entered (no CAP_SYS_ADMIN, or gone),
     /// with the reason: their sockets are missing.
@@ -97,6 +108,17 @@ pub fn take() -> Snapshot {
                 snapshot
                     .sockets
                     .extend(describe(ns.inode, &dump, &processes));
+                snapshot
+                    .listeners
+                    .extend(
+                        owned_listeners(&dump.sockets, &processes).map(|(addr, owner)| {
+                            ListenerNow {
+                                netns: ns.inode,
+                                addr,
+                                owner,
+                            }
+                        }),
+                    );
             }
             Ok(Err(e)) => snapshot
                 .unreadable
@@ -132,6 +154,17 @@ fn dump_here() -> anyhow::Result<NamespaceDump> {
         fin_timeout_secs,
         seen_at_ns: crate::sys::monotonic_ns(),
     })
+}
+
+/// The listeners among `sockets` whose holder `processes` knows.
+fn owned_listeners<'a>(
+    sockets: &'a [DiagSocket],
+    processes: &'a ProcessSockets,
+) -> impl Iterator<Item = (SocketAddr, Owner)> + 'a {
+    sockets
+        .iter()
+        .filter(|s| s.state == TcpState::Listen)
+        .filter_map(|s| Some((s.src, processes.owner_of(s.inode)?)))
 }
 
 /// When each of these mini-sockets — (namespace inode, local, remote) —
@@ -203,11 +236,7 @@ fn describe(netns: u64, dump: &NamespaceDump, processes: &ProcessSockets) -> Vec
         seen_at_ns,
     } = dump;
     let (fin_timeout_secs, seen_at_ns) = (*fin_timeout_secs, *seen_at_ns);
-    let listeners: Vec<(SocketAddr, Owner)> = sockets
-        .iter()
-        .filter(|s| s.state == TcpState::Listen)
-        .filter_map(|s| Some((s.src, processes.owner_of(s.inode)?)))
-        .collect();
+    let listeners: Vec<(SocketAddr, Owner)> = owned_listeners(sockets, processes).collect();
     sockets
         .iter()
         .filter(|s| s.state != TcpState::Listen)

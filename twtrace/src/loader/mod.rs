@@ -12,8 +12,8 @@ use aya::{
 };
 use tokio::io::{Interest, unix::AsyncFd};
 use twtrace_common::{
-    AF_INET, AF_INET6, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TW, Filter, LRU_SLACK_PER_CPU,
-    MAX_FILTER_ENTRIES, SockLayout, counter, names,
+    AF_INET, AF_INET6, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TW, Filter, LRU_SLACK_PER_CPU, ListenerKey,
+    MAX_FILTER_ENTRIES, SockLayout, SockRecord, counter, names,
 };
 
 use crate::{sys, tracefs};
@@ -84,6 +84,51 @@ const POLL_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Processes `record` can follow: the command and everything it forks.
 const FOLLOWED_PIDS: u32 = 65_536;
+
+/// A listening socket and the process holding it, as found at start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownListener {
+    pub netns: u32,
+    pub addr: std::net::SocketAddr,
+    pub pid: u32,
+    pub comm: [u8; 16],
+    /// The holder's v2 cgroup id; 0 when unknown.
+    pub cgroup: u64,
+}
+
+impl KnownListener {
+    /// The kernel side's key and record for it: an IPv4 address fills the
+    /// first 4 bytes, as the programs store it.
+    fn as_kernel_entry(&self) -> (ListenerKey, SockRecord) {
+        let mut addr = [0u8; 16];
+        let family = match self.addr.ip() {
+            std::net::IpAddr::V4(ip) => {
+                addr[..4].copy_from_slice(&ip.octets());
+                AF_INET
+            }
+            std::net::IpAddr::V6(ip) => {
+                addr = ip.octets();
+                AF_INET6
+            }
+        };
+        let key = ListenerKey {
+            addr,
+            port: self.addr.port(),
+            family,
+            netns: self.netns,
+        };
+        let record = SockRecord {
+            since_ns: 0,
+            pid: self.pid,
+            netns: self.netns,
+            comm: self.comm,
+            flags: 0,
+            pad: 0,
+            cgroup: self.cgroup,
+        };
+        (key, record)
+    }
+}
 
 /// Everything that was lost on the way, so none of it is silent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -202,6 +247,27 @@ impl Tracer {
         )?;
         map.remove(&pid)
             .with_context(|| format!("unfollowing pid {pid}"))
+    }
+
+    /// Tells the kernel side who holds listeners that predate the tracer
+    /// (their `listen()` was never seen), so connections accepted there carry
+    /// their owner from the start instead of only once it first closes,
+    /// sends or receives. A listener seen since start keeps its record.
+    /// Returns how many were added.
+    pub fn add_listeners(&mut self, listeners: &[KnownListener]) -> anyhow::Result<usize> {
+        // BPF_NOEXIST: the kernel side's own record is newer.
+        const ONLY_IF_ABSENT: u64 = 1;
+        let mut map: HashMap<&mut MapData, ListenerKey, SockRecord> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::LISTENERS)
+                .context("the eBPF object lacks its LISTENERS map")?,
+        )?;
+        let mut added = 0;
+        for listener in listeners {
+            let (key, record) = listener.as_kernel_entry();
+            added += usize::from(map.insert(key, record, ONLY_IF_ABSENT).is_ok());
+        }
+        Ok(added)
     }
 
     /// Whether events carry their socket's network namespace.

@@ -18,6 +18,7 @@ pub const TESTS: &[Test] = crate::tests![
     ports_forecasts_when_connect_fails_in_a_namespace_with_1000_ports,
     ports_with_tcp_tw_reuse_forecasts_never_full_and_nothing_fails,
     closers_carry_their_cgroup_unit_container_and_pod,
+    connections_accepted_by_older_listeners_are_owned_in_each_namespace,
 ];
 
 fn inode(netns: &Netns) -> u64 {
@@ -290,5 +291,93 @@ fn closers_carry_their_cgroup_unit_container_and_pod() {
                 assert!(v.get("unit").is_none(), "{v}");
             }
         }
+    }
+}
+
+/// Two namespaces, each with a process listening on 0.0.0.0 at the same
+/// port since before twtrace started. Once the start-up snapshot is in, a
+/// client in each connects and closes before any data moves: each server
+/// end's move to CLOSE_WAIT (in softirq, where no owner can be learnt) is
+/// owned by its own namespace's listener, so `--pid` keeps it.
+fn connections_accepted_by_older_listeners_are_owned_in_each_namespace() {
+    use std::ops::ControlFlow;
+    use twtrace::{
+        event::{TcpState, Transition},
+        loader::{Tracer, TracerOptions},
+        session::{self, Announce, Consumer, Status},
+    };
+
+    struct KnockWhenSeeded {
+        knocks: Vec<Peer>,
+        seen: Vec<Transition>,
+    }
+    impl Consumer for KnockWhenSeeded {
+        fn attached(&mut self, _tracer: &mut Tracer) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn transition(&mut self, t: &Transition) -> std::io::Result<()> {
+            self.seen.push(t.clone());
+            Ok(())
+        }
+        fn tick(&mut self, status: &Status) -> std::io::Result<ControlFlow<()>> {
+            if status.snapshot_seeded {
+                for knock in &mut self.knocks {
+                    if knock.stdin_open() {
+                        knock.go();
+                    }
+                }
+            }
+            let closing = self.seen.iter().filter(|t| t.new == TcpState::CloseWait);
+            Ok(if closing.count() >= 2 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            })
+        }
+    }
+
+    let spaces = [Netns::new(), Netns::new()];
+    let servers: Vec<Peer> = spaces
+        .iter()
+        .map(|ns| Peer::acceptor(ns, "0.0.0.0:7070"))
+        .collect();
+    let server_addr = "127.0.0.1:7070".parse().expect("address");
+    let mut run = KnockWhenSeeded {
+        knocks: spaces
+            .iter()
+            .map(|ns| Peer::knock(ns, server_addr))
+            .collect(),
+        seen: Vec::new(),
+    };
+    let options = TracerOptions {
+        pids: servers.iter().map(|p| p.pid).collect(),
+        ..TracerOptions::default()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime
+        .block_on(session::run(
+            &options,
+            Some(Duration::from_secs(10)),
+            Announce::Silently,
+            &mut run,
+        ))
+        .expect("loading and attaching twtrace");
+    for (ns, server) in spaces.iter().zip(&servers) {
+        let owners: Vec<Option<u32>> = run
+            .seen
+            .iter()
+            .filter(|t| t.new == TcpState::CloseWait && u64::from(t.netns) == inode(ns))
+            .map(|t| t.owner.as_ref().map(|o| o.pid))
+            .collect();
+        assert_eq!(
+            owners,
+            [Some(server.pid)],
+            "the server end's CLOSE_WAIT in {}: {:?}",
+            ns.name,
+            run.seen
+        );
     }
 }

@@ -145,6 +145,25 @@ impl Peer {
         spawn(netns, &format!("leaker {count} -"))
     }
 
+    /// Starts a process that listens on `bind` inside `netns`, accepts one
+    /// connection and holds it without reading or closing until its stdin
+    /// closes. Returns once it listens.
+    pub fn acceptor(netns: &Netns, bind: &str) -> Self {
+        let mut peer = spawn(netns, &format!("acceptor {bind} -"));
+        let said = peer.read_line();
+        peer.addr = Some(
+            said.parse()
+                .unwrap_or_else(|_| panic!("acceptor said {said:?}")),
+        );
+        peer
+    }
+
+    /// Starts a process that, once told to go, connects to `server` inside
+    /// `netns` and closes at once, before any data moves.
+    pub fn knock(netns: &Netns, server: SocketAddr) -> Self {
+        spawn(netns, &format!("knock {server} -"))
+    }
+
     /// Starts a process that, once told to go, connects `rate` times a
     /// second to a listener of its own in `netns`, the client closing
     /// first each time (so its port waits in TIME_WAIT), until `connect()`
@@ -194,6 +213,11 @@ impl Peer {
     }
 
     /// Lets a client connect (it waits so the tracer can attach first).
+    /// Whether `go` has not been given yet.
+    pub fn stdin_open(&self) -> bool {
+        self.stdin.is_some()
+    }
+
     pub fn go(&mut self) {
         let mut stdin = self.stdin.take().expect("client already started");
         stdin.write_all(b"go\n").expect("starting the client");
@@ -270,6 +294,8 @@ pub fn run_if_peer() -> Option<ExitCode> {
         "churn" => churn(Duration::from_secs(addr.parse().expect("seconds"))),
         "flood" => flood(addr, ending_text.parse().expect("threads")),
         "leaker" => leak(addr.parse().expect("count")),
+        "acceptor" => accept_and_hold(addr),
+        "knock" => knock(addr.parse().expect("server address")),
         "paced" => paced(
             addr.parse().expect("connections per second"),
             ending_text.parse().expect("seconds"),
@@ -481,6 +507,25 @@ fn serve(bind: &str, ending: Ending) {
     stream.read_exact(&mut request).expect("read request");
     stream.write_all(b"world").expect("write answer");
     end(stream, ending);
+}
+
+fn accept_and_hold(bind: &str) {
+    let listener = TcpListener::bind(bind).expect("bind");
+    println!("{}", listener.local_addr().expect("local addr"));
+    std::io::stdout().flush().expect("flush");
+    let (stream, _) = listener.accept().expect("accept");
+    let mut until_closed = String::new();
+    let _ = std::io::stdin().read_line(&mut until_closed);
+    drop(stream);
+}
+
+fn knock(server: SocketAddr) {
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).expect("waiting for go");
+    drop(TcpStream::connect(server).expect("connect"));
+    println!("done");
+    std::io::stdout().flush().expect("flush");
+    let _ = std::io::stdin().read_line(&mut go);
 }
 
 fn connect(server: SocketAddr, ending: Ending) {
