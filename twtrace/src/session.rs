@@ -411,9 +411,6 @@ impl Session {
         })
     }
 
-    /// Ends the mini-sockets whose cancel nothing followed, hands every
-    /// finished transition to the consumer, and refreshes the status once
-    /// a second.
     /// Hands the tracer the listeners the start-up snapshot found.
     fn add_listeners_found(&mut self) {
         if self.pipeline.listeners_found.is_empty() {
@@ -427,6 +424,9 @@ impl Session {
         }
     }
 
+    /// Ends the mini-sockets whose cancel nothing followed, hands every
+    /// finished transition to the consumer, and refreshes the status once
+    /// a second.
     /// Hands the consumer what the model completed; `read_up_to_ns` is how
     /// far the kernel's events have been read (`Tracer::next_batch`).
     fn deliver(

@@ -79,11 +79,12 @@ fn at_the_limit(cpus: Option<&str>) {
         births >= LIMIT - 1_000,
         "the flood made only {births} TIME_WAIT"
     );
-    // Open in issue 14, cause not found: in some runs on one CPU (1 in 15
-    // at worst, none in 100 at other times) one connection of 110 000 goes
-    // unreported. Seen: a hand-over state change no program handled; a
-    // hand-over whose socket's owner was unknown under the pid filter. At
-    // times the kernel counts it as a recursion miss, at times not.
+    // Open in issue 14, cause not found: in some runs (on one CPU 1 in 15
+    // at worst, none in 100 at other times; on every CPU too) one
+    // connection of 110 000 goes unreported. Seen: a hand-over state change no program handled (at
+    // times counted as a recursion miss, at times not); a hand-over whose
+    // socket's owner was unknown under the pid filter (the flood listens
+    // before twtrace starts: its listener now comes from the snapshot).
     // Exact on request; by default a shortfall of `RARE_SHORTFALL` passes,
     // and anything like the map-size losses this test was written for
     // (thousands) fails.
