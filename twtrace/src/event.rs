@@ -367,6 +367,20 @@ pub fn from_raw(raw: &TransitionEvent) -> Result<KernelEvent, DecodeError> {
     })
 }
 
+/// An address as the kernel programs store it (the inverse of
+/// `from_raw`'s reading): IPv4 in the first 4 bytes, and its family.
+#[must_use]
+pub fn to_kernel_addr(ip: IpAddr) -> ([u8; 16], u16) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            (bytes, AF_INET)
+        }
+        IpAddr::V6(v6) => (v6.octets(), AF_INET6),
+    }
+}
+
 fn ipv4(bytes: &[u8; 16]) -> Ipv4Addr {
     Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])
 }
@@ -438,6 +452,19 @@ pub(crate) mod tests {
         );
         assert_eq!(t.in_state_ns, Some(1_500));
         assert_eq!(t.family(), "ipv4");
+    }
+
+    #[test]
+    fn kernel_addresses_decode_back_to_what_was_encoded() {
+        for src in ["10.1.2.3:8080", "[2001:db8::7]:443"] {
+            let src: SocketAddr = src.parse().unwrap();
+            let mut raw = raw_event();
+            (raw.saddr, raw.family) = to_kernel_addr(src.ip());
+            raw.daddr = raw.saddr;
+            raw.sport = src.port();
+            let t = decode(&bytes_of(&raw)).unwrap().transition;
+            assert_eq!(t.src, src);
+        }
     }
 
     #[test]

@@ -226,8 +226,6 @@ struct Pipeline {
     settings: HashMap<u64, sys::PortSettings>,
     host_settings: Option<sys::PortSettings>,
     routes: crate::ports::CloseCounter,
-    /// Listeners the snapshot found, for the tracer to learn.
-    listeners_found: Vec<KnownListener>,
 }
 
 impl Pipeline {
@@ -287,20 +285,22 @@ impl Pipeline {
     }
 
     /// Seeds the census once the start-up snapshot is there.
-    fn seed_when_taken(&mut self, status: &mut Status) {
+    /// Returns the listeners it found, for the tracer to learn.
+    fn seed_when_taken(&mut self, status: &mut Status) -> Vec<KnownListener> {
         let taken = match self
             .snapshot
             .as_ref()
             .map(std::sync::mpsc::Receiver::try_recv)
         {
             Some(Ok(taken)) => taken,
-            Some(Err(std::sync::mpsc::TryRecvError::Empty)) | None => return,
+            Some(Err(std::sync::mpsc::TryRecvError::Empty)) | None => return Vec::new(),
             Some(Err(std::sync::mpsc::TryRecvError::Disconnected)) => {
                 self.snapshot = None;
-                return;
+                return Vec::new();
             }
         };
         self.seed(&taken, status);
+        known_listeners(&taken)
     }
 
     /// A run shorter than the snapshot still reports what the host held.
@@ -320,25 +320,30 @@ impl Pipeline {
         let filter = &self.snapshot_filter;
         self.census
             .seed(taken.sockets.iter().filter(|s| filter.matches(s)));
-        let cgroups = crate::cgroup::v2_root();
-        self.listeners_found = taken
-            .listeners
-            .iter()
-            .map(|l| KnownListener {
-                netns: u32::try_from(l.netns).unwrap_or(0),
-                addr: l.addr,
-                pid: l.owner.pid,
-                comm: l.owner.comm.to_raw(),
-                cgroup: cgroups
-                    .as_deref()
-                    .and_then(|root| crate::cgroup::id_of_process(root, l.owner.pid))
-                    .unwrap_or(0),
-            })
-            .collect();
         status.snapshot_seeded = true;
         // Shown at once, not a second later.
         status.now = self.census.now(sys::monotonic_ns(), LEAK_AGE_NS);
     }
+}
+
+/// The snapshot's listeners as the tracer takes them, each with its
+/// holder's cgroup.
+fn known_listeners(taken: &Snapshot) -> Vec<KnownListener> {
+    let cgroups = crate::cgroup::v2_root();
+    taken
+        .listeners
+        .iter()
+        .map(|l| KnownListener {
+            netns: u32::try_from(l.netns).unwrap_or(0),
+            addr: l.addr,
+            pid: l.owner.pid,
+            comm: l.owner.comm.to_raw(),
+            cgroup: cgroups
+                .as_deref()
+                .and_then(|root| crate::cgroup::id_of_process(root, l.owner.pid))
+                .unwrap_or(0),
+        })
+        .collect()
 }
 
 /// The tracer's filters, applied to the start-up snapshot.
@@ -401,7 +406,6 @@ impl Session {
                 settings: HashMap::new(),
                 host_settings: sys::PortSettings::read().ok(),
                 routes: crate::ports::CloseCounter::default(),
-                listeners_found: Vec::new(),
             },
             status,
             status_read_ns: 0,
@@ -412,12 +416,11 @@ impl Session {
     }
 
     /// Hands the tracer the listeners the start-up snapshot found.
-    fn add_listeners_found(&mut self) {
-        if self.pipeline.listeners_found.is_empty() {
+    fn add_listeners(&mut self, found: &[KnownListener]) {
+        if found.is_empty() {
             return;
         }
-        let found = std::mem::take(&mut self.pipeline.listeners_found);
-        if let Err(e) = self.tracer.add_listeners(&found) {
+        if let Err(e) = self.tracer.add_listeners(found) {
             self.status.warnings.push(format!(
                 "connections accepted by listeners older than twtrace have no owner until they close, send or receive: {e:#}"
             ));
@@ -451,8 +454,8 @@ impl Session {
             pipeline.census.record(&t);
             consumer.transition(&t)?;
         }
-        pipeline.seed_when_taken(&mut self.status);
-        self.add_listeners_found();
+        let listeners = pipeline.seed_when_taken(&mut self.status);
+        self.add_listeners(&listeners);
         if status_due {
             self.refresh_status()?;
             self.status_read_ns = now_ns;

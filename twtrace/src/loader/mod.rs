@@ -97,20 +97,9 @@ pub struct KnownListener {
 }
 
 impl KnownListener {
-    /// The kernel side's key and record for it: an IPv4 address fills the
-    /// first 4 bytes, as the programs store it.
+    /// The kernel side's key and record for it.
     fn as_kernel_entry(&self) -> (ListenerKey, SockRecord) {
-        let mut addr = [0u8; 16];
-        let family = match self.addr.ip() {
-            std::net::IpAddr::V4(ip) => {
-                addr[..4].copy_from_slice(&ip.octets());
-                AF_INET
-            }
-            std::net::IpAddr::V6(ip) => {
-                addr = ip.octets();
-                AF_INET6
-            }
-        };
+        let (addr, family) = crate::event::to_kernel_addr(self.addr.ip());
         let key = ListenerKey {
             addr,
             port: self.addr.port(),

@@ -81,10 +81,11 @@ fn at_the_limit(cpus: Option<&str>) {
     );
     // Open in issue 14, cause not found: in some runs (on one CPU 1 in 15
     // at worst, none in 100 at other times; on every CPU too) one
-    // connection of 110 000 goes unreported. Seen: a hand-over state change no program handled (at
-    // times counted as a recursion miss, at times not); a hand-over whose
-    // socket's owner was unknown under the pid filter (the flood listens
-    // before twtrace starts: its listener now comes from the snapshot).
+    // connection of 110 000 goes unreported. Seen: a hand-over state
+    // change no program handled (at times counted as a recursion miss, at
+    // times not); a hand-over whose socket's owner was unknown under the
+    // pid filter (the flood listens before twtrace starts: its listener
+    // now comes from the snapshot).
     // Exact on request; by default a shortfall of `RARE_SHORTFALL` passes,
     // and anything like the map-size losses this test was written for
     // (thousands) fails.

@@ -212,12 +212,12 @@ impl Peer {
         assert_eq!(line.trim(), "done", "peer said {line:?}");
     }
 
-    /// Lets a client connect (it waits so the tracer can attach first).
     /// Whether `go` has not been given yet.
     pub fn stdin_open(&self) -> bool {
         self.stdin.is_some()
     }
 
+    /// Lets a client connect (it waits so the tracer can attach first).
     pub fn go(&mut self) {
         let mut stdin = self.stdin.take().expect("client already started");
         stdin.write_all(b"go\n").expect("starting the client");
