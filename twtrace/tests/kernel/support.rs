@@ -340,6 +340,30 @@ pub fn command_stdout(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Waits (at most two minutes) until the kernel has freed the `pile`
+/// TIME_WAIT sockets of a namespace just deleted: it purges them in the
+/// background, and the next test must not start beside that.
+pub fn wait_for_time_wait_purge(pile: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_mins(2);
+    while time_wait_allocated().is_some_and(|n| n > pile / 10) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kernel still holds {pile} TIME_WAIT sockets two minutes after their namespace was deleted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// The IPv4 TIME_WAIT sockets allocated in every namespace (the slab's
+/// objects in use), if the kernel shows its slab caches.
+fn time_wait_allocated() -> Option<u64> {
+    let slabs = std::fs::read_to_string("/proc/slabinfo").ok()?;
+    slabs.lines().find_map(|l| {
+        let mut words = l.split_whitespace();
+        (words.next() == Some("tw_sock_TCP")).then(|| words.next()?.parse().ok())?
+    })
+}
+
 pub fn nstat_value(name: &str) -> u64 {
     // -a: absolute values since boot; -z: print zeros too.
     command_stdout("nstat", &["-az", name])
