@@ -45,34 +45,10 @@ pub struct Hook {
 }
 
 pub const HOOKS: &[Hook] = &[
-    Hook {
-        program: names::PROG_SET_STATE_RAW,
-        point: Point::Raw("sock", "inet_sock_set_state"),
-        feature: Feature::Transitions,
-    },
-    // Each hot raw hook has a twin, attached after it, for the hits the
-    // kernel's recursion guard skips it for (the kernel side's `twin`).
-    Hook {
-        program: names::PROG_SET_STATE_TWIN,
-        point: Point::Raw("sock", "inet_sock_set_state"),
-        feature: Feature::Transitions,
-    },
-    Hook {
-        program: names::PROG_SET_STATE,
-        point: Point::Classic("sock", "inet_sock_set_state"),
-        feature: Feature::Transitions,
-    },
-    // Debian 12's 6.1 has no tcp_sendmsg_locked.
-    Hook {
-        program: names::PROG_SENDMSG,
-        point: Point::Raw("tcp", "tcp_sendmsg_locked"),
-        feature: Feature::OwnerAtSend,
-    },
-    Hook {
-        program: names::PROG_RCV_SPACE,
-        point: Point::Raw("tcp", "tcp_rcv_space_adjust"),
-        feature: Feature::OwnerAtReceive,
-    },
+    // The mini-socket hooks go in before the state changes: a hand-over
+    // (FIN_WAIT2 -> CLOSE) seen while timer_start was not yet attached
+    // read as a close that skipped TIME_WAIT (tcp_max_tw_buckets full),
+    // two in the first second of a run where the kernel counted none.
     Hook {
         program: names::PROG_TIMER_START_RAW,
         point: Point::Raw("timer", "timer_start"),
@@ -107,6 +83,34 @@ pub const HOOKS: &[Hook] = &[
         program: names::PROG_TIMER_CANCEL_TWIN,
         point: Point::Raw("timer", "timer_cancel"),
         feature: Feature::TimeWait,
+    },
+    Hook {
+        program: names::PROG_SET_STATE_RAW,
+        point: Point::Raw("sock", "inet_sock_set_state"),
+        feature: Feature::Transitions,
+    },
+    // Each hot raw hook has a twin, attached after it, for the hits the
+    // kernel's recursion guard skips it for (the kernel side's `twin`).
+    Hook {
+        program: names::PROG_SET_STATE_TWIN,
+        point: Point::Raw("sock", "inet_sock_set_state"),
+        feature: Feature::Transitions,
+    },
+    Hook {
+        program: names::PROG_SET_STATE,
+        point: Point::Classic("sock", "inet_sock_set_state"),
+        feature: Feature::Transitions,
+    },
+    // Debian 12's 6.1 has no tcp_sendmsg_locked.
+    Hook {
+        program: names::PROG_SENDMSG,
+        point: Point::Raw("tcp", "tcp_sendmsg_locked"),
+        feature: Feature::OwnerAtSend,
+    },
+    Hook {
+        program: names::PROG_RCV_SPACE,
+        point: Point::Raw("tcp", "tcp_rcv_space_adjust"),
+        feature: Feature::OwnerAtReceive,
     },
     Hook {
         program: names::PROG_FORK,
