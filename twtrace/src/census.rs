@@ -80,6 +80,15 @@ impl InStateNow {
             self.oldest_exact = exact;
         }
     }
+
+    /// Counts `other`'s sockets too.
+    pub fn merge(&mut self, other: &Self) {
+        self.count += other.count;
+        if other.count > 0 && other.oldest_age_ns >= self.oldest_age_ns {
+            self.oldest_age_ns = other.oldest_age_ns;
+            self.oldest_exact = other.oldest_exact;
+        }
+    }
 }
 
 /// The census at one moment: per state, overall and per owner pid.
@@ -122,11 +131,7 @@ impl CensusNow {
         let mut total = InStateNow::default();
         for (_, states) in self.by_owner.iter().filter(|(o, _)| o.pid == pid) {
             if let Some(s) = states.get(&state) {
-                total.count += s.count;
-                if s.oldest_age_ns >= total.oldest_age_ns {
-                    total.oldest_age_ns = s.oldest_age_ns;
-                    total.oldest_exact = s.oldest_exact;
-                }
+                total.merge(s);
             }
         }
         total
@@ -269,6 +274,7 @@ mod tests {
             owner: Some(Owner {
                 pid: 9,
                 comm: Comm::from("leaky"),
+                cgroup: 0,
             }),
             owner_source: OwnerSource::Process,
             netns: 1,
@@ -293,7 +299,6 @@ mod tests {
             end: None,
             netns: 0,
             accepted: false,
-            cgroup: 0,
         }
     }
 

@@ -17,6 +17,7 @@ use serde::Serialize;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Workload {
     /// The path under the v2 hierarchy's root, from `/`.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub cgroup: String,
     /// The systemd unit (`nginx.service`), not a container's scope.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -30,6 +31,25 @@ pub struct Workload {
     /// `guaranteed`, `burstable` or `besteffort`, with `pod_uid`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub qos: Option<String>,
+    /// The pod's name and Kubernetes namespace, and the container's name,
+    /// where the node's kubelet log directories say (`kubelet_logs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k8s_namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_name: Option<String>,
+}
+
+impl Workload {
+    /// The pod as people name it — `namespace/name` — else its UID.
+    #[must_use]
+    pub fn pod_name(&self) -> Option<String> {
+        match (&self.k8s_namespace, &self.pod) {
+            (Some(ns), Some(pod)) => Some(format!("{ns}/{pod}")),
+            _ => self.pod_uid.clone(),
+        }
+    }
 }
 
 /// Names a cgroup from its path.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{loader::Family, output::Format};
+use crate::{grouping::GroupBy, loader::Family, output::Format};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -197,6 +197,21 @@ pub struct RunArgs {
     /// Stop after this long (e.g. 500ms, 5s, 2m, 1h); otherwise at Ctrl-C.
     #[arg(short, long, value_parser = parse_duration, allow_hyphen_values = true)]
     pub duration: Option<Duration>,
+
+    #[command(flatten)]
+    pub group: GroupArgs,
+}
+
+/// How reports group sockets.
+#[derive(Debug, Args)]
+pub struct GroupArgs {
+    /// Group closes and time in state by process (pid), command (comm),
+    /// systemd unit, container, Kubernetes pod, network namespace (netns)
+    /// or cgroup. Names come from the owner's cgroup path, and pod and
+    /// container names from the kubelet's /var/log/pods and
+    /// /var/log/containers where the node has them.
+    #[arg(long, value_enum, default_value_t = GroupBy::Pid)]
+    pub by: GroupBy,
 }
 
 #[derive(Debug, Args)]
@@ -256,6 +271,9 @@ pub struct RecordArgs {
     /// Write github-action-benchmark `customSmallerIsBetter` JSON here.
     #[arg(long, value_name = "FILE")]
     pub bench_json: Option<std::path::PathBuf>,
+
+    #[command(flatten)]
+    pub group: GroupArgs,
 
     /// Fail (exit 3) when this holds, e.g. `p99(FIN_WAIT2) > 50ms`,
     /// `count(TIME_WAIT) > 10000`, `lost > 0`. Repeatable.

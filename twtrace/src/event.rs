@@ -147,6 +147,9 @@ impl serde::Serialize for Comm {
 pub struct Owner {
     pub pid: u32,
     pub comm: Comm,
+    /// Its cgroup (v2) id, learnt with it; 0 if unknown
+    /// (`cgroup::Workloads` names it).
+    pub cgroup: u64,
 }
 
 /// Which side of a connection closed it first — the one rule every count
@@ -246,9 +249,6 @@ pub struct Transition {
     /// Accepted from a listener (twtrace saw it): its local port is the
     /// listener's, never an ephemeral port held for a `connect()`.
     pub accepted: bool,
-    /// The owner's cgroup (v2) id, learnt with the owner; 0 while unknown
-    /// (`cgroup::Workloads` names it).
-    pub cgroup: u64,
 }
 
 impl Transition {
@@ -324,6 +324,7 @@ pub fn from_raw(raw: &TransitionEvent) -> Result<KernelEvent, DecodeError> {
     let owner = (raw.pid != 0).then_some(Owner {
         pid: raw.pid,
         comm: Comm::from_kernel(raw.comm),
+        cgroup: raw.cgroup,
     });
     let event_kind = match raw.kind {
         kind::SOCK => EventKind::Sock,
@@ -361,7 +362,6 @@ pub fn from_raw(raw: &TransitionEvent) -> Result<KernelEvent, DecodeError> {
             end: None,
             netns: raw.netns,
             accepted: raw.flags & FLAG_ACCEPTED != 0,
-            cgroup: raw.cgroup,
         },
         tw,
     })
@@ -447,7 +447,8 @@ pub(crate) mod tests {
             t.owner,
             Some(Owner {
                 pid: 4242,
-                comm: Comm::from("curl")
+                comm: Comm::from("curl"),
+                cgroup: 0,
             })
         );
         assert_eq!(t.in_state_ns, Some(1_500));

@@ -66,6 +66,19 @@ impl StateHistograms {
         }
     }
 
+    /// Adds everything `other` counted.
+    pub fn merge(&mut self, other: &Self) {
+        for (state, h) in &other.by_state {
+            if let Some(mine) = self.by_state.get_mut(state) {
+                // Both share the same bounds, so adding cannot fail.
+                let _ = mine.add(h);
+            }
+        }
+        for (state, n) in &other.entered {
+            *self.entered.entry(*state).or_default() += n;
+        }
+    }
+
     #[must_use]
     pub fn entered(&self, state: TcpState) -> u64 {
         self.entered.get(&state).copied().unwrap_or(0)
@@ -184,11 +197,14 @@ pub const STATE_COLUMNS: [&str; 11] = [
     "STATE", "ENTERED", "LEFT", "NOW", "OLDEST", "MIN", "P50", "P90", "P99", "P99.9", "MAX",
 ];
 
-/// The process a socket belonged to; pid 0 for "not known".
+/// The process a socket belonged to, with the cgroup it was in; pid 0
+/// for "not known". The finest grain twtrace counts by: every coarser
+/// grouping (`grouping`) is a union of these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct OwnerKey {
     pub pid: u32,
     pub comm: Comm,
+    pub cgroup: u64,
 }
 
 impl OwnerKey {
@@ -204,10 +220,12 @@ impl OwnerKey {
             Self {
                 pid: 0,
                 comm: Comm::UNKNOWN,
+                cgroup: 0,
             },
             |o| Self {
                 pid: o.pid,
                 comm: o.comm,
+                cgroup: o.cgroup,
             },
         )
     }
@@ -223,6 +241,29 @@ pub struct OwnerStats {
     pub states: StateHistograms,
 }
 
+impl OwnerStats {
+    /// Adds everything `other` counted.
+    pub fn merge(&mut self, other: &Self) {
+        self.active_closes += other.active_closes;
+        self.passive_closes += other.passive_closes;
+        self.states.merge(&other.states);
+    }
+
+    fn record(&mut self, t: &Transition) {
+        match t.close_side() {
+            Some(CloseSide::Active) => self.active_closes += 1,
+            Some(CloseSide::Passive) => self.passive_closes += 1,
+            None => {}
+        }
+        if let Some(ns) = t.in_state_ns {
+            self.states.record(t.old, ns);
+        }
+        if t.old != t.new {
+            self.states.enter(t.new);
+        }
+    }
+}
+
 /// Everything `summary` reports.
 #[derive(Clone, Debug, Default)]
 pub struct TeardownStats {
@@ -231,34 +272,27 @@ pub struct TeardownStats {
     pub passive_closes: u64,
     pub owners: BTreeMap<OwnerKey, OwnerStats>,
     /// Per network namespace inode (0: not known).
-    pub namespaces: BTreeMap<u64, StateHistograms>,
+    pub namespaces: BTreeMap<u64, OwnerStats>,
 }
 
 impl TeardownStats {
     pub fn record(&mut self, t: &Transition) {
-        let owner = self.owners.entry(OwnerKey::of(t)).or_default();
         match t.close_side() {
-            Some(CloseSide::Active) => {
-                self.active_closes += 1;
-                owner.active_closes += 1;
-            }
-            Some(CloseSide::Passive) => {
-                self.passive_closes += 1;
-                owner.passive_closes += 1;
-            }
+            Some(CloseSide::Active) => self.active_closes += 1,
+            Some(CloseSide::Passive) => self.passive_closes += 1,
             None => {}
         }
-        let namespace = self.namespaces.entry(u64::from(t.netns)).or_default();
         if let Some(ns) = t.in_state_ns {
             self.overall.record(t.old, ns);
-            owner.states.record(t.old, ns);
-            namespace.record(t.old, ns);
         }
         if t.old != t.new {
             self.overall.enter(t.new);
-            owner.states.enter(t.new);
-            namespace.enter(t.new);
         }
+        self.owners.entry(OwnerKey::of(t)).or_default().record(t);
+        self.namespaces
+            .entry(u64::from(t.netns))
+            .or_default()
+            .record(t);
     }
 }
 
@@ -275,6 +309,7 @@ mod tests {
             owner: (pid != 0).then(|| Owner {
                 pid,
                 comm: Comm::from(format!("p{pid}").as_str()),
+                cgroup: 0,
             }),
             src: "127.0.0.1:1".parse().unwrap(),
             dst: "127.0.0.1:2".parse().unwrap(),
@@ -284,7 +319,6 @@ mod tests {
             end: None,
             netns: 0,
             accepted: false,
-            cgroup: 0,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod commands;
 pub mod doctor;
 pub mod event;
+pub mod grouping;
 pub mod histogram;
 pub mod loader;
 pub mod model;

@@ -366,6 +366,7 @@ mod tests {
             owner: Some(Owner {
                 pid: 7,
                 comm: "client".into(),
+                cgroup: 0,
             }),
             src: "127.0.0.1:40000".parse().unwrap(),
             dst: "127.0.0.1:80".parse().unwrap(),
@@ -375,7 +376,6 @@ mod tests {
             end: None,
             netns: 0,
             accepted: false,
-            cgroup: 0,
         }
     }
 

@@ -344,7 +344,6 @@ mod tests {
             end: None,
             netns: 0,
             accepted: false,
-            cgroup: 0,
         };
         let mut c = CloseCounter::default();
         let range = Some((32768, 60999));

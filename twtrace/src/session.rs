@@ -326,10 +326,8 @@ impl Pipeline {
     }
 }
 
-/// The snapshot's listeners as the tracer takes them, each with its
-/// holder's cgroup.
+/// The snapshot's listeners as the tracer takes them.
 fn known_listeners(taken: &Snapshot) -> Vec<KnownListener> {
-    let cgroups = crate::cgroup::v2_root();
     taken
         .listeners
         .iter()
@@ -338,10 +336,7 @@ fn known_listeners(taken: &Snapshot) -> Vec<KnownListener> {
             addr: l.addr,
             pid: l.owner.pid,
             comm: l.owner.comm.to_raw(),
-            cgroup: cgroups
-                .as_deref()
-                .and_then(|root| crate::cgroup::id_of_process(root, l.owner.pid))
-                .unwrap_or(0),
+            cgroup: l.owner.cgroup,
         })
         .collect()
 }

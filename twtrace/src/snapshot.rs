@@ -343,11 +343,12 @@ impl ProcessSockets {
             .collect();
         pids.sort_unstable();
         let mut by_inode = HashMap::new();
+        let cgroups = crate::cgroup::v2_root();
         for pid in pids {
             let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
                 continue;
             };
-            let mut comm = None;
+            let mut owner = None;
             for fd in fds.flatten() {
                 let Some(inode) = fs::read_link(fd.path())
                     .ok()
@@ -355,8 +356,15 @@ impl ProcessSockets {
                 else {
                     continue;
                 };
-                let comm = *comm.get_or_insert_with(|| read_comm(pid));
-                by_inode.entry(inode).or_insert(Owner { pid, comm });
+                let owner = *owner.get_or_insert_with(|| Owner {
+                    pid,
+                    comm: read_comm(pid),
+                    cgroup: cgroups
+                        .as_deref()
+                        .and_then(|root| crate::cgroup::id_of_process(root, pid))
+                        .unwrap_or(0),
+                });
+                by_inode.entry(inode).or_insert(owner);
             }
         }
         Self { by_inode }
@@ -499,7 +507,14 @@ mod tests {
                 .iter()
                 .map(|&(inode, pid, comm)| {
                     let comm = Comm::from(comm);
-                    (inode, Owner { pid, comm })
+                    (
+                        inode,
+                        Owner {
+                            pid,
+                            comm,
+                            cgroup: 0,
+                        },
+                    )
                 })
                 .collect(),
         }

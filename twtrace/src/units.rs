@@ -1,4 +1,4 @@
-//! Human-readable units for durations and times.
+//! Human-readable units for durations and times, and names cut to fit.
 
 use std::fmt::Write as _;
 
@@ -27,6 +27,17 @@ pub fn duration(ns: u64) -> String {
             format!("{}m{:02}s", secs / 60, secs % 60)
         }
     }
+}
+
+/// `text` cut to `width` characters, its end marked `…` where cut.
+#[must_use]
+pub fn clip(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_owned();
+    }
+    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }
 
 /// Local wall-clock time of day with microseconds, `HH:MM:SS.uuuuuu`.

@@ -142,7 +142,7 @@ pub async fn run(
     }
     let session = end?;
     let status = workload.exit.context("the command never ran")?;
-    let summary = SummaryReport::of_session(&workload.stats, &session);
+    let summary = SummaryReport::of_session(&workload.stats, &session, args.group.by);
     let meta = RunMeta {
         command: args.command.clone(),
         all: args.all,

@@ -23,7 +23,7 @@ pub async fn run(args: SummaryArgs, kernel_log: Option<log::LevelFilter>) -> any
         &mut consumer,
     )
     .await?;
-    let report = SummaryReport::of_session(&consumer.0, &end);
+    let report = SummaryReport::of_session(&consumer.0, &end, run.group.by);
     let mut out = io::stdout().lock();
     match run.output {
         Format::Json => report.write_json_pretty(&mut out)?,

@@ -55,7 +55,7 @@ pub async fn run(args: TraceArgs, kernel_log: Option<log::LevelFilter>) -> anyho
         &mut stream,
     )
     .await?;
-    let report = SummaryReport::of_session(&stream.stats, &end);
+    let report = SummaryReport::of_session(&stream.stats, &end, run.group.by);
     let out = stream.out.inner();
     match run.output {
         Format::Json => report.write_json_line(out)?,

@@ -14,8 +14,9 @@ use hdrhistogram::serialization::{
 use serde::Serialize;
 
 use crate::{
+    grouping::GroupBy,
     histogram::{StateStats, TEARDOWN_STATES, TeardownStats},
-    output::summary::{Lost, NamespaceReport, ProcessReport, SummaryReport},
+    output::summary::{GroupReport, Lost, NamespaceReport, ProcessReport, SummaryReport},
     threshold::{Measured, Metric, Stat, Threshold},
 };
 
@@ -58,6 +59,10 @@ pub struct RecordReport {
     pub states: Vec<StateStats>,
     pub processes: Vec<ProcessReport>,
     pub namespaces: Vec<NamespaceReport>,
+    /// What `groups` groups by (`--by`).
+    pub by: GroupBy,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupReport>,
     pub thresholds: Vec<ThresholdResult>,
 }
 
@@ -88,6 +93,8 @@ impl RecordReport {
             states: summary.states,
             processes: summary.processes,
             namespaces: summary.namespaces,
+            by: summary.by,
+            groups: summary.groups,
             thresholds: Vec::new(),
         }
     }
@@ -242,6 +249,7 @@ mod tests {
                 owner: Some(Owner {
                     pid: 1,
                     comm: "load".into(),
+                    cgroup: 0,
                 }),
                 src: "127.0.0.1:1".parse().unwrap(),
                 dst: "127.0.0.1:2".parse().unwrap(),
@@ -251,7 +259,6 @@ mod tests {
                 end: None,
                 netns: 0,
                 accepted: false,
-                cgroup: 0,
             });
         }
         stats

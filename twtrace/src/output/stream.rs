@@ -96,7 +96,7 @@ impl<W: Write> StreamWriter<W> {
                     end: t.end.map(crate::event::TwEnd::name),
                     sock: format!("{:#x}", t.sock_id),
                     netns: (t.netns != 0).then_some(t.netns),
-                    workload: self.workloads.get(t.cgroup),
+                    workload: self.workloads.get(t.owner.map_or(0, |o| o.cgroup)),
                 };
                 serde_json::to_writer(&mut self.out, &line)?;
                 self.out.write_all(b"\n")
@@ -126,6 +126,7 @@ mod tests {
             owner: Some(Owner {
                 pid: 77,
                 comm: "nginx".into(),
+                cgroup: 0,
             }),
             src: "[::1]:8080".parse().unwrap(),
             dst: "[::1]:50000".parse().unwrap(),
@@ -135,7 +136,6 @@ mod tests {
             end: None,
             netns: 0,
             accepted: false,
-            cgroup: 0,
         }
     }
 

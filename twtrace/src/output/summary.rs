@@ -9,6 +9,8 @@ use std::collections::BTreeSet;
 
 use crate::{
     census::CensusNow,
+    cgroup::{Workload, Workloads},
+    grouping::{Group, GroupBy},
     histogram::{OwnerKey, OwnerStats, STATE_COLUMNS, StateStats, TeardownStats},
     loader::LossReport,
     session::{SessionEnd, TimeWaitTally},
@@ -49,6 +51,33 @@ pub struct Lost {
     pub too_deeply_nested: u64,
 }
 
+/// One group's closes and states (`--by`).
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupReport {
+    pub name: String,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Workload>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u64>,
+    pub active_closes: u64,
+    pub passive_closes: u64,
+    pub states: Vec<StateStats>,
+}
+
+impl GroupReport {
+    #[must_use]
+    pub fn of(group: &Group) -> Self {
+        Self {
+            name: group.name.clone(),
+            workload: group.workload.clone(),
+            netns: group.netns,
+            active_closes: group.stats.active_closes,
+            passive_closes: group.stats.passive_closes,
+            states: group.states(),
+        }
+    }
+}
+
 /// One network namespace's states.
 #[derive(Clone, Debug, Serialize)]
 pub struct NamespaceReport {
@@ -77,6 +106,10 @@ pub struct SummaryReport {
     pub states: Vec<StateStats>,
     pub processes: Vec<ProcessReport>,
     pub namespaces: Vec<NamespaceReport>,
+    /// What `groups` groups by (`--by`; `processes` are always there).
+    pub by: GroupBy,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupReport>,
 }
 
 impl SummaryReport {
@@ -141,13 +174,27 @@ impl SummaryReport {
             states: stats.overall.stats_with_now(|state| now.state(state)),
             processes,
             namespaces: namespaces(stats, now),
+            by: GroupBy::Pid,
+            groups: Vec::new(),
         }
     }
 
-    /// The report of one tracing run.
+    /// Groups by `by` too, in JSON and in place of the per-process tables
+    /// in text.
     #[must_use]
-    pub fn of_session(stats: &TeardownStats, end: &SessionEnd) -> Self {
-        Self::new(
+    pub fn grouped(mut self, by: GroupBy, groups: &[Group]) -> Self {
+        self.by = by;
+        if by != GroupBy::Pid {
+            self.groups = groups.iter().map(GroupReport::of).collect();
+        }
+        self
+    }
+
+    /// The report of one tracing run, grouped `by` (names looked up on
+    /// this host).
+    #[must_use]
+    pub fn of_session(stats: &TeardownStats, end: &SessionEnd, by: GroupBy) -> Self {
+        let report = Self::new(
             stats,
             &end.now,
             end.events,
@@ -155,7 +202,12 @@ impl SummaryReport {
             &end.loss,
             &end.time_wait,
             end.time_wait_tracking,
-        )
+        );
+        if by == GroupBy::Pid {
+            return report;
+        }
+        let groups = super::groups_here(stats, &end.now, by, &mut Workloads::new());
+        report.grouped(by, &groups)
     }
 
     /// One line of JSON (the last line of `trace -o json`).
@@ -179,6 +231,77 @@ impl SummaryReport {
             writeln!(out, "  (no teardown seen)")?;
         }
         writeln!(out)?;
+        if self.by == GroupBy::Pid {
+            self.write_processes(out)?;
+        } else {
+            self.write_groups(out)?;
+        }
+        if self.namespaces.len() > 1 && self.by != GroupBy::Netns {
+            writeln!(out, "BY NETWORK NAMESPACE")?;
+            write_state_header(out, &format!("{:<11} ", "NETNS"))?;
+            for n in &self.namespaces {
+                let prefix = format!("{:<11} ", n.netns);
+                for s in &n.states {
+                    write_state_row(out, &prefix, s)?;
+                }
+            }
+            writeln!(out)?;
+        }
+        self.write_losses(out)
+    }
+
+    fn write_groups(&self, out: &mut impl Write) -> io::Result<()> {
+        let title = self.by.title();
+        let width = self
+            .groups
+            .iter()
+            .take(TEXT_PROCESSES)
+            .map(|g| g.name.chars().count())
+            .max()
+            .unwrap_or(0)
+            .clamp(self.by.column().len(), MAX_NAME_WIDTH);
+        let name = |n: &str| format!("{:<width$}", units::clip(n, width));
+        writeln!(
+            out,
+            "CLOSES BY {title} ({} active, {} passive)",
+            self.active_closes, self.passive_closes
+        )?;
+        writeln!(
+            out,
+            "{} {:>8} {:>8}",
+            name(self.by.column()),
+            "ACTIVE",
+            "PASSIVE"
+        )?;
+        for g in self.groups.iter().take(TEXT_PROCESSES) {
+            writeln!(
+                out,
+                "{} {:>8} {:>8}",
+                name(&g.name),
+                g.active_closes,
+                g.passive_closes
+            )?;
+        }
+        writeln!(out)?;
+        writeln!(out, "TIME IN STATE BY {title}")?;
+        write_state_header(out, &format!("{} ", name(self.by.column())))?;
+        for g in self.groups.iter().take(TEXT_PROCESSES) {
+            let prefix = format!("{} ", name(&g.name));
+            for s in &g.states {
+                write_state_row(out, &prefix, s)?;
+            }
+        }
+        if self.groups.len() > TEXT_PROCESSES {
+            writeln!(
+                out,
+                "  ({} more; -o json lists all)",
+                self.groups.len() - TEXT_PROCESSES
+            )?;
+        }
+        writeln!(out)
+    }
+
+    fn write_processes(&self, out: &mut impl Write) -> io::Result<()> {
         writeln!(
             out,
             "CLOSES BY PROCESS ({} active, {} passive)",
@@ -212,18 +335,10 @@ impl SummaryReport {
                 self.processes.len() - TEXT_PROCESSES
             )?;
         }
-        writeln!(out)?;
-        if self.namespaces.len() > 1 {
-            writeln!(out, "BY NETWORK NAMESPACE")?;
-            write_state_header(out, &format!("{:<11} ", "NETNS"))?;
-            for n in &self.namespaces {
-                let prefix = format!("{:<11} ", n.netns);
-                for s in &n.states {
-                    write_state_row(out, &prefix, s)?;
-                }
-            }
-            writeln!(out)?;
-        }
+        writeln!(out)
+    }
+
+    fn write_losses(&self, out: &mut impl Write) -> io::Result<()> {
         let lost = &self.lost;
         writeln!(
             out,
@@ -261,7 +376,7 @@ impl SummaryReport {
 
 /// Every namespace with transitions or sockets now, in inode order.
 fn namespaces(stats: &TeardownStats, now: &CensusNow) -> Vec<NamespaceReport> {
-    let empty = crate::histogram::StateHistograms::default();
+    let empty = OwnerStats::default();
     let inodes: BTreeSet<u64> = stats
         .namespaces
         .keys()
@@ -276,14 +391,18 @@ fn namespaces(stats: &TeardownStats, now: &CensusNow) -> Vec<NamespaceReport> {
                 .namespaces
                 .get(&netns)
                 .unwrap_or(&empty)
+                .states
                 .stats_with_now(|state| now.of_netns(netns, state)),
         })
         .filter(|n| !n.states.is_empty())
         .collect()
 }
 
-/// Processes shown in text; busiest closers first, JSON has them all.
+/// Processes (or groups) shown in text; busiest closers first, JSON has
+/// them all.
 const TEXT_PROCESSES: usize = 20;
+/// A group's name in text is cut to this (JSON has it whole).
+const MAX_NAME_WIDTH: usize = 48;
 
 fn write_state_header(out: &mut impl Write, prefix: &str) -> io::Result<()> {
     write_cells(out, prefix, &STATE_COLUMNS.map(str::to_owned))
@@ -322,6 +441,7 @@ mod tests {
                 owner: Some(Owner {
                     pid,
                     comm: format!("p{pid}").as_str().into(),
+                    cgroup: 0,
                 }),
                 src: "127.0.0.1:1".parse().unwrap(),
                 dst: "127.0.0.1:2".parse().unwrap(),
@@ -331,7 +451,6 @@ mod tests {
                 end: None,
                 netns: 0,
                 accepted: false,
-                cgroup: 0,
             });
         }
         SummaryReport::new(

@@ -416,6 +416,7 @@ mod tests {
             owner: Some(Owner {
                 pid,
                 comm: crate::event::Comm::from(format!("p{pid}").as_str()),
+                cgroup: 0,
             }),
             src: src.parse().unwrap(),
             dst: dst.parse().unwrap(),
@@ -425,7 +426,6 @@ mod tests {
             end: None,
             netns: 0,
             accepted: false,
-            cgroup: 0,
         }
     }
 
