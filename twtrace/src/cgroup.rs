@@ -125,9 +125,83 @@ fn container_of(part: &str) -> Option<&str> {
 /// How often the hierarchy is walked again for ids not found.
 const RESCAN_EVERY: Duration = Duration::from_secs(1);
 
+/// Where the kubelet keeps container logs: its directory and file names
+/// are the only place on a node that names pods and containers without
+/// credentials (log shippers read them the same way). `TWTRACE_KUBELET_LOGS`
+/// names another directory holding `pods/` and `containers/`.
+pub const KUBELET_LOGS: &str = "/var/log";
+
+fn kubelet_logs() -> PathBuf {
+    std::env::var_os("TWTRACE_KUBELET_LOGS")
+        .map_or_else(|| PathBuf::from(KUBELET_LOGS), PathBuf::from)
+}
+
+/// Pod and container names from the kubelet's log directories:
+/// `pods/<namespace>_<pod>_<uid>/` and
+/// `containers/<pod>_<namespace>_<container>-<id>.log`. Names and
+/// namespaces are DNS labels, so `_` never occurs inside one.
+#[derive(Debug, Default)]
+struct KubeletNames {
+    /// Pod UID to (namespace, pod).
+    pods: HashMap<String, (String, String)>,
+    /// Container id to (namespace, pod, container).
+    containers: HashMap<String, (String, String, String)>,
+}
+
+impl KubeletNames {
+    fn read(logs: &Path) -> Self {
+        let names = |dir: &str| -> Vec<String> {
+            std::fs::read_dir(logs.join(dir))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        };
+        let mut out = Self::default();
+        for name in names("pods") {
+            if let [ns, pod, uid] = name.split('_').collect::<Vec<_>>()[..] {
+                out.pods
+                    .insert(uid.to_owned(), (ns.to_owned(), pod.to_owned()));
+            }
+        }
+        for name in names("containers") {
+            let Some(stem) = name.strip_suffix(".log") else {
+                continue;
+            };
+            if let [pod, ns, rest] = stem.split('_').collect::<Vec<_>>()[..]
+                && let Some((container, id)) = rest.rsplit_once('-')
+                && container_of(id).is_some()
+            {
+                out.containers.insert(
+                    id.to_owned(),
+                    (ns.to_owned(), pod.to_owned(), container.to_owned()),
+                );
+            }
+        }
+        out
+    }
+
+    /// Names what the cgroup path left unnamed.
+    fn name(&self, w: &mut Workload) {
+        if let Some((ns, pod, container)) =
+            w.container.as_ref().and_then(|id| self.containers.get(id))
+        {
+            w.k8s_namespace = Some(ns.clone());
+            w.pod = Some(pod.clone());
+            w.container_name = Some(container.clone());
+        }
+        if let Some((ns, pod)) = w.pod_uid.as_ref().and_then(|uid| self.pods.get(uid)) {
+            w.k8s_namespace = Some(ns.clone());
+            w.pod = Some(pod.clone());
+        }
+    }
+}
+
 /// Cgroup ids to workloads, learnt by walking the v2 hierarchy.
 pub struct Workloads {
     root: Option<PathBuf>,
+    kubelet_logs: PathBuf,
     by_id: HashMap<u64, Workload>,
     scanned: Option<Instant>,
 }
@@ -144,9 +218,17 @@ impl Workloads {
     pub fn at(root: Option<PathBuf>) -> Self {
         Self {
             root,
+            kubelet_logs: kubelet_logs(),
             by_id: HashMap::new(),
             scanned: None,
         }
+    }
+
+    /// Pod and container names from kubelet logs under `dir`.
+    #[must_use]
+    pub fn with_kubelet_logs(mut self, dir: PathBuf) -> Self {
+        self.kubelet_logs = dir;
+        self
     }
 
     /// What cgroup `id` is; `None` for 0, a cgroup gone before it was
@@ -167,15 +249,18 @@ impl Workloads {
         let Some(root) = self.root.clone() else {
             return;
         };
+        let kubelet = KubeletNames::read(&self.kubelet_logs);
         let mut dirs = vec![root.clone()];
         while let Some(dir) = dirs.pop() {
             let Ok(meta) = std::fs::metadata(&dir) else {
                 continue;
             };
             let path = Path::new("/").join(dir.strip_prefix(&root).unwrap_or(&dir));
-            self.by_id
-                .entry(meta.ino())
-                .or_insert_with(|| parse(&path.to_string_lossy()));
+            self.by_id.entry(meta.ino()).or_insert_with(|| {
+                let mut w = parse(&path.to_string_lossy());
+                kubelet.name(&mut w);
+                w
+            });
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
@@ -284,6 +369,45 @@ mod tests {
         assert_eq!(w.unit.as_deref(), Some("session-2.scope"));
         assert_eq!((w.container, w.pod_uid, w.qos), (None, None, None));
         assert_eq!(parse("/").unit, None);
+    }
+
+    #[test]
+    fn pods_and_containers_are_named_from_the_kubelets_logs() {
+        let dir = std::env::temp_dir().join(format!("twtrace-kl-{}", std::process::id()));
+        let uid = "1a2b3c4d-0000-1111-2222-333344445555";
+        std::fs::create_dir_all(dir.join(format!("pods/shop_web-7d9f_{uid}/app"))).unwrap();
+        std::fs::create_dir_all(dir.join("containers")).unwrap();
+        std::fs::write(
+            dir.join(format!("containers/web-7d9f_shop_app-server-{ID}.log")),
+            "",
+        )
+        .unwrap();
+        // Not the kubelet's: ignored.
+        std::fs::write(dir.join("containers/notes.txt"), "").unwrap();
+        let names = KubeletNames::read(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let mut pod = parse(&format!(
+            "/kubepods/pod{uid}/0000000000000000000000000000000000000000000000000000000000000000"
+        ));
+        names.name(&mut pod);
+        assert_eq!(pod.pod_name().as_deref(), Some("shop/web-7d9f"));
+        assert_eq!(pod.container_name, None);
+        let mut container = parse(&format!("/system.slice/docker-{ID}.scope"));
+        names.name(&mut container);
+        assert_eq!(
+            (
+                container.k8s_namespace.as_deref(),
+                container.pod.as_deref(),
+                container.container_name.as_deref()
+            ),
+            (Some("shop"), Some("web-7d9f"), Some("app-server"))
+        );
+        let mut alone = parse("/kubepods/pod0f0e0d0c-0000-1111-2222-333344445555/x");
+        names.name(&mut alone);
+        assert_eq!(
+            alone.pod_name().as_deref(),
+            Some("0f0e0d0c-0000-1111-2222-333344445555")
+        );
     }
 
     #[test]

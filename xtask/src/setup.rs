@@ -73,7 +73,7 @@ pub fn run() -> anyhow::Result<Tools> {
 }
 
 /// Programs the kernel tests drive, and the Debian packages that have them.
-const TEST_TOOLS: [(&str, &str); 9] = [
+const TEST_TOOLS: [(&str, &str); 10] = [
     ("bpftool", "bpftool"),
     ("tmux", "tmux"),
     ("ip", "iproute2"),
@@ -84,6 +84,8 @@ const TEST_TOOLS: [(&str, &str); 9] = [
     ("busybox", "busybox-static"),
     // The unit's sandbox is rated by `systemd-analyze security --offline`.
     ("systemd-analyze", "systemd"),
+    // The real server scrapes `twtrace serve` for per-pod series.
+    ("prometheus", "prometheus"),
 ];
 
 /// The Kubernetes schema validator from `PyPI`, for the `DaemonSet` manifest: the
@@ -94,7 +96,7 @@ const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 pub fn test_tools() -> anyhow::Result<()> {
     step(
         3,
-        "test tools (tmux, iproute2, util-linux, bpftool, qemu, busybox, systemd-analyze)",
+        "test tools (tmux, iproute2, util-linux, bpftool, qemu, busybox, systemd-analyze, prometheus)",
         || {
             let mut missing: Vec<&str> = TEST_TOOLS
                 .iter()

@@ -1,9 +1,15 @@
 //! The Prometheus/OpenMetrics endpoint (`--metrics-addr`): time in state
-//! as a histogram in seconds by state, closes by side and comm, TIME_WAIT
-//! held now, and what was lost. Labels stay low-cardinality: no pid, no
-//! port, no address.
+//! as a histogram in seconds by state, closes by side, comm, pod,
+//! namespace and container, TIME_WAIT held now, and what was lost. Labels
+//! stay bounded by what runs on the node: no pid, no port, no address.
 
-use std::{io, net::SocketAddr, ops::ControlFlow, sync::Arc};
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    ops::ControlFlow,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::Context;
 use prometheus_client::{
@@ -17,6 +23,7 @@ use tokio::{
 };
 
 use crate::{
+    cgroup::{Workload, Workloads},
     event::{Comm, Transition},
     histogram::TEARDOWN_STATES,
     session::{Consumer, Status},
@@ -50,6 +57,71 @@ struct CloseLabels {
     /// `active` (closed first) or `passive`.
     side: &'static str,
     comm: Comm,
+    /// The Kubernetes pod (name, else UID), its namespace and the
+    /// container (name, else short id); empty where not in one.
+    pod: Name,
+    namespace: Name,
+    container: Name,
+}
+
+/// A label value shared by every series of one cgroup: cloning it for a
+/// lookup does not allocate.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+struct Name(Arc<str>);
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, &self.0)
+    }
+}
+
+/// The pod, namespace and container of one cgroup, as labels.
+#[derive(Clone, Debug, Default)]
+struct WorkloadLabels {
+    pod: Name,
+    namespace: Name,
+    container: Name,
+}
+
+impl WorkloadLabels {
+    fn of(w: Option<&Workload>) -> Self {
+        let name = |s: Option<String>| Name(Arc::from(s.unwrap_or_default()));
+        let Some(w) = w else {
+            return Self::default();
+        };
+        Self {
+            pod: name(w.pod.clone().or_else(|| w.pod_uid.clone())),
+            namespace: name(w.k8s_namespace.clone()),
+            container: name(
+                w.container_name
+                    .clone()
+                    .or_else(|| w.container.as_ref().map(|id| id.chars().take(12).collect())),
+            ),
+        }
+    }
+}
+
+/// Cgroup ids to their labels, each named once.
+struct CgroupLabels {
+    workloads: Workloads,
+    by_id: HashMap<u64, WorkloadLabels>,
+    /// For owners in no cgroup twtrace can name.
+    none: WorkloadLabels,
+}
+
+impl CgroupLabels {
+    fn of(&mut self, id: u64) -> WorkloadLabels {
+        if let Some(labels) = self.by_id.get(&id) {
+            return labels.clone();
+        }
+        // Unknown ids are not kept: the cgroup may show up on a rescan.
+        let Some(w) = self.workloads.get(id) else {
+            return self.none.clone();
+        };
+        let labels = WorkloadLabels::of(Some(w));
+        self.by_id.insert(id, labels.clone());
+        labels
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -92,6 +164,7 @@ pub struct Metrics {
     sockets_now: Family<StateLabel, Gauge>,
     oldest_age: Family<StateLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     older_than_leak: Family<StateLabel, Gauge>,
+    cgroups: Arc<Mutex<CgroupLabels>>,
 }
 
 impl Default for Metrics {
@@ -103,6 +176,12 @@ impl Default for Metrics {
 impl Metrics {
     #[must_use]
     pub fn new() -> Self {
+        Self::naming_with(Workloads::new())
+    }
+
+    /// Metrics whose pod, namespace and container labels `workloads` names.
+    #[must_use]
+    pub fn naming_with(workloads: Workloads) -> Self {
         let mut registry = Registry::with_prefix("twtrace");
         let time_in_state =
             Family::<StateLabel, Histogram, fn() -> Histogram>::new_with_constructor(new_histogram);
@@ -173,6 +252,11 @@ impl Metrics {
             sockets_now,
             oldest_age,
             older_than_leak,
+            cgroups: Arc::new(Mutex::new(CgroupLabels {
+                workloads,
+                by_id: HashMap::new(),
+                none: WorkloadLabels::of(None),
+            })),
         }
     }
 
@@ -191,10 +275,19 @@ impl Metrics {
         let Some(side) = t.close_side() else {
             return;
         };
+        let cgroup = t.owner.map_or(0, |o| o.cgroup);
+        let workload = self
+            .cgroups
+            .lock()
+            .map(|mut c| c.of(cgroup))
+            .unwrap_or_default();
         self.closes
             .get_or_create(&CloseLabels {
                 side: side.name(),
                 comm: t.owner.map_or(Comm::UNKNOWN, |o| o.comm),
+                pod: workload.pod,
+                namespace: workload.namespace,
+                container: workload.container,
             })
             .inc();
     }
@@ -280,5 +373,65 @@ impl Metrics {
                 });
             }
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Owner, TcpState};
+    use std::os::unix::fs::MetadataExt;
+
+    fn close(cgroup: u64) -> Transition {
+        Transition {
+            ts_ns: 0,
+            sock_id: 0,
+            owner: Some(Owner {
+                pid: 7,
+                comm: Comm::from("app"),
+                cgroup,
+            }),
+            src: "127.0.0.1:1".parse().unwrap(),
+            dst: "127.0.0.1:2".parse().unwrap(),
+            old: TcpState::Established,
+            new: TcpState::FinWait1,
+            in_state_ns: None,
+            end: None,
+            netns: 0,
+            accepted: false,
+        }
+    }
+
+    #[test]
+    fn closes_carry_the_pod_namespace_and_container() {
+        let dir = std::env::temp_dir().join(format!("twtrace-ml-{}", std::process::id()));
+        let uid = "1a2b3c4d-0000-1111-2222-333344445555";
+        let id = "ab".repeat(32);
+        let cgroup = dir.join(format!("cg/kubepods/besteffort/pod{uid}/{id}"));
+        std::fs::create_dir_all(&cgroup).unwrap();
+        std::fs::create_dir_all(dir.join(format!("logs/pods/shop_web-7d9f_{uid}"))).unwrap();
+        std::fs::create_dir_all(dir.join("logs/containers")).unwrap();
+        std::fs::write(
+            dir.join(format!("logs/containers/web-7d9f_shop_server-{id}.log")),
+            "",
+        )
+        .unwrap();
+        let inode = std::fs::metadata(&cgroup).unwrap().ino();
+        let metrics = Metrics::naming_with(
+            Workloads::at(Some(dir.join("cg"))).with_kubelet_logs(dir.join("logs")),
+        );
+        metrics.record(&close(inode));
+        metrics.record(&close(inode));
+        metrics.record(&close(0));
+        let page = metrics.encode().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            page.contains(r#"twtrace_closes_total{side="active",comm="app",pod="web-7d9f",namespace="shop",container="server"} 2"#),
+            "{page}"
+        );
+        assert!(
+            page.contains(r#"twtrace_closes_total{side="active",comm="app",pod="",namespace="",container=""} 1"#),
+            "{page}"
+        );
     }
 }

@@ -32,6 +32,7 @@ mod at_scale;
 mod cli;
 mod namespaces;
 mod peer;
+mod pods;
 mod record;
 mod reliability;
 mod reports;
@@ -71,6 +72,7 @@ fn main() -> ExitCode {
         reports::TESTS,
         state_now::TESTS,
         namespaces::TESTS,
+        pods::TESTS,
         reliability::TESTS,
     ]
     .concat()

@@ -48,7 +48,7 @@ fn summary_of(spec: &str, makers: &mut [(Netns, Peer)]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("summary JSON")
 }
 
-fn makers() -> Vec<(Netns, Peer)> {
+pub fn makers() -> Vec<(Netns, Peer)> {
     [5, 7]
         .into_iter()
         .map(|count| {
@@ -204,7 +204,7 @@ fn ports_with_tcp_tw_reuse_forecasts_never_full_and_nothing_fails() {
 
 /// Cgroups this test made under the host's v2 hierarchy, removed at the
 /// end (deepest first; their processes are gone by then).
-struct Cgroups(Vec<std::path::PathBuf>);
+pub struct Cgroups(pub Vec<std::path::PathBuf>);
 
 impl Drop for Cgroups {
     fn drop(&mut self) {
