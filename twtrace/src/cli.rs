@@ -76,6 +76,9 @@ pub struct SocketsArgs {
     #[arg(short, long)]
     pub list: bool,
 
+    #[command(flatten)]
+    pub group: GroupArgs,
+
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Text)]
     pub output: Format,

@@ -127,7 +127,7 @@ pub fn close_wait_leaks(
         .filter(|s| s.state == crate::event::TcpState::CloseWait && s.age_ns > threshold_ns)
         .cloned()
         .collect();
-    crate::snapshot::group(&old)
+    crate::snapshot::group(&old, |_| None)
         .into_iter()
         .map(|g| CloseWaitLeak {
             pid: g.owner.map_or(0, |o| o.pid),

@@ -81,6 +81,9 @@ impl GroupBy {
     }
 }
 
+/// A group's name in text is cut to this (JSON has it whole).
+pub const MAX_NAME_WIDTH: usize = 48;
+
 /// The name of sockets whose owner twtrace never learnt.
 pub const UNKNOWN: &str = "?";
 /// The name of sockets whose owner is in no group of the kind asked
@@ -175,11 +178,7 @@ fn netns_group<'a>(
     inode: u64,
     netns_name: &impl Fn(u64) -> Option<String>,
 ) -> &'a mut Group {
-    let name = match (inode, netns_name(inode)) {
-        (0, _) => UNKNOWN.to_owned(),
-        (_, Some(name)) => format!("{inode} ({name})"),
-        (_, None) => inode.to_string(),
-    };
+    let name = netns_label(inode, netns_name(inode));
     out.entry(name.clone()).or_insert_with(|| Group {
         name,
         netns: Some(inode),
@@ -187,9 +186,21 @@ fn netns_group<'a>(
     })
 }
 
-/// The group an owner falls in, and what its cgroup says where the
-/// grouping is one of the cgroup's kinds.
-fn name_of(by: GroupBy, key: &OwnerKey, w: Option<&Workload>) -> (String, Option<Workload>) {
+/// A namespace's group name: its inode, and the name users know it by.
+#[must_use]
+pub fn netns_label(inode: u64, name: Option<String>) -> String {
+    match (inode, name) {
+        (0, _) => UNKNOWN.to_owned(),
+        (_, Some(name)) => format!("{inode} ({name})"),
+        (_, None) => inode.to_string(),
+    }
+}
+
+/// The group an owner falls in (not for `Netns`: a socket's namespace is
+/// its own, not its owner's), and what its cgroup says where the grouping
+/// is one of the cgroup's kinds.
+#[must_use]
+pub fn name_of(by: GroupBy, key: &OwnerKey, w: Option<&Workload>) -> (String, Option<Workload>) {
     if key.pid == 0 {
         return (UNKNOWN.to_owned(), None);
     }
@@ -207,7 +218,7 @@ fn name_of(by: GroupBy, key: &OwnerKey, w: Option<&Workload>) -> (String, Option
         ),
         GroupBy::Pod => (part(w.and_then(Workload::pod_name)), w.map(pod_of)),
         GroupBy::Cgroup => (part(w.map(|w| w.cgroup.clone())), w.cloned()),
-        GroupBy::Netns => unreachable!("namespaces are grouped from their own counts"),
+        GroupBy::Netns => (UNKNOWN.to_owned(), None),
     }
 }
 

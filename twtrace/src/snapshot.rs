@@ -421,6 +421,9 @@ impl SocketFilter {
 /// Sockets grouped by owner, namespace and state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SocketGroup {
+    /// The group's name under `--by` other than pid (then `owner` and
+    /// `netns` are the first socket's).
+    pub name: Option<String>,
     pub owner: Option<Owner>,
     pub netns: u64,
     pub state: TcpState,
@@ -432,15 +435,24 @@ pub struct SocketGroup {
     pub top_remotes: Vec<(String, u64)>,
 }
 
-/// Groups sockets by (owner pid, namespace, state): biggest group first.
+/// Groups sockets by (owner pid, namespace, state), or by (`name`,
+/// state) where `name` names a socket's group: biggest group first.
 #[must_use]
-pub fn group(sockets: &[SocketNow]) -> Vec<SocketGroup> {
-    type Key = (u32, u64, TcpState);
+pub fn group(
+    sockets: &[SocketNow],
+    mut name: impl FnMut(&SocketNow) -> Option<String>,
+) -> Vec<SocketGroup> {
+    type Key = (Option<String>, u32, u64, TcpState);
     let mut groups: BTreeMap<Key, (SocketGroup, HashMap<String, u64>)> = BTreeMap::new();
     for s in sockets {
-        let pid = s.owner.map_or(0, |o| o.pid);
-        let (group, remotes) = groups.entry((pid, s.netns, s.state)).or_insert_with(|| {
+        let named = name(s);
+        let key = match named {
+            Some(_) => (named.clone(), 0, 0, s.state),
+            None => (None, s.owner.map_or(0, |o| o.pid), s.netns, s.state),
+        };
+        let (group, remotes) = groups.entry(key).or_insert_with(|| {
             let group = SocketGroup {
+                name: named,
                 owner: s.owner,
                 netns: s.netns,
                 state: s.state,
@@ -587,13 +599,20 @@ mod tests {
             &processes(&[(21, 5, "leaky"), (22, 5, "leaky"), (11, 5, "leaky")]),
         );
         sockets[1].age_ns = 99;
-        let groups = group(&sockets);
+        let groups = group(&sockets, |_| None);
         assert_eq!(groups.len(), 2);
         assert_eq!((groups[0].state, groups[0].count), (TcpState::CloseWait, 2));
         assert_eq!(groups[0].oldest_age_ns, 30 * NS_PER_SEC);
         // The server's sockets: grouped by the client's address.
         assert_eq!(groups[0].top_remotes, vec![("10.0.0.9".to_owned(), 2)]);
         assert_eq!(groups[1].owner, None);
+        // Named groups (`--by`): one per name and state, whoever owns them.
+        let named = group(&sockets, |s| Some(format!("pod-{}", s.owner.is_some())));
+        assert_eq!(named.len(), 2);
+        assert_eq!(
+            (named[0].name.as_deref(), named[0].count),
+            (Some("pod-true"), 2)
+        );
     }
 
     #[test]

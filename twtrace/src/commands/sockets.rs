@@ -5,10 +5,13 @@
 use std::io::{self, Write};
 
 use crate::{
+    cgroup::Workloads,
     cli::SocketsArgs,
     commands::Outcome,
+    grouping::{self, GroupBy},
+    histogram::OwnerKey,
     output::{Format, sockets as report},
-    snapshot::{self, SocketFilter},
+    snapshot::{self, SocketFilter, SocketNow},
 };
 
 /// `--older-than` found sockets.
@@ -44,13 +47,35 @@ pub fn run(args: &SocketsArgs) -> anyhow::Result<Outcome> {
         eprintln!("twtrace: sockets of {unreadable} are not included");
     }
     taken.sockets.retain(|s| filter.matches(s));
-    let groups = snapshot::group(&taken.sockets);
+    let by = args.group.by;
+    let groups = snapshot::group(&taken.sockets, group_namer(by));
     let mut out = io::stdout().lock();
     match args.output {
-        Format::Json => report::write_json(&mut out, &taken, &groups)?,
-        Format::Text => report::write_text(&mut out, &taken, &groups, args.list)?,
+        Format::Json => report::write_json(&mut out, &taken, by, &groups)?,
+        Format::Text => report::write_text(&mut out, &taken, by, &groups, args.list)?,
     }
     out.flush()?;
     let found_old = args.older_than.is_some() && !taken.sockets.is_empty();
     Ok(Outcome::Exit(if found_old { EXIT_FOUND_OLD } else { 0 }))
+}
+
+/// Each socket's group under `--by` (none for pid: by owner and namespace).
+fn group_namer(by: GroupBy) -> impl FnMut(&SocketNow) -> Option<String> {
+    let mut workloads = Workloads::new();
+    let namespaces = if by == GroupBy::Netns {
+        crate::netns::all()
+    } else {
+        Vec::new()
+    };
+    move |s| match by {
+        GroupBy::Pid => None,
+        GroupBy::Netns => Some(grouping::netns_label(
+            s.netns,
+            crate::netns::name_of(s.netns, &namespaces),
+        )),
+        _ => {
+            let key = OwnerKey::of_owner(s.owner);
+            Some(grouping::name_of(by, &key, workloads.get(key.cgroup)).0)
+        }
+    }
 }

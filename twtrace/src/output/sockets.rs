@@ -7,6 +7,7 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 use crate::{
+    grouping::{self, GroupBy},
     snapshot::{OwnerSource, Snapshot, SocketGroup, SocketNow},
     units,
 };
@@ -46,6 +47,9 @@ impl From<&SocketNow> for SocketJson {
 
 #[derive(Serialize)]
 struct GroupJson {
+    /// The group's name under `--by` other than pid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
     pid: Option<u32>,
     comm: Option<String>,
     netns: u64,
@@ -64,6 +68,7 @@ struct RemoteJson {
 impl From<&SocketGroup> for GroupJson {
     fn from(g: &SocketGroup) -> Self {
         Self {
+            name: g.name.clone(),
             pid: g.owner.map(|o| o.pid),
             comm: g.owner.map(|o| o.comm.to_string()),
             netns: g.netns,
@@ -90,12 +95,15 @@ struct Report {
     unreadable_namespaces: Vec<String>,
     took_ns: u64,
     sockets: Vec<SocketJson>,
+    /// What `groups` groups by (`--by`): pid groups by owner and namespace.
+    by: GroupBy,
     groups: Vec<GroupJson>,
 }
 
 pub fn write_json(
     out: &mut impl Write,
     taken: &Snapshot,
+    by: GroupBy,
     groups: &[SocketGroup],
 ) -> io::Result<()> {
     let report = Report {
@@ -104,6 +112,7 @@ pub fn write_json(
         unreadable_namespaces: taken.unreadable.clone(),
         took_ns: taken.took_ns,
         sockets: taken.sockets.iter().map(SocketJson::from).collect(),
+        by,
         groups: groups.iter().map(GroupJson::from).collect(),
     };
     serde_json::to_writer_pretty(&mut *out, &report)?;
@@ -113,6 +122,7 @@ pub fn write_json(
 pub fn write_text(
     out: &mut impl Write,
     taken: &Snapshot,
+    by: GroupBy,
     groups: &[SocketGroup],
     list: bool,
 ) -> io::Result<()> {
@@ -123,13 +133,34 @@ pub fn write_text(
         taken.namespaces,
         units::duration(taken.took_ns)
     )?;
+    // Pid: who and where; any other grouping: its name.
+    let width = groups
+        .iter()
+        .filter_map(|g| g.name.as_ref().map(|n| n.chars().count()))
+        .max()
+        .unwrap_or(0)
+        .clamp(by.column().len(), grouping::MAX_NAME_WIDTH);
+    let who = |g: Option<&SocketGroup>| match (by, g) {
+        (GroupBy::Pid, None) => format!("{:<8} {:<16} {:<11}", "PID", "COMM", "NETNS"),
+        (GroupBy::Pid, Some(g)) => {
+            let (pid, comm) = owner_columns(g.owner);
+            format!("{pid:<8} {comm:<16} {:<11}", g.netns)
+        }
+        (_, None) => format!("{:<width$}", by.column()),
+        (_, Some(g)) => format!(
+            "{:<width$}",
+            units::clip(g.name.as_deref().unwrap_or("?"), width)
+        ),
+    };
     writeln!(
         out,
-        "{:<8} {:<16} {:<11} {:<11} {:>7} {:>9}  TOP REMOTES",
-        "PID", "COMM", "NETNS", "STATE", "COUNT", "OLDEST"
+        "{} {:<11} {:>7} {:>9}  TOP REMOTES",
+        who(None),
+        "STATE",
+        "COUNT",
+        "OLDEST"
     )?;
     for g in groups {
-        let (pid, comm) = owner_columns(g.owner);
         let remotes: Vec<String> = g
             .top_remotes
             .iter()
@@ -137,8 +168,8 @@ pub fn write_text(
             .collect();
         writeln!(
             out,
-            "{pid:<8} {comm:<16} {:<11} {:<11} {:>7} {:>9}  {}",
-            g.netns,
+            "{} {:<11} {:>7} {:>9}  {}",
+            who(Some(g)),
             g.state.name(),
             g.count,
             units::duration(g.oldest_age_ns),

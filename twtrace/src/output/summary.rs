@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use crate::{
     census::CensusNow,
     cgroup::{Workload, Workloads},
-    grouping::{Group, GroupBy},
+    grouping::{self, Group, GroupBy},
     histogram::{OwnerKey, OwnerStats, STATE_COLUMNS, StateStats, TeardownStats},
     loader::LossReport,
     session::{SessionEnd, TimeWaitTally},
@@ -259,7 +259,7 @@ impl SummaryReport {
             .map(|g| g.name.chars().count())
             .max()
             .unwrap_or(0)
-            .clamp(self.by.column().len(), MAX_NAME_WIDTH);
+            .clamp(self.by.column().len(), grouping::MAX_NAME_WIDTH);
         let name = |n: &str| format!("{:<width$}", units::clip(n, width));
         writeln!(
             out,
@@ -401,8 +401,6 @@ fn namespaces(stats: &TeardownStats, now: &CensusNow) -> Vec<NamespaceReport> {
 /// Processes (or groups) shown in text; busiest closers first, JSON has
 /// them all.
 const TEXT_PROCESSES: usize = 20;
-/// A group's name in text is cut to this (JSON has it whole).
-const MAX_NAME_WIDTH: usize = 48;
 
 fn write_state_header(out: &mut impl Write, prefix: &str) -> io::Result<()> {
     write_cells(out, prefix, &STATE_COLUMNS.map(str::to_owned))
