@@ -305,6 +305,9 @@ pub struct TopArgs {
     #[arg(short, long, default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub interval: Duration,
 
+    #[command(flatten)]
+    pub group: GroupArgs,
+
     /// Print this many tables, then exit (plain-text mode).
     #[arg(short = 'n', long, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,

@@ -20,16 +20,18 @@ use ratatui::{
 };
 
 use crate::{
+    cgroup::Workloads,
     cli::TopArgs,
     commands,
     event::Transition,
+    grouping::GroupBy,
     loader::TracerOptions,
     output::metrics::Metrics,
     ports,
     session::{self, Announce, Consumer, Status},
     sys,
     top::{
-        model::{HostFacts, TopModel, TopSnapshot},
+        model::{HostFacts, Namer, TopModel, TopSnapshot},
         view::{self, Action, ViewState},
     },
 };
@@ -55,6 +57,8 @@ const SNAPSHOT_PATIENCE_NS: u64 = 10_000_000_000;
 struct Counting {
     model: TopModel,
     metrics: Option<Metrics>,
+    /// Names rows' groups (`--by`, the `b` key): cgroups, namespaces.
+    workloads: Workloads,
     started_ns: u64,
     interval_ns: u64,
     next_ns: u64,
@@ -67,6 +71,7 @@ impl Counting {
         Self {
             model: TopModel::new(started_ns),
             metrics,
+            workloads: Workloads::new(),
             started_ns,
             interval_ns,
             next_ns: if first_after_interval {
@@ -88,6 +93,7 @@ impl Counting {
         &mut self,
         status: &Status,
         wanted: bool,
+        by: GroupBy,
     ) -> io::Result<Option<TopSnapshot>> {
         let _ = self.metrics.tick(status)?;
         let now = sys::monotonic_ns();
@@ -103,8 +109,24 @@ impl Counting {
         if !wanted {
             return Ok(None);
         }
+        Ok(Some(self.snapshot_now(status, by)))
+    }
+
+    /// A snapshot now, grouped `by`.
+    fn snapshot_now(&mut self, status: &Status, by: GroupBy) -> TopSnapshot {
+        let now = sys::monotonic_ns();
         let facts = Self::host_facts(status, now.saturating_sub(self.started_ns));
-        Ok(Some(self.model.snapshot(now, facts)))
+        let namespaces = if by == GroupBy::Netns {
+            crate::netns::all()
+        } else {
+            Vec::new()
+        };
+        let workloads = &mut self.workloads;
+        let mut names = Namer {
+            workload: &mut |id| workloads.get(id).cloned(),
+            netns: &|inode| crate::netns::name_of(inode, &namespaces),
+        };
+        self.model.snapshot(now, facts, by, &mut names)
     }
 
     /// What the header and the detail show besides the model: the host's
@@ -139,6 +161,7 @@ struct Batch {
     out: StdoutLock<'static>,
     printed: u64,
     count: Option<u64>,
+    by: GroupBy,
 }
 
 impl Consumer for Batch {
@@ -147,13 +170,13 @@ impl Consumer for Batch {
     }
 
     fn tick(&mut self, status: &Status) -> io::Result<ControlFlow<()>> {
-        let Some(snapshot) = self.counting.snapshot_if_due(status, true)? else {
+        let Some(snapshot) = self.counting.snapshot_if_due(status, true, self.by)? else {
             return Ok(ControlFlow::Continue(()));
         };
         writeln!(
             self.out,
             "{}",
-            view::render_plain(&snapshot, &ViewState::default())
+            view::render_plain(&snapshot, &ViewState::grouped(self.by))
         )?;
         self.out.flush()?;
         self.printed += 1;
@@ -175,6 +198,7 @@ async fn run_batch(
         out: io::stdout().lock(),
         printed: 0,
         count: args.count,
+        by: args.group.by,
     };
     session::run(options, args.duration, Announce::OnStderr, &mut batch).await?;
     Ok(())
@@ -206,7 +230,15 @@ impl Consumer for Terminal {
                 }
             }
         }
-        if let Some(snapshot) = self.counting.snapshot_if_due(status, !self.state.paused)? {
+        let by = self.state.by;
+        if by != self.snapshot.by && self.snapshot.header.elapsed_ns > 0 {
+            // Regrouped (the `b` key): at once, not at the next interval.
+            self.snapshot = self.counting.snapshot_now(status, by);
+            redraw = true;
+        } else if let Some(snapshot) =
+            self.counting
+                .snapshot_if_due(status, !self.state.paused, by)?
+        {
             self.snapshot = snapshot;
             redraw = true;
         }
@@ -250,7 +282,7 @@ async fn run_terminal(
         screen,
         keys,
         snapshot: TopSnapshot::default(),
-        state: ViewState::default(),
+        state: ViewState::grouped(args.group.by),
     };
     let result = session::run(options, args.duration, Announce::Silently, &mut view).await;
     drop(guard);

@@ -8,7 +8,9 @@ use std::{
 };
 
 use crate::{
+    cgroup::Workload,
     event::{CloseSide, TcpState, Transition},
+    grouping::{self, GroupBy},
     histogram::{OwnerKey, StateHistograms, StateStats, TEARDOWN_STATES},
     top::trend::{Ring, Trends},
 };
@@ -24,31 +26,64 @@ pub const PORTS_HORIZON_S: f64 = 300.0;
 /// Remote endpoints remembered per process; beyond it new ones are pooled.
 const MAX_REMOTES: usize = 256;
 
-#[derive(Debug)]
+/// What one owner's sockets in one network namespace did.
+#[derive(Clone, Debug, Default)]
 struct OwnerCounters {
     active: u64,
     passive: u64,
     states: StateHistograms,
     remotes: HashMap<Remote, u64>,
     remotes_other: u64,
-    /// Closes per interval, and sockets held (TIME_WAIT, FIN_WAIT2,
-    /// CLOSE_WAIT) at each snapshot.
-    closes_trend: Ring,
-    held_trend: Ring,
 }
 
-impl Default for OwnerCounters {
+impl OwnerCounters {
+    fn merge(&mut self, other: &Self) {
+        self.active += other.active;
+        self.passive += other.passive;
+        self.states.merge(&other.states);
+        for (remote, n) in &other.remotes {
+            if let Some(count) = self.remotes.get_mut(remote) {
+                *count += n;
+            } else if self.remotes.len() < MAX_REMOTES {
+                self.remotes.insert(*remote, *n);
+            } else {
+                self.remotes_other += n;
+            }
+        }
+        self.remotes_other += other.remotes_other;
+    }
+}
+
+/// A row's own trend: closes per interval, and sockets held (TIME_WAIT,
+/// FIN_WAIT2, CLOSE_WAIT) at each snapshot.
+#[derive(Debug)]
+struct RowTrend {
+    closes: Ring,
+    held: Ring,
+}
+
+impl Default for RowTrend {
     fn default() -> Self {
         Self {
-            active: 0,
-            passive: 0,
-            states: StateHistograms::default(),
-            remotes: HashMap::new(),
-            remotes_other: 0,
-            closes_trend: Ring::with_capacity(PROCESS_TREND),
-            held_trend: Ring::with_capacity(PROCESS_TREND),
+            closes: Ring::with_capacity(PROCESS_TREND),
+            held: Ring::with_capacity(PROCESS_TREND),
         }
     }
+}
+
+/// Who an owner's sockets are: the process (with its cgroup) and the
+/// network namespace they live in.
+type CounterKey = (OwnerKey, u32);
+
+/// What a row gathers while a snapshot is made: its members' counters and
+/// the owners (or the namespace) whose sockets it counts now.
+#[derive(Default)]
+struct RowMembers<'a> {
+    counters: Vec<&'a OwnerCounters>,
+    owners: std::collections::BTreeSet<OwnerKey>,
+    netns: Option<u64>,
+    pids: std::collections::BTreeSet<u32>,
+    delta: (u64, u64),
 }
 
 /// The shape of one state's time distribution: counts in log-spaced
@@ -158,11 +193,15 @@ pub struct HostFacts {
     pub routes: Vec<crate::ports::Forecast>,
 }
 
-/// One process's row.
+/// One row: a process, or a group of them (`--by`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProcessRow {
+    /// The process; 0 for a group.
     pub pid: u32,
+    /// Its command, or the group's name.
     pub comm: String,
+    /// For a group: how many processes it has.
+    pub processes: Option<usize>,
     pub active_per_s: f64,
     pub passive_per_s: f64,
     /// Ports it holds in TIME_WAIT or FIN_WAIT2 now.
@@ -206,19 +245,40 @@ pub struct Header {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TopSnapshot {
     pub header: Header,
+    /// What the rows are.
+    pub by: GroupBy,
     pub rows: Vec<ProcessRow>,
     pub trends: Trends,
 }
 
+/// Names for the rows' groups, from the command's lookups: what a cgroup
+/// id is, and what a namespace inode is called.
+pub struct Namer<'a> {
+    pub workload: &'a mut dyn FnMut(u64) -> Option<Workload>,
+    pub netns: &'a dyn Fn(u64) -> Option<String>,
+}
+
+impl Namer<'_> {
+    fn owner(&mut self, by: GroupBy, key: &OwnerKey) -> String {
+        match by {
+            GroupBy::Pid => format!("{} {}", key.pid, key.comm),
+            _ => grouping::name_of(by, key, (self.workload)(key.cgroup).as_ref()).0,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct TopModel {
-    owners: HashMap<OwnerKey, OwnerCounters>,
+    owners: HashMap<CounterKey, OwnerCounters>,
     trends: Trends,
+    /// Each row's trend, by its name, for the grouping in `trends_by`.
+    row_trends: HashMap<String, RowTrend>,
+    trends_by: GroupBy,
     /// Events lost at the previous snapshot (the loss counters are totals).
     lost_before: u64,
     started_ns: u64,
     /// Counters at the previous snapshot, to turn totals into rates.
-    previous: HashMap<OwnerKey, (u64, u64)>,
+    previous: HashMap<CounterKey, (u64, u64)>,
     previous_ns: u64,
 }
 
@@ -239,6 +299,8 @@ impl TopModel {
         Self {
             owners: HashMap::new(),
             trends: Trends::default(),
+            row_trends: HashMap::new(),
+            trends_by: GroupBy::Pid,
             lost_before: 0,
             started_ns: now_ns,
             previous: HashMap::new(),
@@ -247,7 +309,7 @@ impl TopModel {
     }
 
     pub fn record(&mut self, t: &Transition) {
-        let owner = self.owners.entry(OwnerKey::of(t)).or_default();
+        let owner = self.owners.entry((OwnerKey::of(t), t.netns)).or_default();
         let side = t.close_side();
         match side {
             Some(CloseSide::Active) => owner.active += 1,
@@ -269,37 +331,37 @@ impl TopModel {
         }
     }
 
-    /// Rows and totals now; rates cover the time since the last snapshot.
-    pub fn snapshot(&mut self, now_ns: u64, host: HostFacts) -> TopSnapshot {
+    /// Rows (one per process, or per group `by` makes, named by `names`)
+    /// and totals now; rates cover the time since the last snapshot.
+    pub fn snapshot(
+        &mut self,
+        now_ns: u64,
+        host: HostFacts,
+        by: GroupBy,
+        names: &mut Namer,
+    ) -> TopSnapshot {
         let period = now_ns.saturating_sub(self.previous_ns);
         let mut header = Header {
             host,
             elapsed_ns: now_ns.saturating_sub(self.started_ns),
             ..Header::default()
         };
-        // Owners seen closing, and those that only hold sockets (a leak
-        // from before the start shows even if nothing moves).
-        let keys: Vec<OwnerKey> = header.host.now.by_owner.keys().copied().collect();
-        for key in keys {
-            self.owners.entry(key).or_default();
+        if by != self.trends_by {
+            self.row_trends.clear();
+            self.trends_by = by;
         }
+        let members = members(&self.owners, &self.previous, &header.host, by, names);
+        let (delta_active, delta_passive) = members
+            .values()
+            .fold((0, 0), |(a, p), m| (a + m.delta.0, p + m.delta.1));
         let at_risk = routes_at_risk(&header.host.routes);
-        let mut rows = Vec::with_capacity(self.owners.len());
-        let (mut delta_active, mut delta_passive) = (0, 0);
-        for (key, c) in &mut self.owners {
-            let (prev_active, prev_passive) = self.previous.get(key).copied().unwrap_or_default();
-            let (da, dp) = (c.active - prev_active, c.passive - prev_passive);
-            delta_active += da;
-            delta_passive += dp;
-            let held: u64 = [TcpState::TimeWait, TcpState::FinWait2, TcpState::CloseWait]
-                .into_iter()
-                .map(|state| header.host.now.of_owner(key, state).count)
-                .sum();
-            c.closes_trend.push(da + dp);
-            c.held_trend.push(held);
-            let rates = (rate(da, period), rate(dp, period));
-            rows.push(row_of(key, c, &header.host, rates, &at_risk));
+        let mut rows = Vec::with_capacity(members.len());
+        for (name, m) in &members {
+            let trend = self.row_trends.entry(name.clone()).or_default();
+            let row = row_of(name, by, m, &header.host, period, trend, &at_risk);
+            rows.push(row);
         }
+        self.row_trends.retain(|name, _| members.contains_key(name));
         let now = |state| header.host.now.state(state).count;
         header.time_wait_traced = now(TcpState::TimeWait) + now(TcpState::FinWait2);
         header.close_wait_now = header.host.now.state(TcpState::CloseWait);
@@ -316,6 +378,7 @@ impl TopModel {
         rows.sort_by(|a, b| a.pid.cmp(&b.pid).then_with(|| a.comm.cmp(&b.comm)));
         TopSnapshot {
             header,
+            by,
             rows,
             trends: self.trends.clone(),
         }
@@ -342,6 +405,58 @@ impl TopModel {
     }
 }
 
+/// Each row's members: every owner seen closing, and those that only
+/// hold sockets (a leak from before the start shows even if nothing
+/// moves).
+fn members<'a>(
+    owners: &'a HashMap<CounterKey, OwnerCounters>,
+    previous: &HashMap<CounterKey, (u64, u64)>,
+    host: &HostFacts,
+    by: GroupBy,
+    names: &mut Namer,
+) -> std::collections::BTreeMap<String, RowMembers<'a>> {
+    let mut rows: std::collections::BTreeMap<String, RowMembers<'a>> =
+        std::collections::BTreeMap::new();
+    let netns_row = |inode: u64| grouping::netns_label(inode, (names.netns)(inode));
+    let mut netns_rows: HashMap<u64, String> = HashMap::new();
+    for ((key, netns), c) in owners {
+        let name = if by == GroupBy::Netns {
+            netns_rows
+                .entry(u64::from(*netns))
+                .or_insert_with(|| netns_row(u64::from(*netns)))
+                .clone()
+        } else {
+            names.owner(by, key)
+        };
+        let m = rows.entry(name).or_default();
+        let (active, passive) = previous.get(&(*key, *netns)).copied().unwrap_or_default();
+        m.delta.0 += c.active - active;
+        m.delta.1 += c.passive - passive;
+        m.counters.push(c);
+        m.pids.insert(key.pid);
+        if by == GroupBy::Netns {
+            m.netns = Some(u64::from(*netns));
+        } else {
+            m.owners.insert(*key);
+        }
+    }
+    if by == GroupBy::Netns {
+        for inode in host.now.by_netns.keys() {
+            let name = netns_rows
+                .entry(*inode)
+                .or_insert_with(|| netns_row(*inode));
+            rows.entry(name.clone()).or_default().netns = Some(*inode);
+        }
+    } else {
+        for key in host.now.by_owner.keys() {
+            let m = rows.entry(names.owner(by, key)).or_default();
+            m.owners.insert(*key);
+            m.pids.insert(key.pid);
+        }
+    }
+    rows
+}
+
 /// The remote ends (as rows name them) of routes forecast to run out of
 /// ports within the horizon.
 fn routes_at_risk(routes: &[crate::ports::Forecast]) -> Vec<String> {
@@ -352,16 +467,39 @@ fn routes_at_risk(routes: &[crate::ports::Forecast]) -> Vec<String> {
         .collect()
 }
 
-/// One process's row; `at_risk` are the remotes of routes about to run
-/// out of ports.
+/// One row; `at_risk` are the remotes of routes about to run out of
+/// ports. Its trend takes this snapshot's sample.
 fn row_of(
-    key: &OwnerKey,
-    c: &OwnerCounters,
+    name: &str,
+    by: GroupBy,
+    m: &RowMembers,
     host: &HostFacts,
-    (active, passive): (f64, f64),
+    period: u64,
+    trend: &mut RowTrend,
     at_risk: &[String],
 ) -> ProcessRow {
-    let now = |state| host.now.of_owner(key, state);
+    // One member (a process, usually) is shown as it is; more are merged.
+    let merged;
+    let c = if let [one] = m.counters[..] {
+        one
+    } else {
+        let mut all = OwnerCounters::default();
+        for c in &m.counters {
+            all.merge(c);
+        }
+        merged = all;
+        &merged
+    };
+    let now = |state| {
+        if let Some(inode) = m.netns {
+            return host.now.of_netns(inode, state);
+        }
+        let mut total = crate::census::InStateNow::default();
+        for key in &m.owners {
+            total.merge(&host.now.of_owner(key, state));
+        }
+        total
+    };
     let close_wait = now(TcpState::CloseWait);
     let p50_p99 = |state| {
         c.states
@@ -376,12 +514,20 @@ fn row_of(
     if c.remotes_other > 0 {
         remotes.push(("(others)".into(), c.remotes_other));
     }
+    let time_wait_now = now(TcpState::TimeWait).count + now(TcpState::FinWait2).count;
+    trend.closes.push(m.delta.0 + m.delta.1);
+    trend.held.push(time_wait_now + close_wait.count);
+    let (pid, comm, processes) = match (by, m.owners.first()) {
+        (GroupBy::Pid, Some(key)) => (key.pid, key.comm.to_string(), None),
+        _ => (0, name.to_owned(), Some(m.pids.len())),
+    };
     ProcessRow {
-        pid: key.pid,
-        comm: key.comm.to_string(),
-        active_per_s: active,
-        passive_per_s: passive,
-        time_wait_now: now(TcpState::TimeWait).count + now(TcpState::FinWait2).count,
+        pid,
+        comm,
+        processes,
+        active_per_s: rate(m.delta.0, period),
+        passive_per_s: rate(m.delta.1, period),
+        time_wait_now,
         close_wait_now: close_wait.count,
         close_wait_oldest_ns: (close_wait.count > 0).then_some(close_wait.oldest_age_ns),
         leaking: close_wait.count > 0 && close_wait.oldest_age_ns > crate::session::LEAK_AGE_NS,
@@ -392,8 +538,8 @@ fn row_of(
         total_closes: c.active + c.passive,
         states: c.states.stats_with_now(now),
         remotes,
-        closes_trend: c.closes_trend.clone(),
-        held_trend: c.held_trend.clone(),
+        closes_trend: trend.closes.clone(),
+        held_trend: trend.held.clone(),
         shapes: TEARDOWN_STATES
             .iter()
             .filter_map(|&state| shape_of(state, c.states.get(state)?))
@@ -429,6 +575,19 @@ mod tests {
         }
     }
 
+    /// A snapshot by process.
+    fn snap(model: &mut TopModel, now_ns: u64, host: HostFacts) -> TopSnapshot {
+        model.snapshot(
+            now_ns,
+            host,
+            GroupBy::Pid,
+            &mut Namer {
+                workload: &mut |_| None,
+                netns: &|_| None,
+            },
+        )
+    }
+
     fn active(pid: u32, model: &mut TopModel) {
         model.record(&t(
             pid,
@@ -453,16 +612,16 @@ mod tests {
         for _ in 0..10 {
             active(1, &mut model);
         }
-        let first = model.snapshot(2 * S, HostFacts::default());
+        let first = snap(&mut model, 2 * S, HostFacts::default());
         assert!((first.rows[0].active_per_s - 5.0).abs() < 1e-9);
         assert!((first.header.closes_per_s - 5.0).abs() < 1e-9);
         // Nothing new: the rate falls to 0 but the total stays.
-        let second = model.snapshot(3 * S, HostFacts::default());
+        let second = snap(&mut model, 3 * S, HostFacts::default());
         assert!(second.rows[0].active_per_s.abs() < f64::EPSILON);
         assert_eq!(second.rows[0].total_closes, 10);
         // A snapshot at the same instant divides by nothing.
         active(1, &mut model);
-        let third = model.snapshot(3 * S, HostFacts::default());
+        let third = snap(&mut model, 3 * S, HostFacts::default());
         assert!(third.rows[0].active_per_s.abs() < f64::EPSILON);
     }
 
@@ -494,7 +653,7 @@ mod tests {
             now: census.now(100 * S, crate::session::LEAK_AGE_NS),
             ..HostFacts::default()
         };
-        let snap = model.snapshot(100 * S, host);
+        let snap = snap(&mut model, 100 * S, host);
         let row = |pid| snap.rows.iter().find(|r| r.pid == pid).unwrap();
         assert_eq!(row(1).time_wait_now, 3);
         assert_eq!(row(2).time_wait_now, 1);
@@ -521,7 +680,7 @@ mod tests {
                 ms * MS,
             ));
         }
-        let snap = model.snapshot(S, HostFacts::default());
+        let snap = snap(&mut model, S, HostFacts::default());
         let (p50, p99) = snap.rows[0].close_wait.unwrap();
         assert!(p50.abs_diff(50 * MS) * 1000 <= 50 * MS, "{p50}");
         assert!(p99.abs_diff(99 * MS) * 1000 <= 99 * MS, "{p99}");
@@ -545,8 +704,75 @@ mod tests {
                 MS,
             ));
         }
-        let snap = model.snapshot(S, HostFacts::default());
+        let snap = snap(&mut model, S, HostFacts::default());
         assert_eq!(snap.rows[0].remotes, [("127.0.0.2:6379".to_string(), 2)]);
         assert_eq!(snap.rows[1].remotes, [("127.0.0.3:*".to_string(), 3)]);
+    }
+
+    #[test]
+    fn rows_regroup_by_pod_with_their_processes_and_keep_their_totals() {
+        let mut model = TopModel::new(0);
+        // pids 1 and 2 in pod A (cgroups 11, 12), pid 3 in pod B (13).
+        for (pid, cgroup, closes) in [(1, 11, 2), (2, 12, 3), (3, 13, 4)] {
+            for _ in 0..closes {
+                let mut close = t(
+                    pid,
+                    "127.0.0.1:40000",
+                    "127.0.0.2:6379",
+                    TcpState::Established,
+                    TcpState::FinWait1,
+                    MS,
+                );
+                if let Some(owner) = close.owner.as_mut() {
+                    owner.cgroup = cgroup;
+                }
+                model.record(&close);
+            }
+        }
+        let pod = |cgroup: u64| {
+            let uid = if cgroup == 13 { "b" } else { "a" }.repeat(8);
+            Some(crate::cgroup::parse(&format!(
+                "/kubepods/pod{uid}-0000-4000-8000-000000000000/{}",
+                format!("{cgroup}").repeat(32)
+            )))
+        };
+        let by_pod = model.snapshot(
+            S,
+            HostFacts::default(),
+            GroupBy::Pod,
+            &mut Namer {
+                workload: &mut |id| pod(id),
+                netns: &|_| None,
+            },
+        );
+        let rows: Vec<(String, Option<usize>, u64)> = by_pod
+            .rows
+            .iter()
+            .map(|r| (r.comm.clone(), r.processes, r.total_closes))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (
+                    "aaaaaaaa-0000-4000-8000-000000000000".to_owned(),
+                    Some(2),
+                    5
+                ),
+                (
+                    "bbbbbbbb-0000-4000-8000-000000000000".to_owned(),
+                    Some(1),
+                    4
+                ),
+            ]
+        );
+        assert!((by_pod.rows[0].active_per_s - 5.0).abs() < 1e-9);
+        assert!((by_pod.header.active_per_s - 9.0).abs() < 1e-9);
+        // Back by process: one row each, the totals unchanged.
+        let per_process = snap(&mut model, 2 * S, HostFacts::default());
+        assert_eq!(
+            per_process.rows.iter().map(|r| r.total_closes).sum::<u64>(),
+            9
+        );
+        assert_eq!(per_process.rows.len(), 3);
     }
 }

@@ -13,6 +13,7 @@ use ratatui::{
 };
 
 use crate::{
+    grouping::GroupBy,
     top::{
         charts,
         model::{ProcessRow, TopSnapshot},
@@ -58,7 +59,7 @@ const COLUMNS: [(Column, &str, u16); 13] = [
 ];
 
 pub const FOOTER: &str =
-    "q quit  ↑↓/jk move  s sort  r reverse  / filter  Enter detail  p pause  ? help";
+    "q quit  ↑↓/jk move  s sort  r reverse  / filter  b group  Enter detail  p pause  ? help";
 
 /// What the user has chosen to see.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +79,8 @@ pub struct ViewState {
     pub paused: bool,
     pub detail: bool,
     pub help: bool,
+    /// What a row is: a process, or a group of them (`b` cycles).
+    pub by: GroupBy,
 }
 
 impl Default for ViewState {
@@ -91,6 +94,18 @@ impl Default for ViewState {
             paused: false,
             detail: false,
             help: false,
+            by: GroupBy::Pid,
+        }
+    }
+}
+
+impl ViewState {
+    /// The default view, its rows grouped `by`.
+    #[must_use]
+    pub fn grouped(by: GroupBy) -> Self {
+        Self {
+            by,
+            ..Self::default()
         }
     }
 }
@@ -147,6 +162,10 @@ impl ViewState {
             KeyCode::Char('/') => self.editing = Some(self.filter.clone()),
             KeyCode::Enter => self.detail = !self.detail && rows > 0,
             KeyCode::Char('p' | ' ') => self.paused = !self.paused,
+            KeyCode::Char('b') => {
+                self.by = self.by.next();
+                self.selected = 0;
+            }
             KeyCode::Char('?' | 'h') => self.help = !self.help,
             _ => {}
         }
@@ -233,7 +252,8 @@ fn cells(row: &ProcessRow) -> [String; 13] {
         )
     };
     [
-        row.pid.to_string(),
+        row.processes
+            .map_or_else(|| row.pid.to_string(), |n| n.to_string()),
         row.comm.clone(),
         format!("{:.1}", row.active_per_s),
         format!("{:.1}", row.passive_per_s),
@@ -257,6 +277,20 @@ fn close_wait_oldest(row: &ProcessRow) -> String {
         Some(ns) if row.leaking => format!("!{}", units::duration(ns)),
         Some(ns) => units::duration(ns),
     }
+}
+
+/// A column's title: the first two name the group when rows are groups.
+fn title(column: Column, by: GroupBy) -> &'static str {
+    match (column, by) {
+        (Column::Pid | Column::Comm, GroupBy::Pid) => {}
+        (Column::Pid, _) => return "PROCS",
+        (Column::Comm, by) => return by.column(),
+        _ => {}
+    }
+    COLUMNS
+        .iter()
+        .find(|(c, _, _)| *c == column)
+        .map_or("", |(_, t, _)| t)
 }
 
 /// The header lines, shared by the live view and the plain-text mode.
@@ -329,7 +363,10 @@ pub fn render_plain(snapshot: &TopSnapshot, state: &ViewState) -> String {
         }
         line.trim_end().to_owned()
     };
-    let titles: Vec<String> = COLUMNS.iter().map(|(_, t, _)| (*t).to_owned()).collect();
+    let titles: Vec<String> = COLUMNS
+        .iter()
+        .map(|&(column, _, _)| title(column, snapshot.by).to_owned())
+        .collect();
     out.push_str(&row_text(&titles));
     out.push('\n');
     for row in visible_rows(snapshot, state) {
@@ -363,7 +400,7 @@ pub fn render(frame: &mut Frame, snapshot: &TopSnapshot, state: &ViewState) {
         render_detail(frame, body, rows[selected], &snapshot.header.host.routes);
     } else {
         let (table, trends) = split_for_trends(body, rows.len());
-        render_table(frame, table, &rows, selected, state);
+        render_table(frame, table, (&rows, snapshot.by), selected, state);
         if let Some(trends) = trends {
             charts::render_trends(frame, trends, &snapshot.trends);
         }
@@ -431,19 +468,19 @@ fn fitting_columns(width: u16) -> Vec<(usize, u16)> {
 fn render_table(
     frame: &mut Frame,
     area: Rect,
-    rows: &[&ProcessRow],
+    (rows, by): (&[&ProcessRow], GroupBy),
     selected: usize,
     state: &ViewState,
 ) {
     let shown = fitting_columns(area.width.saturating_sub(2));
     let header = Row::new(shown.iter().map(|&(i, _)| {
-        let (column, title, _) = COLUMNS[i];
+        let column = COLUMNS[i].0;
         let marker = if column == state.sort {
             if state.reversed { "▲" } else { "▼" }
         } else {
             ""
         };
-        Cell::from(format!("{title}{marker}"))
+        Cell::from(format!("{}{marker}", title(column, by)))
     }))
     .style(Style::new().add_modifier(Modifier::BOLD));
     let body = rows.iter().map(|row| {
@@ -517,7 +554,9 @@ fn render_detail(
             .header(header)
             .block(Block::bordered().title(format!(
                 " {} ({}): time in state — Esc back ",
-                row.comm, row.pid
+                row.comm,
+                row.processes
+                    .map_or_else(|| row.pid.to_string(), |n| format!("{n} processes"))
             ))),
         states_area,
     );
@@ -533,7 +572,7 @@ fn render_detail(
     );
 }
 
-const HELP: [&str; 12] = [
+const HELP: [&str; 13] = [
     "q, Esc, Ctrl-C   quit (Esc first closes help, detail, filter)",
     "↑ ↓  k j         move the selection",
     "g G  Home End    first, last row",
@@ -541,6 +580,7 @@ const HELP: [&str; 12] = [
     "r                reverse the sort",
     "/                filter by comm (substring) or pid (prefix)",
     "Enter            details of the selected process",
+    "b                group rows by pid, comm, unit, container, pod, netns, cgroup",
     "p  Space         pause the display (counting goes on)",
     "? h              this help",
     "",
@@ -582,6 +622,7 @@ mod tests {
         ProcessRow {
             pid,
             comm: comm.into(),
+            processes: None,
             active_per_s: active,
             passive_per_s: passive,
             time_wait_now: total / 2,
@@ -643,6 +684,7 @@ mod tests {
 
     fn snapshot() -> TopSnapshot {
         TopSnapshot {
+            by: GroupBy::Pid,
             trends: trends(),
             header: Header {
                 closes_per_s: 12.5,
@@ -776,7 +818,7 @@ mod tests {
             "│100      loadgen          9.5       0.0       40      0       -          10.0µs   40.0µs   -        -        80       P   │",
             "│200      nginx            0.5       2.5       15      3       !1m30s     10.0µs   40.0µs   2.00ms   200ms    30       L   │",
             "└──────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────┘",
-            "q quit  ↑↓/jk move  s sort  r reverse  / filter  Enter detail  p pause  ? help",
+            "q quit  ↑↓/jk move  s sort  r reverse  / filter  b group  Enter detail  p pause  ? help",
         ];
         assert_eq!(lines, expected, "\n{}", lines.join("\n"));
     }
@@ -800,6 +842,19 @@ mod tests {
         state.sort = Column::Pid;
         state.reversed = false;
         assert_eq!(pids(&state), [100, 200]);
+    }
+
+    #[test]
+    fn b_cycles_the_grouping_and_the_titles_follow() {
+        let mut state = ViewState::default();
+        state.handle_key(key(KeyCode::Char('b')), 2);
+        assert_eq!(state.by, GroupBy::Comm);
+        let mut snap = snapshot();
+        snap.by = GroupBy::Pod;
+        let text = render_plain(&snap, &state);
+        let titles = text.lines().nth(2).unwrap();
+        assert!(titles.trim_start().starts_with("PROCS"), "{titles}");
+        assert!(titles.contains("POD"), "{titles}");
     }
 
     #[test]
