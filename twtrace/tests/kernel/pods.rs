@@ -1,7 +1,7 @@
 //! Two "pods" on one host — each a kubelet-shaped cgroup and a network
 //! namespace of its own, named by kubelet-shaped log directories — told
-//! apart by `summary --by pod` and, through the real Prometheus server
-//! scraping twtrace, by per-pod series.
+//! apart by `summary --by pod`, the live view's `--by pod` and, through the
+//! real Prometheus server scraping twtrace, by per-pod series.
 
 use std::{
     io::{Read, Write},
@@ -70,9 +70,10 @@ impl Pod {
 }
 
 /// Two pods make 5 and 7 connections, each closed first by its client.
-/// `summary --by pod` gives each pod exactly its own closes under its
-/// `namespace/name`, and Prometheus, scraping the same run, returns one
-/// `twtrace_closes_total` series per pod with its namespace and container.
+/// `summary --by pod` and the live view (`twtrace --by pod`) give each pod
+/// exactly its own closes under its `namespace/name`, and Prometheus,
+/// scraping the same run, returns one `twtrace_closes_total` series per
+/// pod with its namespace and container.
 fn two_pods_are_grouped_by_summary_and_scraped_per_pod() {
     let Some(root) = twtrace::cgroup::v2_root() else {
         support::skip("no cgroup v2 hierarchy is mounted: cgroup ids name nothing");
@@ -106,6 +107,14 @@ fn two_pods_are_grouped_by_summary_and_scraped_per_pod() {
         Command::new(env!("CARGO_BIN_EXE_twtrace"))
             .args(["summary", "-o", "json", "--by", "pod"])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--pid", &makers_pids[0], "--pid", &makers_pids[1]])
+            .env("TWTRACE_KUBELET_LOGS", &logs)
+            .stdout(Stdio::piped()),
+    );
+    // The live view, as a new user starts it on a node: plain text here.
+    let live = spawn_attached(
+        Command::new(env!("CARGO_BIN_EXE_twtrace"))
+            .args(["--by", "pod", "-b", "-n", "4", "-i", "1s"])
             .args(["--pid", &makers_pids[0], "--pid", &makers_pids[1]])
             .env("TWTRACE_KUBELET_LOGS", &logs)
             .stdout(Stdio::piped()),
@@ -151,6 +160,22 @@ fn two_pods_are_grouped_by_summary_and_scraped_per_pod() {
         .map(|(p, n)| (format!("{}/{}", p.namespace, p.name), p.uid.clone(), n, n))
         .collect();
     assert_eq!(groups, want, "{v}");
+    // The live view's last table: a row per pod, one process each, with
+    // its closes (each maker is both ends of its connections).
+    let live = live.wait_with_output().expect("live view");
+    let text = String::from_utf8_lossy(&live.stdout);
+    let last = text.rsplit("closes/s").next().unwrap_or_default();
+    for (pod, n) in pods.iter().zip([5, 7]) {
+        let name = format!("{}/{}", pod.namespace, pod.name);
+        let row: Vec<&str> = last
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name.as_str()))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{text}"))
+            .split_whitespace()
+            .collect();
+        assert_eq!(row[0], "1", "processes in {name}: {row:?}");
+        assert_eq!(row[row.len() - 1], (2 * n).to_string(), "{name}: {row:?}");
+    }
 }
 
 fn free_port() -> u16 {
