@@ -4,8 +4,10 @@
 
 use std::io::{self, Write};
 
+use std::collections::HashMap;
+
 use crate::{
-    cgroup::Workloads,
+    cgroup::{Workload, Workloads},
     cli::SocketsArgs,
     commands::Outcome,
     grouping::{self, GroupBy},
@@ -48,10 +50,11 @@ pub fn run(args: &SocketsArgs) -> anyhow::Result<Outcome> {
     }
     taken.sockets.retain(|s| filter.matches(s));
     let by = args.group.by;
-    let groups = snapshot::group(&taken.sockets, group_namer(by));
+    let workloads = workloads_of(&taken.sockets);
+    let groups = snapshot::group(&taken.sockets, group_namer(by, &workloads));
     let mut out = io::stdout().lock();
     match args.output {
-        Format::Json => report::write_json(&mut out, &taken, by, &groups)?,
+        Format::Json => report::write_json(&mut out, &taken, by, &groups, &workloads)?,
         Format::Text => report::write_text(&mut out, &taken, by, &groups, args.list)?,
     }
     out.flush()?;
@@ -59,9 +62,25 @@ pub fn run(args: &SocketsArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Exit(if found_old { EXIT_FOUND_OLD } else { 0 }))
 }
 
-/// Each socket's group under `--by` (none for pid: by owner and namespace).
-fn group_namer(by: GroupBy) -> impl FnMut(&SocketNow) -> Option<String> {
+/// What each owner's cgroup is, looked up once per cgroup.
+fn workloads_of(sockets: &[SocketNow]) -> HashMap<u64, Workload> {
     let mut workloads = Workloads::new();
+    let mut out = HashMap::new();
+    for cgroup in sockets.iter().filter_map(|s| Some(s.owner?.cgroup)) {
+        if let std::collections::hash_map::Entry::Vacant(e) = out.entry(cgroup)
+            && let Some(w) = workloads.get(cgroup)
+        {
+            e.insert(w.clone());
+        }
+    }
+    out
+}
+
+/// Each socket's group under `--by` (none for pid: by owner and namespace).
+fn group_namer(
+    by: GroupBy,
+    workloads: &HashMap<u64, Workload>,
+) -> impl FnMut(&SocketNow) -> Option<String> {
     let namespaces = if by == GroupBy::Netns {
         crate::netns::all()
     } else {
@@ -75,7 +94,7 @@ fn group_namer(by: GroupBy) -> impl FnMut(&SocketNow) -> Option<String> {
         )),
         _ => {
             let key = OwnerKey::of_owner(s.owner);
-            Some(grouping::name_of(by, &key, workloads.get(key.cgroup)).0)
+            Some(grouping::name_of(by, &key, workloads.get(&key.cgroup)).0)
         }
     }
 }

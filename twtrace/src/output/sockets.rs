@@ -2,11 +2,15 @@
 //! count, oldest age, top remotes) and, in JSON or with `--list`, each
 //! socket.
 
-use std::io::{self, Write};
+use std::{
+    collections::HashMap,
+    io::{self, Write},
+};
 
 use serde::Serialize;
 
 use crate::{
+    cgroup::Workload,
     grouping::{self, GroupBy},
     snapshot::{OwnerSource, Snapshot, SocketGroup, SocketNow},
     units,
@@ -26,11 +30,15 @@ struct SocketJson {
     age_ns: u64,
     age_exact: bool,
     remaining_ns: Option<u64>,
+    /// The owner's cgroup and what it names (unit, container, pod).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    workload: Option<Workload>,
 }
 
-impl From<&SocketNow> for SocketJson {
-    fn from(s: &SocketNow) -> Self {
+impl SocketJson {
+    fn of<S: std::hash::BuildHasher>(s: &SocketNow, workloads: &HashMap<u64, Workload, S>) -> Self {
         Self {
+            workload: s.owner.and_then(|o| workloads.get(&o.cgroup)).cloned(),
             state: s.state.name(),
             pid: s.owner.map(|o| o.pid),
             comm: s.owner.map(|o| o.comm.to_string()),
@@ -100,18 +108,23 @@ struct Report {
     groups: Vec<GroupJson>,
 }
 
-pub fn write_json(
+pub fn write_json<S: std::hash::BuildHasher>(
     out: &mut impl Write,
     taken: &Snapshot,
     by: GroupBy,
     groups: &[SocketGroup],
+    workloads: &HashMap<u64, Workload, S>,
 ) -> io::Result<()> {
     let report = Report {
         schema: SCHEMA,
         namespaces: taken.namespaces,
         unreadable_namespaces: taken.unreadable.clone(),
         took_ns: taken.took_ns,
-        sockets: taken.sockets.iter().map(SocketJson::from).collect(),
+        sockets: taken
+            .sockets
+            .iter()
+            .map(|s| SocketJson::of(s, workloads))
+            .collect(),
         by,
         groups: groups.iter().map(GroupJson::from).collect(),
     };
