@@ -429,7 +429,8 @@ pub mod counter {
     /// Socket records that could not be stored (map update failed).
     pub const SOCK_UPDATE_FAILED: u32 = 2;
     /// A mini-socket's first arming that no hand-over from its full socket
-    /// followed on the CPU: its birth, and so its life, went unreported.
+    /// followed (on the CPU, or by the end of its life): its birth, and so
+    /// its life, went unreported.
     pub const TW_BIRTH_MISSED: u32 = 3;
     /// Mini-socket records that could not be stored.
     pub const TW_UPDATE_FAILED: u32 = 4;
@@ -450,7 +451,11 @@ pub mod counter {
     pub const RESCUED_TIMER_START: u32 = 8;
     pub const RESCUED_TIMER_CANCEL: u32 = 9;
     pub const RESCUED_TIMER_EXPIRE: u32 = 10;
-    pub const COUNT: u32 = 12;
+    /// Mini-sockets born under a pid filter whose owner was never learnt
+    /// (its `close()` unseen): not reported, since they may be another
+    /// process's, and counted here.
+    pub const TW_BIRTH_OWNER_UNKNOWN: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 /// Map and program names both sides agree on.
@@ -465,6 +470,7 @@ pub mod names {
     pub const GLOBAL_SET_STATE_LAYOUT: &str = "SET_STATE_LAYOUT";
     pub const GLOBAL_TW_CONFIG: &str = "TW_CONFIG";
     pub const TWS: &str = "TWS";
+    pub const ATTACHED_AT: &str = "ATTACHED_AT";
     pub const TW_SCRATCH: &str = "TW_SCRATCH";
     pub const PROG_TIMER_START: &str = "timer_start";
     pub const PROG_TIMER_START_RAW: &str = "timer_start_raw";

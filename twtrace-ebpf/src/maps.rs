@@ -4,7 +4,7 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use twtrace_common::{
     BirthKey, Claims, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TW, Filter, ListenerKey, MAX_FILTER_ENTRIES,
@@ -74,6 +74,12 @@ pub static TW_SCRATCH: PerCpuArray<TwScratch> = PerCpuArray::with_max_entries(MA
 #[map]
 pub static PENDING_BIRTHS: LruHashMap<BirthKey, PendingBirth> =
     LruHashMap::with_max_entries(16_384, 0);
+
+/// When every hook was attached (`bpf_ktime_get_ns`), written once by the
+/// loader; 0 until then. A first arming older than that may have had its
+/// hand-over before the state-change hooks were in.
+#[map]
+pub static ATTACHED_AT: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Per hook kind, the hits its primary program claimed (`twin`).
 #[map]

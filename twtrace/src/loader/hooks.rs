@@ -255,6 +255,31 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Detaches and unloads the state-change hooks (fault injection for the
+/// tests: every hand-over to a mini-socket then goes unseen, as when the
+/// kernel skips both programs of the pair).
+/// Keeps the others in `attached`.
+#[cfg(feature = "fault-injection")]
+pub fn unload_state_changes(
+    ebpf: &mut Ebpf,
+    attached: &mut Vec<&'static str>,
+) -> anyhow::Result<()> {
+    for hook in HOOKS.iter().filter(|h| h.feature == Feature::Transitions) {
+        if !attached.contains(&hook.program) {
+            continue;
+        }
+        let program = ebpf
+            .program_mut(hook.program)
+            .ok_or_else(|| anyhow::anyhow!("the eBPF object lacks {}", hook.program))?;
+        match hook.point {
+            Point::Raw(..) => <&mut RawTracePoint>::try_from(program)?.unload()?,
+            Point::Classic(..) => <&mut TracePoint>::try_from(program)?.unload()?,
+        }
+        attached.retain(|p| *p != hook.program);
+    }
+    Ok(())
+}
+
 /// Whether attaching failed because the kernel has no such tracepoint.
 fn is_not_found(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {

@@ -8,7 +8,7 @@ use std::{io, os::fd::AsFd};
 use anyhow::{Context, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
 use tokio::io::{Interest, unix::AsyncFd};
 use twtrace_common::{
@@ -138,6 +138,9 @@ pub struct LossReport {
     pub tw_births_missed: u64,
     /// Mini-sockets that ended while twtrace held no record of them.
     pub tw_untracked_ends: u64,
+    /// Mini-sockets born under a pid filter whose owner was never learnt:
+    /// not reported (they may be another process's).
+    pub tw_births_owner_unknown: u64,
     /// Mini-socket records the kernel could not store.
     pub tw_update_failed: u64,
     /// Children of `record`'s command the kernel could not follow.
@@ -152,6 +155,18 @@ impl LossReport {
     pub fn events_lost(&self) -> u64 {
         self.ringbuf_full + self.read_failed + self.recursion_misses + self.decode_errors
     }
+}
+
+/// Tells the kernel side when every hook was in: a mini-socket armed
+/// before then may have handed over unseen, and is not counted as a birth
+/// twtrace missed.
+fn mark_attached(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut at: Array<&mut MapData, u64> = Array::try_from(
+        ebpf.map_mut(names::ATTACHED_AT)
+            .context("the eBPF object lacks its ATTACHED_AT map")?,
+    )?;
+    at.set(0, sys::monotonic_ns(), 0)
+        .context("marking the hooks attached")
 }
 
 /// A loaded and attached twtrace. Dropping it detaches and unloads
@@ -186,6 +201,7 @@ impl Tracer {
             _ => None,
         };
         let attached = hooks::attach_all(&mut ebpf, &facts, options)?;
+        mark_attached(&mut ebpf)?;
         let ring = RingBuf::try_from(
             ebpf.take_map(names::EVENTS)
                 .context("the eBPF object lacks its EVENTS map")?,
@@ -207,6 +223,12 @@ impl Tracer {
             warnings,
             _logger_task: logger_task,
         })
+    }
+
+    /// Fault injection for the tests: state changes go unseen from now on.
+    #[cfg(feature = "fault-injection")]
+    pub fn unload_state_changes(&mut self) -> anyhow::Result<()> {
+        hooks::unload_state_changes(&mut self.ebpf, &mut self.programs)
     }
 
     /// Features that could not be attached on this kernel, one line each.
@@ -331,6 +353,7 @@ impl Tracer {
             tw_untracked_ends: sum(counter::TW_UNTRACKED_END)?
                 + self.untracked_cancels_pending()?,
             tw_update_failed: sum(counter::TW_UPDATE_FAILED)?,
+            tw_births_owner_unknown: sum(counter::TW_BIRTH_OWNER_UNKNOWN)?,
             follow_failed: sum(counter::FOLLOW_FAILED)?,
             too_deeply_nested: sum(counter::TOO_DEEPLY_NESTED)?,
         })

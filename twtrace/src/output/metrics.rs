@@ -303,6 +303,7 @@ impl Metrics {
             ("unreadable", loss.read_failed),
             ("undecodable", loss.decode_errors),
             ("tw_births_missed", loss.tw_births_missed),
+            ("tw_births_owner_unknown", loss.tw_births_owner_unknown),
             ("tw_ends_without_record", status.loss.tw_untracked_ends),
             ("tw_evictions", status.time_wait.evictions),
         ] {

@@ -45,6 +45,9 @@ pub struct Lost {
     pub tw_births_missed: u64,
     /// Mini-sockets that ended while twtrace held no record of them.
     pub tw_ends_without_record: u64,
+    /// Mini-sockets born under `--pid` whose owner was never learnt: not
+    /// reported, as they may be another process's.
+    pub tw_births_owner_unknown: u64,
     /// Children of `record`'s command the kernel could not follow.
     pub followed_children_missed: u64,
     /// Program runs nested too deeply on a CPU to keep TIME_WAIT state.
@@ -168,6 +171,7 @@ impl SummaryReport {
                 tw_records_not_stored: loss.tw_update_failed,
                 tw_births_missed: loss.tw_births_missed,
                 tw_ends_without_record: loss.tw_untracked_ends,
+                tw_births_owner_unknown: loss.tw_births_owner_unknown,
                 followed_children_missed: loss.follow_failed,
                 too_deeply_nested: loss.too_deeply_nested,
             },
@@ -361,6 +365,13 @@ impl SummaryReport {
                 "; TIME_WAIT not tracked on this kernel"
             },
         )?;
+        if lost.tw_births_owner_unknown > 0 {
+            writeln!(
+                out,
+                "TIME_WAIT births not shown: {} whose owner was never learnt (they may be another process's than --pid's)",
+                lost.tw_births_owner_unknown
+            )?;
+        }
         if self.time_wait_skipped > 0 || self.time_wait_overflows_kernel.is_some_and(|n| n > 0) {
             writeln!(
                 out,

@@ -79,32 +79,43 @@ fn at_the_limit(cpus: Option<&str>) {
         births >= LIMIT - 1_000,
         "the flood made only {births} TIME_WAIT"
     );
-    // Open in issue 14, cause not found: in some runs (on one CPU 1 in 15
-    // at worst, none in 100 at other times; on every CPU too) one
-    // connection of 110 000 goes unreported. Seen: a hand-over state
-    // change no program handled (at times counted as a recursion miss, at
-    // times not); a hand-over whose socket's owner was unknown under the
-    // pid filter (the flood listens before twtrace starts: its listener
-    // now comes from the snapshot).
-    // Exact on request; by default a shortfall of `RARE_SHORTFALL` passes,
-    // and anything like the map-size losses this test was written for
-    // (thousands) fails.
-    let shortfall = births.abs_diff(count.births) + overflowed.abs_diff(end.time_wait.skipped);
+    // Open in issue 14: in some runs (on one CPU 1 in 15 at worst, none in
+    // 100 at other times; on every CPU too) the kernel skips both programs
+    // of a hand-over (a state change), and one connection of 110 000 is
+    // not reported. Such a birth is counted (`tw_births_missed`) when its
+    // mini-socket ends, as is one whose owner was never learnt under the
+    // pid filter; `births` must then equal what twtrace reported plus what
+    // it counted. Silent shortfalls (a skipped TIME_WAIT the
+    // kernel counted but twtrace did not see) pass by default up to
+    // `RARE_SHORTFALL`, exact on request; anything like the map-size
+    // losses this test was written for (thousands) fails.
+    // Births counted rather than reported: hand-overs no program saw, and
+    // (under the test's pid filter) those whose owner was never learnt.
+    let missed = end.loss.tw_births_missed + end.loss.tw_births_owner_unknown;
+    let shortfall =
+        births.abs_diff(count.births + missed) + overflowed.abs_diff(end.time_wait.skipped);
     let allowed = if std::env::var_os("TWTRACE_SCALE_EXACT").is_some() {
         0
     } else {
         RARE_SHORTFALL
     };
     assert!(
-        count.births <= births && end.time_wait.skipped <= overflowed && shortfall <= allowed,
-        "births {} against the kernel's {births} (TcpExtTW + TcpExtTWKilled), skipped TIME_WAIT {} against {overflowed} (TcpExtTCPTimeWaitOverflow): {shortfall} short, {allowed} allowed",
+        count.births + missed <= births
+            && end.time_wait.skipped <= overflowed
+            && shortfall <= allowed,
+        "births {} (and {missed} counted missed) against the kernel's {births} (TcpExtTW + TcpExtTWKilled), skipped TIME_WAIT {} against {overflowed} (TcpExtTCPTimeWaitOverflow): {shortfall} short without a count, {allowed} allowed",
         count.births,
         end.time_wait.skipped
     );
-    assert_eq!(count.ends, count.births, "every birth has an end");
+    assert_eq!(count.ends, count.births, "every birth reported has an end");
     count.assert_one_end_per_birth();
+    // A hand-over both programs were skipped for is a recursion miss, and
+    // its mini-socket's end an end without a record; nothing else is lost.
     let mut loss = end.loss;
-    loss.recursion_misses = loss.recursion_misses.saturating_sub(shortfall);
+    loss.recursion_misses = loss.recursion_misses.saturating_sub(shortfall + missed);
+    loss.tw_untracked_ends = loss.tw_untracked_ends.saturating_sub(missed);
+    loss.tw_births_missed = 0;
+    loss.tw_births_owner_unknown = 0;
     assert_eq!(loss, LossReport::default(), "lost: {:?}", end.loss);
 }
 

@@ -25,6 +25,7 @@ pub const TESTS: &[Test] = crate::tests![
     orphaned_fin_wait2_then_time_wait_at_peer_fin,
     three_closers_own_their_time_waits,
     time_wait_expires_after_60s_when_the_wheel_fires,
+    births_whose_hand_over_went_unseen_are_counted_when_they_end,
 ];
 
 /// Deleting a namespace destroys its TIME_WAIT sockets: one early end per
@@ -260,4 +261,91 @@ fn time_wait_expires_after_60s_when_the_wheel_fires() {
         !listing.contains(&end.src.to_string()),
         "still in ss after expiry: {listing}"
     );
+}
+
+/// The kernel skipping both programs of a hand-over, made certain: the
+/// state-change hooks are unloaded once attached, so each of the maker's
+/// mini-sockets is armed (seen) but handed over unseen. None is reported;
+/// when its namespace is deleted, each is counted as a birth missed, one
+/// per socket. Runs alone: every mini-socket on the host whose hand-over
+/// goes unseen meanwhile would count.
+fn births_whose_hand_over_went_unseen_are_counted_when_they_end() {
+    const SOCKETS: u64 = 10;
+    if !cfg!(feature = "fault-injection") {
+        support::skip("needs a build with --features fault-injection (cargo xtask test has it)");
+    }
+    support::require_time_wait();
+    let mut netns = Netns::new();
+    let maker = Peer::time_wait_maker(&netns, usize::try_from(SOCKETS).unwrap());
+    let options = TracerOptions {
+        pids: vec![maker.pid],
+        ..TracerOptions::default()
+    };
+    let mut unseen = Unseen {
+        maker,
+        births: 0,
+        deleted_at: None,
+        netns: &mut netns,
+        expected: SOCKETS,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let end = runtime
+        .block_on(twtrace::session::run(
+            &options,
+            Some(Duration::from_secs(30)),
+            twtrace::session::Announce::Silently,
+            &mut unseen,
+        ))
+        .expect("loading and attaching twtrace");
+    assert_eq!(unseen.births, 0, "births reported without their hand-over");
+    assert_eq!(end.loss.tw_births_missed, SOCKETS, "{:?}", end.loss);
+}
+
+struct Unseen<'a> {
+    maker: Peer,
+    births: u64,
+    deleted_at: Option<Instant>,
+    netns: &'a mut Netns,
+    expected: u64,
+}
+
+impl twtrace::session::Consumer for Unseen<'_> {
+    fn attached(&mut self, tracer: &mut twtrace::loader::Tracer) -> anyhow::Result<()> {
+        #[cfg(feature = "fault-injection")]
+        tracer.unload_state_changes()?;
+        #[cfg(not(feature = "fault-injection"))]
+        let _ = tracer;
+        self.maker.go();
+        self.maker.wait_done();
+        // Their timers are cancelled with the namespace.
+        self.netns.delete();
+        self.deleted_at = Some(Instant::now());
+        Ok(())
+    }
+
+    fn kernel_event(&mut self, event: &twtrace::event::KernelEvent) {
+        self.births += u64::from(event.kind == EventKind::TwBirth);
+    }
+
+    fn transition(&mut self, _t: &Transition) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn tick(
+        &mut self,
+        status: &twtrace::session::Status,
+    ) -> std::io::Result<std::ops::ControlFlow<()>> {
+        let counted = status.loss.tw_births_missed >= self.expected;
+        let waited = self
+            .deleted_at
+            .is_some_and(|at| at.elapsed() > Duration::from_secs(10));
+        Ok(if counted || waited {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        })
+    }
 }
