@@ -264,12 +264,11 @@ impl OwnerStats {
     }
 }
 
-/// Everything `summary` reports.
+/// Everything `summary` reports: the same counts overall, per owner and
+/// per network namespace.
 #[derive(Clone, Debug, Default)]
 pub struct TeardownStats {
-    pub overall: StateHistograms,
-    pub active_closes: u64,
-    pub passive_closes: u64,
+    pub total: OwnerStats,
     pub owners: BTreeMap<OwnerKey, OwnerStats>,
     /// Per network namespace inode (0: not known).
     pub namespaces: BTreeMap<u64, OwnerStats>,
@@ -277,17 +276,7 @@ pub struct TeardownStats {
 
 impl TeardownStats {
     pub fn record(&mut self, t: &Transition) {
-        match t.close_side() {
-            Some(CloseSide::Active) => self.active_closes += 1,
-            Some(CloseSide::Passive) => self.passive_closes += 1,
-            None => {}
-        }
-        if let Some(ns) = t.in_state_ns {
-            self.overall.record(t.old, ns);
-        }
-        if t.old != t.new {
-            self.overall.enter(t.new);
-        }
+        self.total.record(t);
         self.owners.entry(OwnerKey::of(t)).or_default().record(t);
         self.namespaces
             .entry(u64::from(t.netns))
@@ -393,7 +382,10 @@ mod tests {
             Some(200 * MS),
         ));
         stats.record(&t(0, TcpState::TimeWait, TcpState::Close, None));
-        assert_eq!((stats.active_closes, stats.passive_closes), (1, 1));
+        assert_eq!(
+            (stats.total.active_closes, stats.total.passive_closes),
+            (1, 1)
+        );
         let owner = |pid| {
             stats
                 .owners
@@ -412,7 +404,8 @@ mod tests {
         // FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT and LAST_ACK entered; TIME_WAIT
         // left (by a socket seen only at its end).
         let overall: Vec<_> = stats
-            .overall
+            .total
+            .states
             .stats()
             .iter()
             .map(|s| (s.state, s.entered, s.count))

@@ -211,7 +211,7 @@ pub fn write_hlog(
         .begin_log_with(out, &mut serializer)
         .context("writing the interval log header")?;
     for state in TEARDOWN_STATES {
-        let Some(h) = stats.overall.get(state).filter(|h| !h.is_empty()) else {
+        let Some(h) = stats.total.states.get(state).filter(|h| !h.is_empty()) else {
             continue;
         };
         log.write_histogram(h, Duration::ZERO, duration, Tag::new(state.name()))
@@ -289,7 +289,7 @@ mod tests {
             let h: hdrhistogram::Histogram<u64> = Deserializer::new()
                 .deserialize(&mut bytes.as_slice())
                 .unwrap();
-            let original = stats.overall.get(TcpState::FinWait2).unwrap();
+            let original = stats.total.states.get(TcpState::FinWait2).unwrap();
             for q in [0.5, 0.9, 0.99, 0.999] {
                 assert_eq!(
                     h.value_at_quantile(q),
