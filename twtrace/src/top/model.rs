@@ -519,7 +519,12 @@ fn row_of(
     trend.held.push(time_wait_now + close_wait.count);
     let (pid, comm, processes) = match (by, m.owners.first()) {
         (GroupBy::Pid, Some(key)) => (key.pid, key.comm.to_string(), None),
-        _ => (0, name.to_owned(), Some(m.pids.len())),
+        // Sockets whose owner was never learnt (pid 0) are no process.
+        _ => (
+            0,
+            name.to_owned(),
+            Some(m.pids.iter().filter(|&&pid| pid != 0).count()),
+        ),
     };
     ProcessRow {
         pid,
