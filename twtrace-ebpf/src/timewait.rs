@@ -527,10 +527,11 @@ fn on_expire<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
 }
 
 /// A mini-socket with no record whose first arming still waits for its
-/// hand-over: no program saw the full socket hand over (the kernel skipped
-/// both of the pair), so its birth went unreported. Counted here, at its
-/// first event since, and forgotten; one born before every hook was in is
-/// not twtrace's to count.
+/// hand-over: no program acted on the full socket's hand-over (the kernel
+/// skipped both of the pair, or — cause open — neither took it as its
+/// own), so its birth went unreported. Counted here, at its first event
+/// since, and forgotten; one born before every hook was in is not
+/// twtrace's to count.
 fn count_if_birth_missed(id: Identity) {
     let key = BirthKey {
         snd_nxt: id.snd_nxt,
