@@ -69,6 +69,16 @@ impl GroupBy {
         }
     }
 
+    /// Whether an owner's group is named from its cgroup (so the cgroup is
+    /// worth looking up).
+    #[must_use]
+    pub fn names_by_cgroup(self) -> bool {
+        matches!(
+            self,
+            Self::Unit | Self::Container | Self::Pod | Self::Cgroup
+        )
+    }
+
     /// The name column's title.
     #[must_use]
     pub fn column(self) -> &'static str {
@@ -103,6 +113,13 @@ pub struct Group {
 }
 
 impl Group {
+    /// Nothing closed, entered, left or held now: not worth a row.
+    fn is_empty(&self) -> bool {
+        self.stats.active_closes + self.stats.passive_closes == 0
+            && self.stats.states.is_empty()
+            && self.now.values().all(|n| n.count == 0)
+    }
+
     /// Per-state statistics with the sockets in each state now.
     #[must_use]
     pub fn states(&self) -> Vec<StateStats> {
@@ -133,36 +150,29 @@ pub fn groups(
         }
     } else {
         let mut named: HashMap<u64, Option<Workload>> = HashMap::new();
-        // The owner's group, made on first sight; each cgroup named once.
-        let mut group_of = |key: &OwnerKey, out: &mut HashMap<String, Group>| -> String {
-            let w = named
-                .entry(key.cgroup)
-                .or_insert_with(|| workload(key.cgroup));
-            let (name, w) = name_of(by, key, w.as_ref());
-            out.entry(name.clone()).or_insert_with(|| Group {
-                name: name.clone(),
-                workload: w,
-                ..Group::default()
-            });
-            name
+        // The owner's group, made on first sight; each cgroup named once,
+        // and only where the grouping needs it.
+        let mut group_of = |key: &OwnerKey| {
+            let w = if by.names_by_cgroup() {
+                named
+                    .entry(key.cgroup)
+                    .or_insert_with(|| workload(key.cgroup))
+                    .as_ref()
+            } else {
+                None
+            };
+            name_of(by, key, w)
         };
         for (key, s) in &stats.owners {
-            let name = group_of(key, &mut out);
-            if let Some(group) = out.get_mut(&name) {
-                group.stats.merge(s);
-            }
+            let (name, w) = group_of(key);
+            new_group(&mut out, name, w).stats.merge(s);
         }
         for (key, states) in &now.by_owner {
-            let name = group_of(key, &mut out);
-            if let Some(group) = out.get_mut(&name) {
-                merge_now(&mut group.now, states);
-            }
+            let (name, w) = group_of(key);
+            merge_now(&mut new_group(&mut out, name, w).now, states);
         }
     }
-    let mut groups: Vec<Group> = out
-        .into_values()
-        .filter(|g| g.stats.active_closes + g.stats.passive_closes > 0 || !g.states().is_empty())
-        .collect();
+    let mut groups: Vec<Group> = out.into_values().filter(|g| !g.is_empty()).collect();
     groups.sort_by(|a, b| {
         b.stats
             .active_closes
@@ -171,6 +181,19 @@ pub fn groups(
             .then_with(|| a.name.cmp(&b.name))
     });
     groups
+}
+
+/// The group named `name`, made with what its cgroup says if new.
+fn new_group(
+    out: &mut HashMap<String, Group>,
+    name: String,
+    workload: Option<Workload>,
+) -> &mut Group {
+    out.entry(name.clone()).or_insert_with(|| Group {
+        name,
+        workload,
+        ..Group::default()
+    })
 }
 
 fn netns_group<'a>(

@@ -66,6 +66,12 @@ impl StateHistograms {
         }
     }
 
+    /// No socket entered or left any state.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.entered.values().all(|&n| n == 0) && self.by_state.values().all(Histogram::is_empty)
+    }
+
     /// Adds everything `other` counted.
     pub fn merge(&mut self, other: &Self) {
         for (state, h) in &other.by_state {

@@ -260,10 +260,12 @@ pub struct Namer<'a> {
 
 impl Namer<'_> {
     fn owner(&mut self, by: GroupBy, key: &OwnerKey) -> String {
-        match by {
-            GroupBy::Pid => format!("{} {}", key.pid, key.comm),
-            _ => grouping::name_of(by, key, (self.workload)(key.cgroup).as_ref()).0,
-        }
+        let w = if by.names_by_cgroup() {
+            (self.workload)(key.cgroup)
+        } else {
+            None
+        };
+        grouping::name_of(by, key, w.as_ref()).0
     }
 }
 
