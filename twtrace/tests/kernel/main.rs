@@ -41,20 +41,14 @@ mod support;
 mod time_wait;
 mod transitions;
 
-/// The at-scale tests drive the machine at its top connection rate and
-/// hold twtrace to the kernel's counts there: they run alone, and no other
-/// test's timing has to survive them.
+/// Tests listed as `ALONE` (every at-scale test) take it whole, the others
+/// share it. The at-scale tests drive the machine at its top connection
+/// rate and hold twtrace to the kernel's counts there; a pile of 100 000
+/// TIME_WAIT sockets beside another test's twtrace kept a CPU in the
+/// kernel for 12 minutes in the Debian 12 VM under emulation (soft
+/// lockup); a test that counts the hand-overs it cannot see would count
+/// other tests' too.
 static MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-/// Tests that pile up 100 000 TIME_WAIT sockets run alone as well: in the
-/// Debian 12 VM under emulation, another test's twtrace starting beside
-/// such a pile kept a CPU in the kernel for 12 minutes (soft lockup). So
-/// does the one counting hand-overs it cannot see: others' would count.
-fn runs_alone(name: &str) -> bool {
-    name.starts_with("at_scale_")
-        || name.contains("100k")
-        || name == "births_whose_hand_over_went_unseen_are_counted_when_they_end"
-}
 
 fn main() -> ExitCode {
     if let Some(code) = peer::run_if_peer() {
@@ -66,8 +60,8 @@ fn main() -> ExitCode {
         eprintln!("kernel tests skipped: {reason}");
     }
     support::quiet_skips();
-    let trials = [
-        at_scale::TESTS,
+    let alone = [at_scale::TESTS, time_wait::ALONE, state_now::ALONE].concat();
+    let shared = [
         transitions::TESTS,
         time_wait::TESTS,
         cli::TESTS,
@@ -78,36 +72,39 @@ fn main() -> ExitCode {
         pods::TESTS,
         reliability::TESTS,
     ]
-    .concat()
-    .into_iter()
-    .map(|(name, test)| {
-        let skip = skip.clone();
-        Trial::ignorable_test(name, move || {
-            if let Some(reason) = skip {
-                return Ok(Completion::ignored_with(reason));
-            }
-            let (_shared, _alone);
-            if runs_alone(name) {
-                _alone = MACHINE
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-            } else {
-                _shared = MACHINE
-                    .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-            }
-            // A test that finds the running kernel cannot give what it
-            // checks says so with `support::skip`, and is reported as
-            // ignored with that reason rather than passed or failed.
-            match std::panic::catch_unwind(test) {
-                Ok(()) => Ok(Completion::Completed),
-                Err(payload) => match payload.downcast::<support::Skip>() {
-                    Ok(skip) => Ok(Completion::ignored_with(skip.0)),
-                    Err(payload) => std::panic::resume_unwind(payload),
-                },
-            }
+    .concat();
+    let trials = alone
+        .into_iter()
+        .map(|test| (test, true))
+        .chain(shared.into_iter().map(|test| (test, false)))
+        .map(|((name, test), runs_alone)| {
+            let skip = skip.clone();
+            Trial::ignorable_test(name, move || {
+                if let Some(reason) = skip {
+                    return Ok(Completion::ignored_with(reason));
+                }
+                let (_shared, _alone);
+                if runs_alone {
+                    _alone = MACHINE
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                } else {
+                    _shared = MACHINE
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+                // A test that finds the running kernel cannot give what it
+                // checks says so with `support::skip`, and is reported as
+                // ignored with that reason rather than passed or failed.
+                match std::panic::catch_unwind(test) {
+                    Ok(()) => Ok(Completion::Completed),
+                    Err(payload) => match payload.downcast::<support::Skip>() {
+                        Ok(skip) => Ok(Completion::ignored_with(skip.0)),
+                        Err(payload) => std::panic::resume_unwind(payload),
+                    },
+                }
+            })
         })
-    })
-    .collect();
+        .collect();
     libtest_mimic::run(&args, trials).exit_code()
 }

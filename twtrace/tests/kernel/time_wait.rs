@@ -25,8 +25,11 @@ pub const TESTS: &[Test] = crate::tests![
     orphaned_fin_wait2_then_time_wait_at_peer_fin,
     three_closers_own_their_time_waits,
     time_wait_expires_after_60s_when_the_wheel_fires,
-    births_whose_hand_over_went_unseen_are_counted_when_they_end,
 ];
+
+/// Run with nothing beside them (`MACHINE`).
+pub const ALONE: &[Test] =
+    crate::tests![births_whose_hand_over_went_unseen_are_counted_when_they_end];
 
 /// Deleting a namespace destroys its TIME_WAIT sockets: one early end per
 /// socket, each having lived less than the time the test waited.
@@ -267,8 +270,8 @@ fn time_wait_expires_after_60s_when_the_wheel_fires() {
 /// state-change hooks are unloaded once attached, so each of the maker's
 /// mini-sockets is armed (seen) but handed over unseen. None is reported;
 /// when its namespace is deleted, each is counted as a birth missed, one
-/// per socket. Runs alone: every mini-socket on the host whose hand-over
-/// goes unseen meanwhile would count.
+/// per socket. Alone: every mini-socket on the host whose hand-over goes
+/// unseen meanwhile would count.
 fn births_whose_hand_over_went_unseen_are_counted_when_they_end() {
     const SOCKETS: u64 = 10;
     if !cfg!(feature = "fault-injection") {
