@@ -198,8 +198,19 @@ pub struct PendingBirth {
     pub expires: u64,
     pub bucket_expiry: u64,
     pub substate: u8,
-    pub pad: [u8; 7],
+    /// 1 when its timer was cancelled before the hand-over came: the
+    /// mini-socket ended (a SYN took it over) before its full socket's
+    /// `X -> CLOSE` ran on the closing CPU.
+    pub cancelled: u8,
+    pub pad: [u8; 6],
 }
+
+/// How soon after its first arming a mini-socket's timer may be cancelled
+/// or re-armed on another CPU while its hand-over is still to come on the
+/// closing one: the closing CPU runs softirqs (a batch of packets, at most
+/// `netdev_budget_usecs`) between the two. Later than that, no hand-over
+/// is coming: the birth was missed.
+pub const HANDOVER_RACE_NS: u64 = 2_000_000;
 
 /// Claims per hook kind and CPU (see the kernel side's `twin`).
 pub const CLAIM_SLOTS: usize = 4;
@@ -455,7 +466,11 @@ pub mod counter {
     /// (its `close()` unseen): not reported, since they may be another
     /// process's, and counted here.
     pub const TW_BIRTH_OWNER_UNKNOWN: u32 = 12;
-    pub const COUNT: u32 = 13;
+    /// Not a loss: mini-sockets that moved on another CPU (re-armed by the
+    /// peer's FIN, or cancelled) after their first arming and before their
+    /// full socket's hand-over ran; reported as born as they were by then.
+    pub const TW_HAND_OVER_RACED: u32 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 /// Map and program names both sides agree on.
@@ -481,6 +496,7 @@ pub mod names {
     pub const PROG_SET_STATE_RAW: &str = "inet_sock_set_state_raw";
     pub const GLOBAL_SOCK_LAYOUT: &str = "SOCK_LAYOUT";
     pub const GLOBAL_WAKEUP_AT_BYTES: &str = "WAKEUP_AT_BYTES";
+    pub const GLOBAL_SLOW_HAND_OVER_NS: &str = "SLOW_HAND_OVER_NS";
     pub const PROG_SET_STATE_TWIN: &str = "inet_sock_set_state_twin";
     pub const PROG_TIMER_START_TWIN: &str = "timer_start_twin";
     pub const PROG_TIMER_CANCEL_TWIN: &str = "timer_cancel_twin";

@@ -15,6 +15,7 @@
 #![expect(internal_features, reason = "core_intrinsics, for BPF_XADD")]
 
 mod emit;
+mod fault;
 mod fork;
 mod kernel;
 mod maps;

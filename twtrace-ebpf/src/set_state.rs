@@ -12,6 +12,7 @@ use twtrace_common::{AF_INET, AF_INET6, Filter, IPPROTO_TCP, SockRecord, counter
 
 use crate::{
     emit::{self, InState},
+    fault,
     kernel::{bump, in_state, kread, now_ns, read},
     maps::{FILTER, FILTER_PIDS, FILTER_PORTS, SET_STATE_LAYOUT, SOCK_LAYOUT, SOCKS},
     owner, timewait,
@@ -57,6 +58,10 @@ pub fn inet_sock_set_state_twin(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn raw_hit(ctx: &RawTracePointContext, role: Role) -> i32 {
+    // First, where the verifier has one state to follow through the wait.
+    if role == Role::Primary && is_hand_over(ctx.arg(1), ctx.arg(2)) {
+        fault::slow_hand_over();
+    }
     let (_run, handle) = twin::enter(twin::SET_STATE, role, hit(ctx));
     if handle && try_raw(ctx).is_err() {
         bump(counter::READ_FAILED);
@@ -69,6 +74,12 @@ fn raw_hit(ctx: &RawTracePointContext, role: Role) -> i32 {
 fn hit(ctx: &RawTracePointContext) -> u64 {
     let (sk, old, new): (u64, u64, u64) = (ctx.arg(0), ctx.arg(1), ctx.arg(2));
     sk ^ (((old & 0xff) << 8 | (new & 0xff)) << 48)
+}
+
+/// A full socket's `X -> CLOSE` that may hand it to a mini-socket.
+fn is_hand_over(old: u64, new: u64) -> bool {
+    new == u64::from(tcp_state::CLOSE)
+        && (old == u64::from(tcp_state::FIN_WAIT2) || old == u64::from(tcp_state::CLOSING))
 }
 
 fn is_traced_family(filter: &Filter, family: u16) -> bool {
@@ -164,8 +175,7 @@ fn handle<C: EbpfContext>(ctx: &C, filter: &Filter, s: &SetState) -> Result<(), 
     let emit = passes_filters(filter, &record, s.sport, s.dport);
     // The full socket's CLOSE after FIN_WAIT2 or CLOSING may be only its
     // hand-over to a mini-socket: the connection lives on, it is no close.
-    if s.new_state == tcp_state::CLOSE
-        && (s.old_state == tcp_state::FIN_WAIT2 || s.old_state == tcp_state::CLOSING)
+    if is_hand_over(u64::from(s.old_state), u64::from(s.new_state))
         && timewait::take_over(ctx, s, &record, in_state, now, emit)
     {
         return Ok(());

@@ -13,8 +13,8 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use twtrace_common::{
-    BirthKey, FLAG_ACCEPTED, FLAG_IN_STATE_UNKNOWN, HANDOVER_WINDOW_NS, MAX_NESTING, PendingBirth,
-    SockRecord, TwConfig, TwRecord, TwScratch, counter, kind, tcp_state,
+    BirthKey, FLAG_ACCEPTED, FLAG_IN_STATE_UNKNOWN, HANDOVER_RACE_NS, HANDOVER_WINDOW_NS,
+    MAX_NESTING, PendingBirth, SockRecord, TwConfig, TwRecord, TwScratch, counter, kind, tcp_state,
 };
 
 use crate::{
@@ -48,6 +48,14 @@ impl Identity {
             dport: u16::from_be(kread::<u16>(at(cfg.dport_from_timer)).ok()?),
             snd_nxt: kread::<u32>(at(cfg.snd_nxt_from_timer)).ok()?,
         })
+    }
+
+    fn birth_key(self) -> BirthKey {
+        BirthKey {
+            snd_nxt: self.snd_nxt,
+            sport: self.sport,
+            dport: self.dport,
+        }
     }
 
     fn of_record(record: &TwRecord) -> Self {
@@ -216,8 +224,10 @@ fn on_start<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64, facts: &TimerFa
             // Without BTF only a record can say it is the same one.
             None if rearm(ctx, cfg, timer, now, facts) => return,
             None => {}
-            // Re-armed, so no end (an untracked one has nothing to update).
+            // Re-armed, so no end (an untracked one has nothing to update,
+            // unless its hand-over is still to come).
             Some(id) if id == cancelled(scratch) => {
+                resume_pending(id, facts);
                 let _ = rearm(ctx, cfg, timer, now, facts);
                 return;
             }
@@ -230,11 +240,7 @@ fn on_start<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64, facts: &TimerFa
     if births_by_identity(cfg)
         && let Some(id) = Identity::of(cfg, timer)
     {
-        let key = BirthKey {
-            snd_nxt: id.snd_nxt,
-            sport: id.sport,
-            dport: id.dport,
-        };
+        let key = id.birth_key();
         let pending = PendingBirth {
             timer,
             ns: now,
@@ -242,7 +248,8 @@ fn on_start<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64, facts: &TimerFa
             expires: facts.expires,
             bucket_expiry: facts.bucket_expiry,
             substate: facts.substate,
-            pad: [0; 7],
+            cancelled: 0,
+            pad: [0; 6],
         };
         if PENDING_BIRTHS.insert(key, pending, 0).is_err() {
             bump(counter::TW_BIRTH_MISSED);
@@ -260,6 +267,26 @@ fn on_start<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64, facts: &TimerFa
     scratch.pending_expires = facts.expires;
     scratch.pending_bucket_expiry = facts.bucket_expiry;
     scratch.pending_substate = facts.substate;
+}
+
+/// A mini-socket whose hand-over is still to come was re-armed on another
+/// CPU meanwhile (its peer's FIN moved it from FIN_WAIT2 to TIME_WAIT):
+/// it lives on, and is born as what it is now.
+fn resume_pending(id: Identity, facts: &TimerFacts) {
+    let Some(pending) = PENDING_BIRTHS.get_ptr_mut(id.birth_key()) else {
+        return;
+    };
+    // SAFETY: a pointer from a successful lookup; this mini-socket's timer
+    // events are serialised by its timer base's lock, and its hand-over
+    // only reads the entry, then removes it.
+    let pending = unsafe { &mut *pending };
+    if pending.cancelled == 0 {
+        return;
+    }
+    pending.cancelled = 0;
+    pending.expires = facts.expires;
+    pending.bucket_expiry = facts.bucket_expiry;
+    pending.substate = facts.substate;
 }
 
 fn cancelled(scratch: &TwScratch) -> Identity {
@@ -317,18 +344,19 @@ pub fn take_over<C: EbpfContext>(
     emit: bool,
 ) -> bool {
     let cfg = TW_CONFIG.load();
-    let pending = if births_by_identity(&cfg) {
+    let (key, pending) = if births_by_identity(&cfg) {
         pending_by_identity(s)
     } else {
-        pending_on_this_cpu(now)
-    };
+        pending_on_this_cpu(now).map(|p| (None, p))
+    }
+    .unzip();
     let Some(pending) = pending else {
         return false;
     };
     // A mini-socket the filters leave out needs no record: the map holds
     // only what this run reports, so other workloads cannot crowd it out.
+    let mut record = tw_record(s, sock, spent, now, &pending);
     if emit {
-        let mut record = tw_record(s, sock, spent, now, &pending);
         record.snd_nxt = Identity::of(&cfg, pending.timer).map_or(0, |id| id.snd_nxt);
         if TWS.insert(pending.timer, record, 0).is_err() {
             bump(counter::TW_UPDATE_FAILED);
@@ -337,7 +365,42 @@ pub fn take_over<C: EbpfContext>(
     } else if sock.pid == 0 && FILTER.load().pids_enabled != 0 {
         bump(counter::TW_BIRTH_OWNER_UNKNOWN);
     }
+    // Only now, with the record in place and the birth out, is the pending
+    // entry let go: a cancel on another CPU either marked it before (and
+    // left the end to this hand-over) or finds the record after. A re-arm
+    // may still follow that cancel: the record stays for it, as after any
+    // cancel, and userspace takes a cancel then a re-arm for no end.
+    let ended = key.flatten().is_some_and(take_pending_ended);
+    if emit && ended {
+        let facts = TimerFacts {
+            expires: pending.expires,
+            bucket_expiry: 0,
+            substate: pending.substate,
+        };
+        record.since_ns = now;
+        let spent = in_state(now, now);
+        emit::tw_end(
+            ctx,
+            &record,
+            pending.timer,
+            now,
+            kind::TW_CANCEL,
+            spent,
+            &facts,
+        );
+    }
     true
+}
+
+/// Lets the pending entry `key` go, and says whether its mini-socket was
+/// cancelled meanwhile (see `hand_over_to_come`).
+fn take_pending_ended(key: BirthKey) -> bool {
+    // SAFETY: a pointer from a successful lookup; read at once.
+    let ended = PENDING_BIRTHS
+        .get_ptr(key)
+        .is_some_and(|p| unsafe { (*p).cancelled } != 0);
+    let _ = PENDING_BIRTHS.remove(key);
+    ended
 }
 
 /// With BTF a first arming is matched to its hand-over by the mini-socket's
@@ -347,8 +410,9 @@ fn births_by_identity(cfg: &TwConfig) -> bool {
     cfg.has_btf != 0 && SOCK_LAYOUT.load().snd_nxt != 0
 }
 
-/// The first arming of the mini-socket taking over from `s`, if any.
-fn pending_by_identity(s: &SetState) -> Option<PendingBirth> {
+/// The first arming of the mini-socket taking over from `s`, if any, and
+/// its key: the entry stays until the hand-over is done with it.
+fn pending_by_identity(s: &SetState) -> Option<(Option<BirthKey>, PendingBirth)> {
     let key = BirthKey {
         snd_nxt: kread(s.sock_id + u64::from(SOCK_LAYOUT.load().snd_nxt)).ok()?,
         sport: s.sport,
@@ -356,8 +420,7 @@ fn pending_by_identity(s: &SetState) -> Option<PendingBirth> {
     };
     // SAFETY: a pointer from a successful lookup; copied out at once.
     let pending = PENDING_BIRTHS.get_ptr(key).map(|p| unsafe { *p })?;
-    let _ = PENDING_BIRTHS.remove(key);
-    Some(pending)
+    Some((Some(key), pending))
 }
 
 /// The fallback: the first arming just before on this CPU.
@@ -380,7 +443,8 @@ fn pending_on_this_cpu(now: u64) -> Option<PendingBirth> {
         expires: scratch.pending_expires,
         bucket_expiry: scratch.pending_bucket_expiry,
         substate: scratch.pending_substate,
-        pad: [0; 7],
+        cancelled: 0,
+        pad: [0; 6],
     })
 }
 
@@ -462,9 +526,19 @@ pub fn timer_expire_entry_twin(ctx: RawTracePointContext) -> i32 {
 #[inline(always)]
 fn on_cancel<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
     let id = Identity::of(cfg, timer);
+    // Its hand-over, still running on another CPU, reports its end.
+    let to_come = id.is_some_and(hand_over_to_come);
     // SAFETY: a pointer from a successful lookup; copied out at once.
     let record = TWS.get_ptr(timer).map(|r| unsafe { *r });
-    let record = record.filter(|r| id.is_none_or(|id| id == Identity::of_record(r)));
+    let record = record.filter(|r| !to_come && id.is_none_or(|id| id == Identity::of_record(r)));
+    // No record: its hand-over was missed, or came before twtrace.
+    let untracked = match id {
+        Some(id) if record.is_none() && !to_come => {
+            count_if_birth_missed(id);
+            counts_untracked(cfg, timer, id)
+        }
+        _ => false,
+    };
     let Some(mut scratch) = Scratch::enter() else {
         return;
     };
@@ -479,15 +553,11 @@ fn on_cancel<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
         forget_if_still(cfg, scratch);
     }
     scratch.cancel_timer = timer;
-    scratch.cancel_untracked =
-        u8::from(record.is_none() && id.is_some_and(|id| counts_untracked(cfg, timer, id)));
+    scratch.cancel_untracked = u8::from(untracked);
     if let Some(id) = id {
         scratch.cancel_sport = id.sport;
         scratch.cancel_dport = id.dport;
         scratch.cancel_snd_nxt = id.snd_nxt;
-        if record.is_none() {
-            count_if_birth_missed(id);
-        }
     }
     if let Some(record) = record.filter(|r| r.emit != 0) {
         report_end(ctx, cfg, &record, timer, kind::TW_CANCEL);
@@ -526,6 +596,28 @@ fn on_expire<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
     }
 }
 
+/// Whether the mini-socket `id`, armed moments ago, still waits for its
+/// hand-over: another CPU (its peer's FIN or SYN) reached it first. It is
+/// marked cancelled; a re-arm next clears the mark, else its hand-over
+/// reports it born and ended.
+fn hand_over_to_come(id: Identity) -> bool {
+    let Some(pending) = PENDING_BIRTHS.get_ptr_mut(id.birth_key()) else {
+        return false;
+    };
+    // SAFETY: a pointer from a successful lookup; this mini-socket's timer
+    // events are serialised by its timer base's lock, and its hand-over
+    // only reads the entry, then removes it.
+    let pending = unsafe { &mut *pending };
+    if now_ns().saturating_sub(pending.ns) > HANDOVER_RACE_NS {
+        return false;
+    }
+    if pending.cancelled == 0 {
+        pending.cancelled = 1;
+        bump(counter::TW_HAND_OVER_RACED);
+    }
+    true
+}
+
 /// A mini-socket with no record whose first arming still waits for its
 /// hand-over: no program acted on the full socket's hand-over (the kernel
 /// skipped both of the pair, or — cause open — neither took it as its
@@ -533,11 +625,7 @@ fn on_expire<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
 /// since, and forgotten; one born before every hook was in is not
 /// twtrace's to count.
 fn count_if_birth_missed(id: Identity) {
-    let key = BirthKey {
-        snd_nxt: id.snd_nxt,
-        sport: id.sport,
-        dport: id.dport,
-    };
+    let key = id.birth_key();
     // SAFETY: a pointer from a successful lookup; read at once.
     let Some(born_ns) = PENDING_BIRTHS.get_ptr(key).map(|p| unsafe { (*p).ns }) else {
         return;

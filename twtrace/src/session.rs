@@ -106,6 +106,10 @@ pub struct TimeWaitTally {
     /// every namespace twtrace can enter; read at the end only (entering
     /// every namespace each second would cost a thread per namespace).
     pub kernel_overflows: Option<u64>,
+    /// Not a loss: mini-sockets that the peer's FIN re-armed, or a SYN took
+    /// over, on another CPU before their hand-over ran there; each reported
+    /// born as it was by then.
+    pub hand_overs_raced: u64,
 }
 
 /// How a run ended.
@@ -464,6 +468,7 @@ impl Session {
         let untracked = self.status.loss.tw_untracked_ends;
         self.status.time_wait.evictions = untracked.saturating_sub(self.tracer.tw_alive_at_start());
         self.status.time_wait.skipped = model.time_wait_skipped();
+        self.status.time_wait.hand_overs_raced = self.tracer.hand_overs_raced()?;
         self.status.mini_sockets = model.mini_sockets().0;
         self.status.held_by_route.clone_from(model.held_by_route());
         self.status.route_counts = self.pipeline.routes.counts();

@@ -60,6 +60,10 @@ pub struct TracerOptions {
     pub follow_forks: bool,
     /// Only sockets of this network namespace (its inode).
     pub netns: Option<u32>,
+    /// Fault injection: each hand-over to a mini-socket waits this long
+    /// first, so the peer's packets reach the mini-socket before it.
+    #[cfg(feature = "fault-injection")]
+    pub slow_hand_over_ns: u64,
 }
 
 impl Default for TracerOptions {
@@ -75,6 +79,8 @@ impl Default for TracerOptions {
             kernel_log: None,
             follow_forks: false,
             netns: None,
+            #[cfg(feature = "fault-injection")]
+            slow_hand_over_ns: 0,
         }
     }
 }
@@ -322,14 +328,7 @@ impl Tracer {
     /// Counts of what was lost, from the kernel's counters and the
     /// programs' recursion misses.
     pub fn loss(&self) -> anyhow::Result<LossReport> {
-        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
-            self.ebpf
-                .map(names::COUNTERS)
-                .context("the eBPF object lacks its COUNTERS map")?,
-        )?;
-        let sum = |index: u32| -> anyhow::Result<u64> {
-            Ok(counters.get(&index, 0)?.iter().copied().sum())
-        };
+        let sum = |index: u32| self.counter(index);
         // A primary's misses that its twin handled are no loss.
         let mut recursion_misses = 0;
         for name in self.programs.iter().filter(|n| !hooks::is_twin(n)) {
@@ -357,6 +356,21 @@ impl Tracer {
             follow_failed: sum(counter::FOLLOW_FAILED)?,
             too_deeply_nested: sum(counter::TOO_DEEPLY_NESTED)?,
         })
+    }
+
+    /// Mini-sockets that moved before their hand-over (`TimeWaitTally`).
+    pub fn hand_overs_raced(&self) -> anyhow::Result<u64> {
+        self.counter(counter::TW_HAND_OVER_RACED)
+    }
+
+    /// One of the kernel's counters (`twtrace_common::counter`), over CPUs.
+    fn counter(&self, index: u32) -> anyhow::Result<u64> {
+        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(names::COUNTERS)
+                .context("the eBPF object lacks its COUNTERS map")?,
+        )?;
+        Ok(counters.get(&index, 0)?.iter().copied().sum())
     }
 
     /// Untracked mini-sockets cancelled last on a CPU, that nothing has
@@ -435,7 +449,9 @@ fn load(options: &TracerOptions, facts: &KernelFacts) -> anyhow::Result<Ebpf> {
     } else {
         MAX_FILTER_ENTRIES
     };
-    EbpfLoader::new()
+    let wakeup_at_bytes = u64::from(ring_bytes / 4);
+    let mut loader = EbpfLoader::new();
+    loader
         .override_global(names::GLOBAL_FILTER, &filter, true)
         .override_global(names::GLOBAL_SET_STATE_LAYOUT, &facts.set_state, true)
         .override_global(names::GLOBAL_TW_CONFIG, &facts.time_wait, true)
@@ -445,15 +461,18 @@ fn load(options: &TracerOptions, facts: &KernelFacts) -> anyhow::Result<Ebpf> {
             true,
         )
         .override_global(aya_log::LEVEL, &log_level, false)
-        .override_global(
-            names::GLOBAL_WAKEUP_AT_BYTES,
-            &u64::from(ring_bytes / 4),
-            true,
-        )
+        .override_global(names::GLOBAL_WAKEUP_AT_BYTES, &wakeup_at_bytes, true)
         .map_max_entries(names::EVENTS, ring_bytes)
         .map_max_entries(names::SOCKS, with_lru_slack(options.max_sockets))
         .map_max_entries(names::TWS, with_lru_slack(facts.tw_capacity))
-        .map_max_entries(names::FILTER_PIDS, followed)
+        .map_max_entries(names::FILTER_PIDS, followed);
+    #[cfg(feature = "fault-injection")]
+    loader.override_global(
+        names::GLOBAL_SLOW_HAND_OVER_NS,
+        &options.slow_hand_over_ns,
+        true,
+    );
+    loader
         .load(EBPF_OBJECT)
         .context("loading twtrace's eBPF programs into the kernel (see `dmesg` and run with -v for the verifier log)")
 }

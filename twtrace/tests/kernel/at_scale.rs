@@ -202,14 +202,14 @@ fn require_scale_tests() {
 }
 
 /// The kernel's own TIME_WAIT counters in one namespace.
-struct Kernel {
+pub struct Kernel {
     tw: u64,
     tw_killed: u64,
     overflows: u64,
 }
 
 impl Kernel {
-    fn read(netns: &str) -> Self {
+    pub fn read(netns: &str) -> Self {
         let text = command_stdout("ip", &["netns", "exec", netns, "cat", "/proc/net/netstat"]);
         let counters = twtrace::sys::parse_netstat(&text);
         let get = |name: &str| {
@@ -227,7 +227,7 @@ impl Kernel {
 
     /// Mini-sockets born: the kernel counts each in one of the two, by its
     /// first timeout.
-    fn births(&self) -> u64 {
+    pub fn births(&self) -> u64 {
         self.tw + self.tw_killed
     }
 }
@@ -244,7 +244,7 @@ fn sockstat_tw(netns: &str) -> Option<u64> {
     words.next()?.parse().ok()
 }
 
-fn sysctl_in(netns: &Netns, name: &str, value: u64) {
+pub fn sysctl_in(netns: &Netns, name: &str, value: u64) {
     let setting = format!("{name}={value}");
     command_stdout(
         "ip",
@@ -254,9 +254,9 @@ fn sysctl_in(netns: &Netns, name: &str, value: u64) {
 
 /// Births and ends as twtrace reports them, by full-socket address.
 #[derive(Default)]
-struct Count {
-    births: u64,
-    ends: u64,
+pub struct Count {
+    pub births: u64,
+    pub ends: u64,
     expired: u64,
     born_by_sock: HashMap<u64, u64>,
     ended_by_sock: HashMap<u64, u64>,
@@ -265,7 +265,7 @@ struct Count {
 impl Count {
     /// Every mini-socket ended once: none merged with another (which would
     /// leave one without an end), none ended twice.
-    fn assert_one_end_per_birth(&self) {
+    pub fn assert_one_end_per_birth(&self) {
         let wrong: Vec<(u64, u64, u64)> = self
             .born_by_sock
             .iter()
@@ -281,7 +281,7 @@ impl Count {
 
 /// twtrace's live counts, for the sampler.
 #[derive(Default)]
-struct Live {
+pub struct Live {
     alive: AtomicU64,
     moved: AtomicU64,
     expired: AtomicU64,
@@ -369,10 +369,21 @@ fn trace(
     live: Option<Arc<Live>>,
     then: impl FnOnce(Count) -> Count,
 ) -> (Count, SessionEnd) {
+    trace_with(&TracerOptions::default(), flood, limit, live, then)
+}
+
+/// The same, from `options` (their pids and ports set to `flood`'s).
+pub fn trace_with(
+    options: &TracerOptions,
+    flood: &mut Peer,
+    limit: Duration,
+    live: Option<Arc<Live>>,
+    then: impl FnOnce(Count) -> Count,
+) -> (Count, SessionEnd) {
     let options = TracerOptions {
         pids: vec![flood.pid],
         ports: vec![flood.addr.expect("flood port").port()],
-        ..TracerOptions::default()
+        ..options.clone()
     };
     let mut run = Run {
         count: Count::default(),

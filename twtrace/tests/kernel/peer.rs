@@ -164,6 +164,26 @@ impl Peer {
         spawn(netns, &format!("knock {server} -"))
     }
 
+    /// Starts a process that listens on a port of `netns` (read into
+    /// `addr`) and, once told to go, makes `count` connections whose
+    /// server end (on CPU 0) is handed to an orphaned FIN_WAIT2
+    /// mini-socket by `close()` while the client (on CPU 1) sends its FIN
+    /// a little later each time (0–390 µs after the server was told to
+    /// close): a FIN that reaches the mini-socket before its hand-over has
+    /// run re-arms it from another CPU. With `reset`, the client aborts
+    /// (`SO_LINGER` 0) instead, and its RST ends the mini-socket. Prints
+    /// `done`.
+    pub fn racer(netns: &Netns, count: usize, reset: bool) -> Self {
+        let ending = if reset { "reset" } else { "fin" };
+        let mut peer = spawn(netns, &format!("racer {count} {ending}"));
+        let said = peer.read_line();
+        let port: u16 = said
+            .parse()
+            .unwrap_or_else(|_| panic!("racer said {said:?}"));
+        peer.addr = Some(SocketAddr::from(([127, 0, 0, 1], port)));
+        peer
+    }
+
     /// Starts a process that, once told to go, connects `rate` times a
     /// second to a listener of its own in `netns`, the client closing
     /// first each time (so its port waits in TIME_WAIT), until `connect()`
@@ -296,6 +316,7 @@ pub fn run_if_peer() -> Option<ExitCode> {
         "leaker" => leak(addr.parse().expect("count")),
         "acceptor" => accept_and_hold(addr),
         "knock" => knock(addr.parse().expect("server address")),
+        "racer" => race_hand_overs(addr.parse().expect("count"), ending_text == "reset"),
         "paced" => paced(
             addr.parse().expect("connections per second"),
             ending_text.parse().expect("seconds"),
@@ -392,6 +413,89 @@ fn paced(rate: u32, seconds: u32) {
     println!("{outcome}");
     std::io::stdout().flush().expect("flush");
     let _ = std::io::stdin().read_line(&mut go);
+}
+
+fn race_hand_overs(count: usize, abort: bool) {
+    use std::sync::mpsc;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let server = listener.local_addr().expect("local addr");
+    println!("{}", server.port());
+    std::io::stdout().flush().expect("flush");
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).expect("waiting for go");
+    let (acked_tx, acked_rx) = mpsc::channel::<()>();
+    let client = thread::spawn(move || {
+        pin_to_cpu(1);
+        for n in 0..count {
+            let mut stream = TcpStream::connect(server).expect("connect");
+            let mut rest = Vec::new();
+            stream
+                .read_to_end(&mut rest)
+                .expect("read the server's FIN");
+            // ACK the FIN now (its ACK is otherwise delayed): the server's
+            // end is in FIN_WAIT2 when this returns.
+            quickack(&stream);
+            acked_tx.send(()).expect("server thread");
+            let fin_after = std::time::Instant::now()
+                + Duration::from_micros(10 * u64::try_from(n % 40).expect("small"));
+            if abort {
+                abort_on_close(&stream);
+            }
+            while std::time::Instant::now() < fin_after {
+                std::hint::spin_loop();
+            }
+            drop(stream);
+        }
+    });
+    pin_to_cpu(0);
+    for _ in 0..count {
+        let (accepted, _) = listener.accept().expect("accept");
+        accepted.shutdown(Shutdown::Write).expect("shutdown");
+        acked_rx.recv().expect("client thread");
+        // Orphaned in FIN_WAIT2: handed to a mini-socket here, on CPU 0.
+        drop(accepted);
+    }
+    client.join().expect("client thread");
+    thread::sleep(Duration::from_millis(200));
+    println!("done");
+    std::io::stdout().flush().expect("flush");
+    let _ = std::io::stdin().read_line(&mut go);
+}
+
+/// `SO_LINGER` 0: `close()` sends an RST instead of a FIN.
+fn abort_on_close(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a pointer to a linger of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            libc::socklen_t::try_from(size_of::<libc::linger>()).expect("socklen"),
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes
+    // within it, and sched_setaffinity reads the size given.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set)
+    };
+    assert_eq!(
+        rc,
+        0,
+        "pinning to CPU {cpu}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 fn churn(length: Duration) {
