@@ -464,22 +464,31 @@ fn race_hand_overs(count: usize, abort: bool) {
 
 /// `SO_LINGER` 0: `close()` sends an RST instead of a FIN.
 fn abort_on_close(stream: &TcpStream) {
-    use std::os::fd::AsRawFd;
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: a valid socket fd and a pointer to a linger of the size given.
+    set_option(
+        stream,
+        (libc::SOL_SOCKET, libc::SO_LINGER, "SO_LINGER"),
+        &linger,
+    );
+}
+
+/// Sets a socket option (`level`, `name`, what to call it) or fails the test.
+fn set_option<T>(stream: &TcpStream, (level, name, what): (i32, i32, &str), value: &T) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket fd and a pointer to a `T` of the size given.
     let rc = unsafe {
         libc::setsockopt(
             stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            libc::socklen_t::try_from(size_of::<libc::linger>()).expect("socklen"),
+            level,
+            name,
+            std::ptr::from_ref(value).cast(),
+            libc::socklen_t::try_from(size_of::<T>()).expect("socklen"),
         )
     };
-    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    assert_eq!(rc, 0, "{what}: {}", std::io::Error::last_os_error());
 }
 
 fn pin_to_cpu(cpu: usize) {
@@ -643,19 +652,12 @@ fn connect(server: SocketAddr, ending: Ending) {
 }
 
 fn quickack(stream: &TcpStream) {
-    use std::os::fd::AsRawFd;
     let on: libc::c_int = 1;
-    // SAFETY: a valid socket fd and a pointer to a c_int of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_QUICKACK,
-            (&raw const on).cast(),
-            libc::socklen_t::try_from(size_of::<libc::c_int>()).expect("socklen"),
-        )
-    };
-    assert_eq!(rc, 0, "TCP_QUICKACK: {}", std::io::Error::last_os_error());
+    set_option(
+        stream,
+        (libc::IPPROTO_TCP, libc::TCP_QUICKACK, "TCP_QUICKACK"),
+        &on,
+    );
 }
 
 fn end(mut stream: TcpStream, ending: Ending) {
