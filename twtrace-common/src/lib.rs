@@ -173,7 +173,10 @@ pub struct TwScratch {
     /// Non-zero when `cancel_timer`'s mini-socket had no record: if nothing
     /// re-arms it, its end is counted (`counter::TW_UNTRACKED_END`).
     pub cancel_untracked: u8,
-    pub pad: [u8; 6],
+    /// Non-zero when that cancel came before the mini-socket's hand-over
+    /// and left its end to it (`EARLY_CANCELS`): a re-arm next takes it back.
+    pub cancel_early: u8,
+    pub pad: [u8; 5],
 }
 
 /// A mini-socket armed for the first time, by who it is: its ports and the
@@ -198,11 +201,7 @@ pub struct PendingBirth {
     pub expires: u64,
     pub bucket_expiry: u64,
     pub substate: u8,
-    /// 1 when its timer was cancelled before the hand-over came: the
-    /// mini-socket ended (a SYN took it over) before its full socket's
-    /// `X -> CLOSE` ran on the closing CPU.
-    pub cancelled: u8,
-    pub pad: [u8; 6],
+    pub pad: [u8; 7],
 }
 
 /// How soon after its first arming a mini-socket's timer may be cancelled

@@ -75,6 +75,13 @@ pub static TW_SCRATCH: PerCpuArray<TwScratch> = PerCpuArray::with_max_entries(MA
 pub static PENDING_BIRTHS: LruHashMap<BirthKey, PendingBirth> =
     LruHashMap::with_max_entries(16_384, 0);
 
+/// Mini-sockets cancelled on one CPU while their hand-over was still to
+/// run on another (`timewait::hand_over_to_come`), and when. The entry is
+/// the end to report: whichever side deletes it reports it, so exactly one
+/// does.
+#[map]
+pub static EARLY_CANCELS: LruHashMap<BirthKey, u64> = LruHashMap::with_max_entries(1024, 0);
+
 /// When every hook was attached (`bpf_ktime_get_ns`), written once by the
 /// loader; 0 until then. A first arming older than that may have had its
 /// hand-over before the state-change hooks were in.

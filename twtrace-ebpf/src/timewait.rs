@@ -20,7 +20,10 @@ use twtrace_common::{
 use crate::{
     emit::{self, InState, TimerFacts},
     kernel::{atomic_add, bump, in_state, kread, netns_at, now_ns, read},
-    maps::{ATTACHED_AT, FILTER, NESTING, PENDING_BIRTHS, SOCK_LAYOUT, TW_CONFIG, TW_SCRATCH, TWS},
+    maps::{
+        ATTACHED_AT, EARLY_CANCELS, FILTER, NESTING, PENDING_BIRTHS, SOCK_LAYOUT, TW_CONFIG,
+        TW_SCRATCH, TWS,
+    },
     set_state::{SetState, passes_filters},
     twin::{self, Role},
 };
@@ -220,6 +223,7 @@ fn on_start<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64, facts: &TimerFa
     if scratch.cancel_timer == timer {
         scratch.cancel_timer = 0;
         let was_untracked = core::mem::replace(&mut scratch.cancel_untracked, 0) != 0;
+        let was_early = core::mem::replace(&mut scratch.cancel_early, 0) != 0;
         match Identity::of(cfg, timer) {
             // Without BTF only a record can say it is the same one.
             None if rearm(ctx, cfg, timer, now, facts) => return,
@@ -227,7 +231,9 @@ fn on_start<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64, facts: &TimerFa
             // Re-armed, so no end (an untracked one has nothing to update,
             // unless its hand-over is still to come).
             Some(id) if id == cancelled(scratch) => {
-                resume_pending(id, facts);
+                if was_early {
+                    resume_pending(id, facts);
+                }
                 let _ = rearm(ctx, cfg, timer, now, facts);
                 return;
             }
@@ -248,8 +254,7 @@ fn on_start<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64, facts: &TimerFa
             expires: facts.expires,
             bucket_expiry: facts.bucket_expiry,
             substate: facts.substate,
-            cancelled: 0,
-            pad: [0; 6],
+            pad: [0; 7],
         };
         if PENDING_BIRTHS.insert(key, pending, 0).is_err() {
             bump(counter::TW_BIRTH_MISSED);
@@ -269,21 +274,24 @@ fn on_start<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64, facts: &TimerFa
     scratch.pending_substate = facts.substate;
 }
 
-/// A mini-socket whose hand-over is still to come was re-armed on another
-/// CPU meanwhile (its peer's FIN moved it from FIN_WAIT2 to TIME_WAIT):
-/// it lives on, and is born as what it is now.
+/// A mini-socket cancelled before its hand-over ran on another CPU was
+/// re-armed right after (its peer's FIN moved it from FIN_WAIT2 to
+/// TIME_WAIT): it lives on. The end left to the hand-over is taken back
+/// unless the hand-over took it first (then the re-arm, reported next,
+/// undoes it in userspace); if the hand-over is still to come, it sees the
+/// mini-socket as it is now.
 fn resume_pending(id: Identity, facts: &TimerFacts) {
-    let Some(pending) = PENDING_BIRTHS.get_ptr_mut(id.birth_key()) else {
+    let key = id.birth_key();
+    if EARLY_CANCELS.remove(key).is_err() {
+        return;
+    }
+    let Some(pending) = PENDING_BIRTHS.get_ptr_mut(key) else {
         return;
     };
     // SAFETY: a pointer from a successful lookup; this mini-socket's timer
     // events are serialised by its timer base's lock, and its hand-over
-    // only reads the entry, then removes it.
+    // copies the entry out before anything else.
     let pending = unsafe { &mut *pending };
-    if pending.cancelled == 0 {
-        return;
-    }
-    pending.cancelled = 0;
     pending.expires = facts.expires;
     pending.bucket_expiry = facts.bucket_expiry;
     pending.substate = facts.substate;
@@ -366,24 +374,27 @@ pub fn take_over<C: EbpfContext>(
         bump(counter::TW_BIRTH_OWNER_UNKNOWN);
     }
     // Only now, with the record in place and the birth out, is the pending
-    // entry let go: a cancel on another CPU either marked it before (and
-    // left the end to this hand-over) or finds the record after. A re-arm
-    // may still follow that cancel: the record stays for it, as after any
-    // cancel, and userspace takes a cancel then a re-arm for no end.
-    let ended = key.flatten().is_some_and(take_pending_ended);
-    if emit && ended {
+    // entry let go: a cancel on another CPU from here on finds the record.
+    // One that came before left the end to report (`hand_over_to_come`):
+    // whichever side deletes it reports it. A re-arm may still follow that
+    // cancel: the record stays for it, as after any cancel, and userspace
+    // takes a cancel then a re-arm for no end.
+    let ended_at = key.flatten().and_then(take_pending_ended);
+    if emit && let Some(at) = ended_at {
         let facts = TimerFacts {
             expires: pending.expires,
             bucket_expiry: 0,
             substate: pending.substate,
         };
-        record.since_ns = now;
-        let spent = in_state(now, now);
+        record.since_ns = at;
+        let spent = in_state(at, at);
+        // Stamped when it was cancelled: a re-arm that followed, reported
+        // on its CPU maybe before this, is later, and userspace sees that.
         emit::tw_end(
             ctx,
             &record,
             pending.timer,
-            now,
+            at,
             kind::TW_CANCEL,
             spent,
             &facts,
@@ -392,15 +403,14 @@ pub fn take_over<C: EbpfContext>(
     true
 }
 
-/// Lets the pending entry `key` go, and says whether its mini-socket was
-/// cancelled meanwhile (see `hand_over_to_come`).
-fn take_pending_ended(key: BirthKey) -> bool {
-    // SAFETY: a pointer from a successful lookup; read at once.
-    let ended = PENDING_BIRTHS
-        .get_ptr(key)
-        .is_some_and(|p| unsafe { (*p).cancelled } != 0);
+/// Lets the pending entry `key` go, and returns when its mini-socket was
+/// cancelled if that end, left to this hand-over, is its to report.
+fn take_pending_ended(key: BirthKey) -> Option<u64> {
     let _ = PENDING_BIRTHS.remove(key);
-    ended
+    // SAFETY: a pointer from a successful lookup; read at once (the value
+    // is written once, at insert).
+    let at = EARLY_CANCELS.get_ptr(key).map(|p| unsafe { *p })?;
+    EARLY_CANCELS.remove(key).is_ok().then_some(at)
 }
 
 /// With BTF a first arming is matched to its hand-over by the mini-socket's
@@ -443,8 +453,7 @@ fn pending_on_this_cpu(now: u64) -> Option<PendingBirth> {
         expires: scratch.pending_expires,
         bucket_expiry: scratch.pending_bucket_expiry,
         substate: scratch.pending_substate,
-        cancelled: 0,
-        pad: [0; 6],
+        pad: [0; 7],
     })
 }
 
@@ -554,6 +563,7 @@ fn on_cancel<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
     }
     scratch.cancel_timer = timer;
     scratch.cancel_untracked = u8::from(untracked);
+    scratch.cancel_early = u8::from(to_come);
     if let Some(id) = id {
         scratch.cancel_sport = id.sport;
         scratch.cancel_dport = id.dport;
@@ -596,26 +606,29 @@ fn on_expire<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
     }
 }
 
-/// Whether the mini-socket `id`, armed moments ago, still waits for its
-/// hand-over: another CPU (its peer's FIN or SYN) reached it first. It is
-/// marked cancelled; a re-arm next clears the mark, else its hand-over
-/// reports it born and ended.
+/// Whether the end of the mini-socket `id`, cancelled moments after its
+/// first arming, is its hand-over's to report: another CPU (its peer's
+/// FIN, RST or SYN) reached it before that hand-over let its pending entry
+/// go. The end is left in `EARLY_CANCELS`; if the entry is gone once it is
+/// there, the hand-over may have looked already, and whichever side
+/// deletes the end reports it. A re-arm next takes it back.
 fn hand_over_to_come(id: Identity) -> bool {
-    let Some(pending) = PENDING_BIRTHS.get_ptr_mut(id.birth_key()) else {
+    let key = id.birth_key();
+    // SAFETY: a pointer from a successful lookup; read at once.
+    let Some(born_ns) = PENDING_BIRTHS.get_ptr(key).map(|p| unsafe { (*p).ns }) else {
         return false;
     };
-    // SAFETY: a pointer from a successful lookup; this mini-socket's timer
-    // events are serialised by its timer base's lock, and its hand-over
-    // only reads the entry, then removes it.
-    let pending = unsafe { &mut *pending };
-    if now_ns().saturating_sub(pending.ns) > HANDOVER_RACE_NS {
+    let now = now_ns();
+    if now.saturating_sub(born_ns) > HANDOVER_RACE_NS || EARLY_CANCELS.insert(key, now, 0).is_err()
+    {
         return false;
     }
-    if pending.cancelled == 0 {
-        pending.cancelled = 1;
-        bump(counter::TW_HAND_OVER_RACED);
+    bump(counter::TW_HAND_OVER_RACED);
+    if PENDING_BIRTHS.get_ptr(key).is_some() {
+        return true;
     }
-    true
+    // The hand-over let the entry go meanwhile: its record is in place.
+    EARLY_CANCELS.remove(key).is_err()
 }
 
 /// A mini-socket with no record whose first arming still waits for its

@@ -50,6 +50,10 @@ pub struct TeardownModel {
     /// Orphans whose move to TIME_WAIT was found by asking the kernel: when
     /// their TIME_WAIT began.
     resolved: FxHashMap<u64, u64>,
+    /// Mini-sockets re-armed within the last `CANCEL_GRACE_NS`, by timer:
+    /// when. A cancel stamped before that re-arm but read after it (written
+    /// by another CPU's hand-over) is no end.
+    rearmed_at: FxHashMap<u64, u64>,
 }
 
 /// A local address and the destination its ephemeral ports point to, in
@@ -93,6 +97,7 @@ impl TeardownModel {
             time_wait_skipped: 0,
             orphans: FxHashMap::default(),
             resolved: FxHashMap::default(),
+            rearmed_at: FxHashMap::default(),
         }
     }
 
@@ -167,6 +172,7 @@ impl TeardownModel {
                 self.mini_sockets_peak = self.mini_sockets_peak.max(self.mini_sockets);
                 if let Some(tw) = event.tw {
                     self.resolved.remove(&tw.id);
+                    self.rearmed_at.remove(&tw.id);
                 }
                 // An orphaned socket still waiting for the peer's FIN stays
                 // in FIN_WAIT2, now in the mini-socket: nothing changed.
@@ -183,13 +189,19 @@ impl TeardownModel {
                     self.pending_cancels.remove(&tw.id);
                     self.orphans.remove(&tw.id);
                     already_reported = self.resolved.remove(&tw.id).is_some();
+                    self.rearmed_at.insert(tw.id, event.transition.ts_ns);
                 }
                 if moved && !already_reported {
                     out.push(event.transition);
                 }
             }
             EventKind::TwCancel => {
-                if let Some(tw) = event.tw {
+                if let Some(tw) = event.tw
+                    && self
+                        .rearmed_at
+                        .get(&tw.id)
+                        .is_none_or(|at| *at <= event.transition.ts_ns)
+                {
                     // A second cancel replaces the first: the first was
                     // followed by something, as the kernel re-cancelled.
                     self.pending_cancels.insert(tw.id, event);
@@ -207,6 +219,8 @@ impl TeardownModel {
     /// Ends the mini-sockets whose cancel nothing followed, given the
     /// kernel's clock (CLOCK_MONOTONIC) now.
     pub fn flush(&mut self, now_ns: u64, out: &mut Vec<Transition>) {
+        self.rearmed_at
+            .retain(|_, at| at.saturating_add(CANCEL_GRACE_NS) > now_ns);
         let due: Vec<u64> = self
             .pending_cancels
             .iter()
@@ -613,6 +627,45 @@ mod tests {
         let routes: Vec<u64> = model.held_by_route().keys().map(|r| r.netns).collect();
         assert_eq!(routes.len(), 2, "{routes:?}");
         assert!(routes.contains(&11) && routes.contains(&22));
+    }
+
+    #[test]
+    fn a_cancel_stamped_before_a_re_arm_read_first_is_no_end() {
+        // Another CPU's hand-over writes the cancel of a mini-socket that
+        // the peer's FIN re-armed meanwhile; the re-arm reaches the ring first.
+        let mut model = TeardownModel::new(Some(HZ));
+        let mut out = Vec::new();
+        let birth = transition(TcpState::FinWait2, TcpState::FinWait2, 1_000 * MS, MS);
+        model.push(
+            tw_event(EventKind::TwBirth, birth, 0, TcpState::FinWait2),
+            &mut out,
+        );
+        let rearm = transition(TcpState::FinWait2, TcpState::TimeWait, 1_002 * MS, 0);
+        model.push(
+            tw_event(EventKind::TwRearm, rearm, 0, TcpState::TimeWait),
+            &mut out,
+        );
+        let cancel = transition(TcpState::FinWait2, TcpState::Close, 1_001 * MS, 0);
+        model.push(
+            tw_event(EventKind::TwCancel, cancel, 0, TcpState::FinWait2),
+            &mut out,
+        );
+        model.flush(2_000 * MS, &mut out);
+        assert_eq!(
+            steps(&out),
+            [(TcpState::FinWait2, TcpState::TimeWait, None)],
+            "re-armed, not ended"
+        );
+        assert_eq!(model.mini_sockets().0, 1);
+        // A cancel after the re-arm is an end.
+        let cancel = transition(TcpState::TimeWait, TcpState::Close, 3_000 * MS, 0);
+        model.push(
+            tw_event(EventKind::TwCancel, cancel, 0, TcpState::TimeWait),
+            &mut out,
+        );
+        model.flush(3_000 * MS + CANCEL_GRACE_NS, &mut out);
+        assert_eq!(out.last().and_then(|t| t.end), Some(TwEnd::Cancelled));
+        assert_eq!(model.mini_sockets().0, 0);
     }
 
     #[test]
