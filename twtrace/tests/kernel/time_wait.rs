@@ -361,7 +361,7 @@ impl twtrace::session::Consumer for Unseen<'_> {
 
 /// A peer's FIN can reach a new mini-socket on another CPU before the
 /// closing CPU has run its hand-over (`tcp_done` after `tcp_time_wait`):
-/// real traffic lost about one birth in 100 000 that way, counted as
+/// the churn test lost one birth in ~360 000 that way, counted as
 /// missed and never reported. Here the hand-over is slowed (fault
 /// injection) while each client's FIN comes from CPU 1 a little later
 /// every time, so the FIN overtakes it again and again: every birth must
