@@ -185,7 +185,7 @@ const MIN_RATE: u64 = 8_000;
 /// These need a machine that churns connections at a real server's rate;
 /// under software emulation (the VM matrix) they would take many minutes,
 /// so there they are skipped, with the rate measured.
-fn require_scale_tests() {
+pub fn require_scale_tests() {
     static RATE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let rate = *RATE.get_or_init(|| {
         let netns = Netns::new();
