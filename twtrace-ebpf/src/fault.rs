@@ -5,9 +5,9 @@ use aya_ebpf::Global;
 
 use crate::kernel::now_ns;
 
-/// How long a hand-over waits before it runs: wide
-/// enough for the peer's FIN or SYN to reach the mini-socket on another
-/// CPU first, a race the churn test saw once in ~360 000 connections.
+/// How long a hand-over waits before it runs: wide enough for the peer's
+/// FIN or RST to reach the mini-socket on another CPU first, a race the
+/// churn test saw once in ~360 000 connections.
 #[unsafe(no_mangle)]
 pub static SLOW_HAND_OVER_NS: Global<u64> = Global::new(0);
 
@@ -15,12 +15,15 @@ pub static SLOW_HAND_OVER_NS: Global<u64> = Global::new(0);
 /// millisecond.
 const MAX_ROUNDS: u32 = 8192;
 
+/// The wait `SLOW_HAND_OVER_NS` asks for; 0 (always, outside the tests).
 #[inline(always)]
-pub fn slow_hand_over() {
-    let wait = SLOW_HAND_OVER_NS.load();
-    if wait == 0 {
-        return;
-    }
+pub fn hand_over_delay_ns() -> u64 {
+    SLOW_HAND_OVER_NS.load()
+}
+
+/// Spins for `wait` ns, at most `MAX_ROUNDS` clock reads.
+#[inline(always)]
+pub fn spin(wait: u64) {
     let until = now_ns().saturating_add(wait);
     for _ in 0..MAX_ROUNDS {
         if now_ns() >= until {

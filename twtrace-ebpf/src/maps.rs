@@ -76,7 +76,7 @@ pub static PENDING_BIRTHS: LruHashMap<BirthKey, PendingBirth> =
     LruHashMap::with_max_entries(16_384, 0);
 
 /// Mini-sockets cancelled on one CPU while their hand-over was still to
-/// run on another (`timewait::hand_over_to_come`), and when. The entry is
+/// run on another (`timewait::settle_pending`), and when. The entry is
 /// the end to report: whichever side deletes it reports it, so exactly one
 /// does.
 #[map]

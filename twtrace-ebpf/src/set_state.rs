@@ -58,9 +58,11 @@ pub fn inet_sock_set_state_twin(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn raw_hit(ctx: &RawTracePointContext, role: Role) -> i32 {
-    // First, where the verifier has one state to follow through the wait.
-    if role == Role::Primary && is_hand_over(ctx.arg(1), ctx.arg(2)) {
-        fault::slow_hand_over();
+    // First, where the verifier has one state to follow through the wait;
+    // the global is read first, so outside the tests nothing else runs.
+    let delay = fault::hand_over_delay_ns();
+    if delay != 0 && role == Role::Primary && is_hand_over(ctx.arg(1), ctx.arg(2)) {
+        fault::spin(delay);
     }
     let (_run, handle) = twin::enter(twin::SET_STATE, role, hit(ctx));
     if handle && try_raw(ctx).is_err() {

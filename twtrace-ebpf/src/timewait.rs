@@ -352,53 +352,57 @@ pub fn take_over<C: EbpfContext>(
     emit: bool,
 ) -> bool {
     let cfg = TW_CONFIG.load();
-    let (key, pending) = if births_by_identity(&cfg) {
-        pending_by_identity(s)
+    let found = if births_by_identity(&cfg) {
+        pending_by_identity(s).map(|(key, p)| (Some(key), p))
     } else {
         pending_on_this_cpu(now).map(|p| (None, p))
-    }
-    .unzip();
-    let Some(pending) = pending else {
+    };
+    let Some((key, pending)) = found else {
         return false;
     };
+    // Only once the record is in place and the birth out is the pending
+    // entry let go: a cancel on another CPU from then on finds the record.
+    // One that came before left the end to report (`settle_pending`):
+    // whichever side deletes it reports it. A re-arm may still follow that
+    // cancel: the record stays for it, as after any cancel, and userspace
+    // takes a cancel then a re-arm for no end.
     // A mini-socket the filters leave out needs no record: the map holds
     // only what this run reports, so other workloads cannot crowd it out.
-    let mut record = tw_record(s, sock, spent, now, &pending);
     if emit {
+        let mut record = tw_record(s, sock, spent, now, &pending);
         record.snd_nxt = Identity::of(&cfg, pending.timer).map_or(0, |id| id.snd_nxt);
         if TWS.insert(pending.timer, record, 0).is_err() {
             bump(counter::TW_UPDATE_FAILED);
         }
         emit::tw_birth(ctx, s, sock, now, spent, &pending);
-    } else if sock.pid == 0 && FILTER.load().pids_enabled != 0 {
-        bump(counter::TW_BIRTH_OWNER_UNKNOWN);
-    }
-    // Only now, with the record in place and the birth out, is the pending
-    // entry let go: a cancel on another CPU from here on finds the record.
-    // One that came before left the end to report (`hand_over_to_come`):
-    // whichever side deletes it reports it. A re-arm may still follow that
-    // cancel: the record stays for it, as after any cancel, and userspace
-    // takes a cancel then a re-arm for no end.
-    let ended_at = key.flatten().and_then(take_pending_ended);
-    if emit && let Some(at) = ended_at {
-        let facts = TimerFacts {
-            expires: pending.expires,
-            bucket_expiry: 0,
-            substate: pending.substate,
-        };
-        record.since_ns = at;
-        let spent = in_state(at, at);
-        // Stamped when it was cancelled: a re-arm that followed, reported
-        // on its CPU maybe before this, is later, and userspace sees that.
-        emit::tw_end(
-            ctx,
-            &record,
-            pending.timer,
-            at,
-            kind::TW_CANCEL,
-            spent,
-            &facts,
-        );
+        if let Some(at) = key.and_then(take_pending_ended) {
+            // Stamped when it was cancelled: a re-arm that followed,
+            // reported on its CPU maybe before this, is later, and
+            // userspace sees that.
+            record.since_ns = at;
+            let facts = TimerFacts {
+                expires: pending.expires,
+                bucket_expiry: 0,
+                substate: pending.substate,
+            };
+            let spent = in_state(at, at);
+            emit::tw_end(
+                ctx,
+                &record,
+                pending.timer,
+                at,
+                kind::TW_CANCEL,
+                spent,
+                &facts,
+            );
+        }
+    } else {
+        if sock.pid == 0 && FILTER.load().pids_enabled != 0 {
+            bump(counter::TW_BIRTH_OWNER_UNKNOWN);
+        }
+        if let Some(key) = key {
+            let _ = take_pending_ended(key);
+        }
     }
     true
 }
@@ -422,7 +426,7 @@ fn births_by_identity(cfg: &TwConfig) -> bool {
 
 /// The first arming of the mini-socket taking over from `s`, if any, and
 /// its key: the entry stays until the hand-over is done with it.
-fn pending_by_identity(s: &SetState) -> Option<(Option<BirthKey>, PendingBirth)> {
+fn pending_by_identity(s: &SetState) -> Option<(BirthKey, PendingBirth)> {
     let key = BirthKey {
         snd_nxt: kread(s.sock_id + u64::from(SOCK_LAYOUT.load().snd_nxt)).ok()?,
         sport: s.sport,
@@ -430,7 +434,7 @@ fn pending_by_identity(s: &SetState) -> Option<(Option<BirthKey>, PendingBirth)>
     };
     // SAFETY: a pointer from a successful lookup; copied out at once.
     let pending = PENDING_BIRTHS.get_ptr(key).map(|p| unsafe { *p })?;
-    Some((Some(key), pending))
+    Some((key, pending))
 }
 
 /// The fallback: the first arming just before on this CPU.
@@ -535,17 +539,20 @@ pub fn timer_expire_entry_twin(ctx: RawTracePointContext) -> i32 {
 #[inline(always)]
 fn on_cancel<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
     let id = Identity::of(cfg, timer);
-    // Its hand-over, still running on another CPU, reports its end.
-    let to_come = id.is_some_and(hand_over_to_come);
     // SAFETY: a pointer from a successful lookup; copied out at once.
     let record = TWS.get_ptr(timer).map(|r| unsafe { *r });
-    let record = record.filter(|r| !to_come && id.is_none_or(|id| id == Identity::of_record(r)));
+    let record = record.filter(|r| id.is_none_or(|id| id == Identity::of_record(r)));
+    // Only a mini-socket with no record, or one armed moments ago, can have
+    // a hand-over still running on another CPU: that one reports the end.
+    let now = now_ns();
+    let to_come = id.is_some_and(|id| {
+        record.is_none_or(|r| now.saturating_sub(r.birth_ns) <= HANDOVER_RACE_NS)
+            && settle_pending(id, now)
+    });
+    let record = record.filter(|_| !to_come);
     // No record: its hand-over was missed, or came before twtrace.
     let untracked = match id {
-        Some(id) if record.is_none() && !to_come => {
-            count_if_birth_missed(id);
-            counts_untracked(cfg, timer, id)
-        }
+        Some(id) if record.is_none() && !to_come => counts_untracked(cfg, timer, id),
         _ => false,
     };
     let Some(mut scratch) = Scratch::enter() else {
@@ -606,21 +613,24 @@ fn on_expire<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
     }
 }
 
-/// Whether the end of the mini-socket `id`, cancelled moments after its
-/// first arming, is its hand-over's to report: another CPU (its peer's
-/// FIN, RST or SYN) reached it before that hand-over let its pending entry
-/// go. The end is left in `EARLY_CANCELS`; if the entry is gone once it is
-/// there, the hand-over may have looked already, and whichever side
-/// deletes the end reports it. A re-arm next takes it back.
-fn hand_over_to_come(id: Identity) -> bool {
+/// A mini-socket cancelled while its first arming still waits for its
+/// hand-over. Armed moments ago, another CPU (its peer's FIN, RST or SYN)
+/// reached it before that hand-over let the pending entry go: the end is
+/// left in `EARLY_CANCELS`, and if the entry is gone once it is there, the
+/// hand-over may have looked already, so whichever side deletes the end
+/// reports it; returns whether the hand-over does (a re-arm next takes it
+/// back). Armed long ago, its hand-over was missed (`forget_missed`).
+fn settle_pending(id: Identity, now: u64) -> bool {
     let key = id.birth_key();
     // SAFETY: a pointer from a successful lookup; read at once.
     let Some(born_ns) = PENDING_BIRTHS.get_ptr(key).map(|p| unsafe { (*p).ns }) else {
         return false;
     };
-    let now = now_ns();
-    if now.saturating_sub(born_ns) > HANDOVER_RACE_NS || EARLY_CANCELS.insert(key, now, 0).is_err()
-    {
+    if now.saturating_sub(born_ns) > HANDOVER_RACE_NS {
+        forget_missed(key, born_ns);
+        return false;
+    }
+    if EARLY_CANCELS.insert(key, now, 0).is_err() {
         return false;
     }
     bump(counter::TW_HAND_OVER_RACED);
@@ -633,16 +643,18 @@ fn hand_over_to_come(id: Identity) -> bool {
 
 /// A mini-socket with no record whose first arming still waits for its
 /// hand-over: no program acted on the full socket's hand-over (the kernel
-/// skipped both of the pair, or — cause open — neither took it as its
-/// own), so its birth went unreported. Counted here, at its first event
-/// since, and forgotten; one born before every hook was in is not
-/// twtrace's to count.
+/// skipped both of the pair), so its birth went unreported.
 fn count_if_birth_missed(id: Identity) {
     let key = id.birth_key();
     // SAFETY: a pointer from a successful lookup; read at once.
-    let Some(born_ns) = PENDING_BIRTHS.get_ptr(key).map(|p| unsafe { (*p).ns }) else {
-        return;
-    };
+    if let Some(born_ns) = PENDING_BIRTHS.get_ptr(key).map(|p| unsafe { (*p).ns }) {
+        forget_missed(key, born_ns);
+    }
+}
+
+/// Counts a birth missed at its first event since, and forgets it; one born
+/// before every hook was in is not twtrace's to count.
+fn forget_missed(key: BirthKey, born_ns: u64) {
     let _ = PENDING_BIRTHS.remove(key);
     let attached_ns = ATTACHED_AT.get(0).copied().unwrap_or(0);
     if attached_ns != 0 && born_ns >= attached_ns {

@@ -50,9 +50,10 @@ pub struct TeardownModel {
     /// Orphans whose move to TIME_WAIT was found by asking the kernel: when
     /// their TIME_WAIT began.
     resolved: FxHashMap<u64, u64>,
-    /// Mini-sockets re-armed within the last `CANCEL_GRACE_NS`, by timer:
-    /// when. A cancel stamped before that re-arm but read after it (written
-    /// by another CPU's hand-over) is no end.
+    /// Mini-sockets re-armed with no cancel before it, within the last
+    /// `CANCEL_GRACE_NS`, by timer: when. A cancel stamped before that
+    /// re-arm but read after it (written by another CPU's hand-over) is no
+    /// end. Only such races land here.
     rearmed_at: FxHashMap<u64, u64>,
 }
 
@@ -186,10 +187,13 @@ impl TeardownModel {
                 let moved = event.transition.old != event.transition.new;
                 let mut already_reported = false;
                 if let Some(tw) = event.tw {
-                    self.pending_cancels.remove(&tw.id);
+                    // A re-arm whose cancel has not come yet: that cancel,
+                    // written by another CPU's hand-over, is no end.
+                    if self.pending_cancels.remove(&tw.id).is_none() {
+                        self.rearmed_at.insert(tw.id, event.transition.ts_ns);
+                    }
                     self.orphans.remove(&tw.id);
                     already_reported = self.resolved.remove(&tw.id).is_some();
-                    self.rearmed_at.insert(tw.id, event.transition.ts_ns);
                 }
                 if moved && !already_reported {
                     out.push(event.transition);

@@ -163,6 +163,11 @@ impl LossReport {
     }
 }
 
+/// One of the kernel's counters, summed over CPUs.
+fn counter_sum(counters: &PerCpuArray<&MapData, u64>, index: u32) -> anyhow::Result<u64> {
+    Ok(counters.get(&index, 0)?.iter().copied().sum())
+}
+
 /// Tells the kernel side when every hook was in: a mini-socket armed
 /// before then may have handed over unseen, and is not counted as a birth
 /// twtrace missed.
@@ -328,7 +333,8 @@ impl Tracer {
     /// Counts of what was lost, from the kernel's counters and the
     /// programs' recursion misses.
     pub fn loss(&self) -> anyhow::Result<LossReport> {
-        let sum = |index: u32| self.counter(index);
+        let counters = self.counters()?;
+        let sum = |index: u32| counter_sum(&counters, index);
         // A primary's misses that its twin handled are no loss.
         let mut recursion_misses = 0;
         for name in self.programs.iter().filter(|n| !hooks::is_twin(n)) {
@@ -360,17 +366,16 @@ impl Tracer {
 
     /// Mini-sockets that moved before their hand-over (`TimeWaitTally`).
     pub fn hand_overs_raced(&self) -> anyhow::Result<u64> {
-        self.counter(counter::TW_HAND_OVER_RACED)
+        counter_sum(&self.counters()?, counter::TW_HAND_OVER_RACED)
     }
 
-    /// One of the kernel's counters (`twtrace_common::counter`), over CPUs.
-    fn counter(&self, index: u32) -> anyhow::Result<u64> {
-        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+    /// The kernel's counters (`twtrace_common::counter`), per CPU.
+    fn counters(&self) -> anyhow::Result<PerCpuArray<&MapData, u64>> {
+        Ok(PerCpuArray::try_from(
             self.ebpf
                 .map(names::COUNTERS)
                 .context("the eBPF object lacks its COUNTERS map")?,
-        )?;
-        Ok(counters.get(&index, 0)?.iter().copied().sum())
+        )?)
     }
 
     /// Untracked mini-sockets cancelled last on a CPU, that nothing has
