@@ -69,7 +69,26 @@ fn ports_held_matches_ss_within_one_percent() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ports JSON");
     let routes = v["routes"].as_array().expect("routes");
     let held: u64 = routes.iter().map(|r| r["held"].as_u64().unwrap()).sum();
-    assert!(in_ss >= SOCKETS, "ss shows {in_ss}");
+    assert!(
+        in_ss >= SOCKETS,
+        "ss shows {in_ss} TIME_WAIT; by state: {}; counters: {}",
+        states_in(&netns),
+        command_stdout(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &netns.name,
+                "nstat",
+                "-az",
+                "TcpExtTW*",
+                "TcpExtTCPTimeWaitOverflow",
+            ]
+        )
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+    );
     let in_ss = in_ss as u64;
     assert!(
         held.abs_diff(in_ss) * 100 <= in_ss,
@@ -86,6 +105,16 @@ fn ports_held_matches_ss_within_one_percent() {
         top["closes_per_s"].as_f64().is_some_and(|r| r > 0.0),
         "{top}"
     );
+}
+
+/// How many sockets of `netns` are in each state, as ss names them.
+fn states_in(netns: &Netns) -> String {
+    let ss = command_stdout("ip", &["netns", "exec", &netns.name, "ss", "-Htan"]);
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for state in ss.lines().filter_map(|l| l.split_whitespace().next()) {
+        *counts.entry(state).or_default() += 1;
+    }
+    format!("{counts:?}")
 }
 
 /// doctor's numbers are the host's: sysctls as `sysctl` reads them,
