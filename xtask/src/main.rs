@@ -40,7 +40,7 @@ enum Task {
     },
     /// Set up, then run every check and test: formatting, clippy (host and
     /// eBPF), unit tests and the kernel tests (these need root), a 0.5-second
-    /// smoke run of the benchmark, and the kernel tests on every kernel of
+    /// smoke run of the benchmark (every workload and configuration), and the kernel tests on every kernel of
     /// the VM matrix.
     Test,
     /// A steady churn for minutes with `twtrace summary` and `twtrace trace
@@ -70,19 +70,35 @@ enum Task {
         test_args: Vec<String>,
     },
     /// Overhead and capacity against a baseline and libbpf-tools'
-    /// tcpstates, side by side (root; installs libbpf-tools and bpftool).
+    /// tcpstates, side by side, on the churn workload (either side closing)
+    /// and on nginx under wrk (root; installs libbpf-tools, bpftool, nginx
+    /// and wrk).
     Bench {
-        /// Seconds of churn per configuration and round.
+        /// Seconds of each workload per configuration and round.
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
         /// Rounds; configurations alternate within each.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        /// Which side closes first: `server` (TIME_WAIT on the server) or
-        /// `client`.
-        #[arg(long, default_value = "server")]
-        closer: String,
+        /// Only these workloads (repeatable): churn-server, churn-client,
+        /// nginx. All by default.
+        #[arg(long, value_parser = parse_workload)]
+        workload: Vec<bench::Workload>,
+        /// Churn connections carry no request and reply (they do by default,
+        /// as real ones do).
+        #[arg(long)]
+        no_data: bool,
     },
+}
+
+fn parse_workload(key: &str) -> Result<bench::Workload, String> {
+    bench::Workload::ALL
+        .into_iter()
+        .find(|w| w.key() == key)
+        .ok_or_else(|| {
+            let keys: Vec<&str> = bench::Workload::ALL.iter().map(|w| w.key()).collect();
+            format!("one of {}", keys.join(", "))
+        })
 }
 
 fn main() -> ExitCode {
@@ -114,7 +130,8 @@ fn main() -> ExitCode {
         Task::Bench {
             seconds,
             rounds,
-            closer,
+            workload,
+            no_data,
         } => setup::run()
             .and_then(|_| setup::test_tools())
             .and_then(|()| build_bench())
@@ -122,7 +139,12 @@ fn main() -> ExitCode {
                 bench::run(&bench::Options {
                     seconds,
                     rounds,
-                    closer,
+                    workloads: if workload.is_empty() {
+                        bench::Workload::ALL.to_vec()
+                    } else {
+                        workload
+                    },
+                    exchange: !no_data,
                 })
             }),
     };
@@ -214,7 +236,8 @@ fn test(tools: &setup::Tools) -> anyhow::Result<()> {
     let smoke = bench::run(&bench::Options {
         seconds: 0.5,
         rounds: 1,
-        closer: "server".into(),
+        workloads: bench::Workload::ALL.to_vec(),
+        exchange: true,
     });
     let smoke_ok = smoke.is_ok();
     if let Err(error) = smoke {

@@ -73,7 +73,7 @@ pub fn run() -> anyhow::Result<Tools> {
 }
 
 /// Programs the kernel tests drive, and the Debian packages that have them.
-const TEST_TOOLS: [(&str, &str); 10] = [
+const TEST_TOOLS: [(&str, &str); 13] = [
     ("bpftool", "bpftool"),
     ("tmux", "tmux"),
     ("ip", "iproute2"),
@@ -86,6 +86,11 @@ const TEST_TOOLS: [(&str, &str); 10] = [
     ("systemd-analyze", "systemd"),
     // The real server scrapes `twtrace serve` for per-pod series.
     ("prometheus", "prometheus"),
+    // What `cargo xtask bench` measures against, and with (its smoke run
+    // is part of `test`).
+    ("tcpstates", "libbpf-tools"),
+    ("nginx", "nginx-light"),
+    ("wrk", "wrk"),
 ];
 
 /// The Kubernetes schema validator from `PyPI`, for the `DaemonSet` manifest: the
@@ -96,39 +101,43 @@ const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 pub fn test_tools() -> anyhow::Result<()> {
     step(
         3,
-        "test tools (tmux, iproute2, util-linux, bpftool, qemu, busybox, systemd-analyze, prometheus)",
-        || {
-            let mut missing: Vec<&str> = TEST_TOOLS
-                .iter()
-                .filter(|(program, _)| !on_path(program))
-                .map(|(_, package)| *package)
-                .collect();
-            missing.dedup();
-            if missing.is_empty() {
-                return Ok(false);
-            }
-            eprintln!();
-            let install = || {
-                Command::new("apt-get")
-                    .args(["install", "-y", "--no-install-recommends"])
-                    .args(&missing)
-                    .env("DEBIAN_FRONTEND", "noninteractive")
-                    .status()
-            };
-            if !install().is_ok_and(|s| s.success()) {
-                // A fresh machine's package lists may be empty or stale.
-                let updated = Command::new("apt-get").arg("update").status()?;
-                if !updated.success() || !install()?.success() {
-                    bail!(
-                        "apt-get install {} failed; install them by hand",
-                        missing.join(" ")
-                    );
-                }
-            }
-            Ok(true)
-        },
+        "test tools (tmux, iproute2, util-linux, bpftool, qemu, busybox, systemd-analyze, prometheus, nginx, wrk, tcpstates)",
+        || install_missing(&TEST_TOOLS),
     )?;
     step(4, KUBERNETES_VALIDATE, install_kubernetes_validate)
+}
+
+/// The packages, from Debian's apt, of the `(program, package)` pairs
+/// whose program is not installed; whether anything was installed.
+fn install_missing(tools: &[(&str, &str)]) -> anyhow::Result<bool> {
+    let mut missing: Vec<&str> = tools
+        .iter()
+        .filter(|(program, _)| !on_path(program))
+        .map(|(_, package)| *package)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(false);
+    }
+    eprintln!();
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+    };
+    if !install().is_ok_and(|s| s.success()) {
+        // A fresh machine's package lists may be empty or stale.
+        let updated = Command::new("apt-get").arg("update").status()?;
+        if !updated.success() || !install()?.success() {
+            bail!(
+                "apt-get install {} failed; install them by hand",
+                missing.join(" ")
+            );
+        }
+    }
+    Ok(true)
 }
 
 /// Into `.tools/python` (the deploy test looks there), with pip, once.
