@@ -375,7 +375,10 @@ pub struct SockLayout {
     pub net: u16,
     /// `net.ns.inum`: the namespace's inode number.
     pub net_inum: u16,
-    pub pad: u16,
+    /// Local port, host order (`skc_num`): read with a plain load where
+    /// the socket is typed; 0 once the port is released (at CLOSE), when
+    /// `sport` is read instead.
+    pub num: u16,
 }
 
 impl SockLayout {
@@ -393,7 +396,7 @@ impl SockLayout {
         snd_nxt: 0,
         net: 0,
         net_inum: 0,
-        pad: 0,
+        num: 0,
     };
 }
 
@@ -497,8 +500,14 @@ pub mod names {
     pub const GLOBAL_WAKEUP_AT_BYTES: &str = "WAKEUP_AT_BYTES";
     pub const GLOBAL_SLOW_HAND_OVER_NS: &str = "SLOW_HAND_OVER_NS";
     pub const PROG_SET_STATE_TWIN: &str = "inet_sock_set_state_twin";
+    pub const PROG_SET_STATE_BTF: &str = "inet_sock_set_state_btf";
+    pub const PROG_SET_STATE_BTF_TWIN: &str = "inet_sock_set_state_btf_twin";
     pub const PROG_TIMER_START_TWIN: &str = "timer_start_twin";
     pub const PROG_TIMER_CANCEL_TWIN: &str = "timer_cancel_twin";
+    pub const PROG_TIMER_START_BTF: &str = "timer_start_btf";
+    pub const PROG_TIMER_START_BTF_TWIN: &str = "timer_start_btf_twin";
+    pub const PROG_TIMER_CANCEL_BTF: &str = "timer_cancel_btf";
+    pub const PROG_TIMER_CANCEL_BTF_TWIN: &str = "timer_cancel_btf_twin";
     pub const PROG_TIMER_EXPIRE_TWIN: &str = "timer_expire_entry_twin";
     pub const PROG_SENDMSG: &str = "tcp_sendmsg_locked";
     pub const PROG_RCV_SPACE: &str = "tcp_rcv_space_adjust";

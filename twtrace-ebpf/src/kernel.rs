@@ -11,13 +11,44 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::maps::{COUNTERS, SOCK_LAYOUT};
+use crate::maps::{ADDRESSES, COUNTERS, SOCK_LAYOUT};
 
 /// Reads a `T` at kernel address `at`.
 pub fn kread<T>(at: u64) -> Result<T, i64> {
     // SAFETY: bpf_probe_read_kernel copies into a fresh value and fails
     // (instead of faulting) on a bad address; T is plain old data.
     unsafe { bpf_probe_read_kernel(at as *const T) }.map_err(i64::from)
+}
+
+/// Reads a `T` at `offset` inside the kernel object at `base`, a BTF-typed
+/// pointer (a `tp_btf` argument), with a plain load: no helper call. The
+/// offset must be a constant to the verifier (a read-only global), which
+/// checks the access against the object's type.
+#[inline(always)]
+pub fn btf_read<T: Copy>(base: u64, offset: u16) -> T {
+    // SAFETY: the verifier proves the load in bounds of the BTF type and
+    // turns it into a fault-safe read (BPF_PROBE_MEM); T is plain data.
+    unsafe { core::ptr::read_volatile((base + u64::from(offset)) as *const T) }
+}
+
+/// The address a BTF-typed pointer holds, as a plain number: the
+/// verifier forbids the arithmetic twtrace's keys and hit identities do
+/// on a pointer (`^`, masks), but a value read back from a map is a
+/// number to it (a privileged program may store a pointer there). `slot`
+/// is the program's own (see `ADDRESSES`); 0 if the map fails, which it
+/// cannot (the index is in range).
+#[inline(always)]
+pub fn address_of(pointer: u64, slot: u32) -> u64 {
+    let Some(at) = ADDRESSES.get_ptr_mut(slot) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, from a successful
+    // lookup; only this program uses it, and it does not nest in itself.
+    // Volatile, so the compiler does not hand back `pointer` itself.
+    unsafe {
+        core::ptr::write_volatile(at, pointer);
+        core::ptr::read_volatile(at)
+    }
 }
 
 /// Reads a `T` at `offset` in a classic tracepoint's record.

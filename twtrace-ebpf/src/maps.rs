@@ -95,3 +95,9 @@ pub static CLAIMS: PerCpuArray<Claims> = PerCpuArray::with_max_entries(4, 0);
 /// How many scratch-using programs run on this CPU right now.
 #[map]
 pub static NESTING: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// One slot per program (`twin::program_slot`), per CPU, to turn a
+/// BTF-typed pointer into the plain number it is (`address_of`): a
+/// program never nests in itself, so its slot is its own for the run.
+#[map]
+pub static ADDRESSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(8, 0);

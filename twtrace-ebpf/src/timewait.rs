@@ -9,8 +9,8 @@
 use aya_ebpf::helpers::bpf_jiffies64;
 use aya_ebpf::{
     EbpfContext,
-    macros::{raw_tracepoint, tracepoint},
-    programs::{RawTracePointContext, TracePointContext},
+    macros::{btf_tracepoint, raw_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use twtrace_common::{
     BirthKey, FLAG_ACCEPTED, FLAG_IN_STATE_UNKNOWN, HANDOVER_RACE_NS, HANDOVER_WINDOW_NS,
@@ -19,7 +19,7 @@ use twtrace_common::{
 
 use crate::{
     emit::{self, InState, TimerFacts},
-    kernel::{atomic_add, bump, in_state, kread, netns_at, now_ns, read},
+    kernel::{address_of, atomic_add, btf_read, bump, in_state, kread, netns_at, now_ns, read},
     maps::{
         ATTACHED_AT, EARLY_CANCELS, FILTER, NESTING, PENDING_BIRTHS, SOCK_LAYOUT, TW_CONFIG,
         TW_SCRATCH, TWS,
@@ -155,7 +155,7 @@ fn try_timer_start(ctx: &TracePointContext) -> Result<(), i64> {
 #[raw_tracepoint(tracepoint = "timer_start")]
 pub fn timer_start_raw(ctx: RawTracePointContext) -> i32 {
     tw_hit(&ctx, twin::TIMER_START, Role::Primary, |c, cfg, t| {
-        on_raw_start(c, cfg, t)
+        on_raw_start(c, cfg, t, c.arg(1));
     })
 }
 
@@ -163,14 +163,34 @@ pub fn timer_start_raw(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "timer_start")]
 pub fn timer_start_twin(ctx: RawTracePointContext) -> i32 {
     tw_hit(&ctx, twin::TIMER_START, Role::Twin, |c, cfg, t| {
-        on_raw_start(c, cfg, t)
+        on_raw_start(c, cfg, t, c.arg(1));
     })
 }
 
+/// The same tracepoint, BTF-typed (`tp_btf`): `timer:timer_start` fires
+/// for every timer in the system, several per connection, and telling a
+/// tw timer from the others is a plain load of `timer->function` here
+/// instead of a helper call. Preferred where the kernel loads it; the raw
+/// pair above is the fallback.
+#[btf_tracepoint(function = "timer_start")]
+pub fn timer_start_btf(ctx: BtfTracePointContext) -> i32 {
+    typed_tw_hit(&ctx, twin::TIMER_START, Role::Primary, |c, cfg, t| {
+        on_raw_start(c, cfg, t, c.arg(1));
+    })
+}
+
+#[btf_tracepoint(function = "timer_start")]
+pub fn timer_start_btf_twin(ctx: BtfTracePointContext) -> i32 {
+    typed_tw_hit(&ctx, twin::TIMER_START, Role::Twin, |c, cfg, t| {
+        on_raw_start(c, cfg, t, c.arg(1));
+    })
+}
+
+/// A raw or typed `timer_start(timer, bucket_expiry)`.
 // Inlined: Linux 6.1's verifier caps the stack of a whole call chain at
 // 512 bytes, and a frame of its own would push the programs past it.
 #[inline(always)]
-fn on_raw_start(ctx: &RawTracePointContext, cfg: &TwConfig, timer: u64) {
+fn on_raw_start<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64, bucket_arg: u64) {
     let Ok(expires) = kread::<u64>(timer + u64::from(cfg.timer_expires_off)) else {
         bump(counter::READ_FAILED);
         return;
@@ -180,7 +200,7 @@ fn on_raw_start(ctx: &RawTracePointContext, cfg: &TwConfig, timer: u64) {
         bucket_expiry: if cfg.raw_start_has_bucket == 0 {
             0
         } else {
-            ctx.arg(1)
+            bucket_arg
         },
         substate: read_substate(cfg, timer),
     };
@@ -203,6 +223,29 @@ fn tw_hit(
     if !is_tw_timer(&cfg, timer) {
         return 0;
     }
+    let (_run, mine) = twin::enter(kind, role, timer);
+    if mine {
+        handle(ctx, &cfg, timer);
+    }
+    0
+}
+
+/// `tw_hit` for the typed hooks: the callback is a plain load through the
+/// typed timer; everything after works on its address (see `address_of`).
+#[inline(always)]
+fn typed_tw_hit(
+    ctx: &BtfTracePointContext,
+    kind: u32,
+    role: Role,
+    handle: impl FnOnce(&BtfTracePointContext, &TwConfig, u64),
+) -> i32 {
+    let cfg = TW_CONFIG.load();
+    let typed_timer: u64 = ctx.arg(0);
+    // Typed hooks load only where BTF gave the layout (has_btf).
+    if cfg.handler == 0 || btf_read::<u64>(typed_timer, cfg.timer_function_off) != cfg.handler {
+        return 0;
+    }
+    let timer = address_of(typed_timer, twin::program_slot(kind, role));
     let (_run, mine) = twin::enter(kind, role, timer);
     if mine {
         handle(ctx, &cfg, timer);
@@ -516,6 +559,21 @@ pub fn timer_cancel(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "timer_cancel")]
 pub fn timer_cancel_twin(ctx: RawTracePointContext) -> i32 {
     tw_hit(&ctx, twin::TIMER_CANCEL, Role::Twin, |c, cfg, t| {
+        on_cancel(c, cfg, t)
+    })
+}
+
+/// The same, typed (see `timer_start_btf`).
+#[btf_tracepoint(function = "timer_cancel")]
+pub fn timer_cancel_btf(ctx: BtfTracePointContext) -> i32 {
+    typed_tw_hit(&ctx, twin::TIMER_CANCEL, Role::Primary, |c, cfg, t| {
+        on_cancel(c, cfg, t)
+    })
+}
+
+#[btf_tracepoint(function = "timer_cancel")]
+pub fn timer_cancel_btf_twin(ctx: BtfTracePointContext) -> i32 {
+    typed_tw_hit(&ctx, twin::TIMER_CANCEL, Role::Twin, |c, cfg, t| {
         on_cancel(c, cfg, t)
     })
 }

@@ -37,6 +37,12 @@ pub enum Role {
     Twin,
 }
 
+/// The program's own slot among those of every hook kind and role (for
+/// per-program scratch such as `kernel::address_of`).
+pub fn program_slot(kind: u32, role: Role) -> u32 {
+    kind * 2 + role as u32
+}
+
 /// This program's run for one hit, on this CPU: its mark is cleared when
 /// the run ends (dropped).
 pub struct Run {

@@ -84,7 +84,6 @@ pub fn tracer_options(
         kernel_log,
         follow_forks: false,
         netns,
-        #[cfg(feature = "fault-injection")]
-        slow_hand_over_ns: 0,
+        ..TracerOptions::default()
     })
 }

@@ -5,8 +5,8 @@
 //! state-change hook, without which there is nothing to trace.
 
 use aya::{
-    Ebpf,
-    programs::{RawTracePoint, TracePoint},
+    Btf, Ebpf,
+    programs::{BtfTracePoint, RawTracePoint, TracePoint},
 };
 use twtrace_common::names;
 
@@ -21,6 +21,10 @@ pub enum Point {
     /// A classic tracepoint (`category`, `event`): its record as tracefs
     /// describes it.
     Classic(&'static str, &'static str),
+    /// A BTF-typed raw tracepoint (`tp_btf`; `category`, `event`): the
+    /// raw one's arguments, typed, so the program reads their fields with
+    /// plain loads instead of a helper call each.
+    Btf(&'static str, &'static str),
 }
 
 /// What a group of hooks gives the user.
@@ -49,6 +53,18 @@ pub const HOOKS: &[Hook] = &[
     // (FIN_WAIT2 -> CLOSE) seen while timer_start was not yet attached
     // read as a close that skipped TIME_WAIT (tcp_max_tw_buckets full),
     // two in the first second of a run where the kernel counted none.
+    // On each hot tracepoint the typed pair where the kernel loads it,
+    // else the raw pair.
+    Hook {
+        program: names::PROG_TIMER_START_BTF,
+        point: Point::Btf("timer", "timer_start"),
+        feature: Feature::TimeWait,
+    },
+    Hook {
+        program: names::PROG_TIMER_START_BTF_TWIN,
+        point: Point::Btf("timer", "timer_start"),
+        feature: Feature::TimeWait,
+    },
     Hook {
         program: names::PROG_TIMER_START_RAW,
         point: Point::Raw("timer", "timer_start"),
@@ -75,6 +91,16 @@ pub const HOOKS: &[Hook] = &[
         feature: Feature::TimeWait,
     },
     Hook {
+        program: names::PROG_TIMER_CANCEL_BTF,
+        point: Point::Btf("timer", "timer_cancel"),
+        feature: Feature::TimeWait,
+    },
+    Hook {
+        program: names::PROG_TIMER_CANCEL_BTF_TWIN,
+        point: Point::Btf("timer", "timer_cancel"),
+        feature: Feature::TimeWait,
+    },
+    Hook {
         program: names::PROG_TIMER_CANCEL,
         point: Point::Raw("timer", "timer_cancel"),
         feature: Feature::TimeWait,
@@ -83,6 +109,16 @@ pub const HOOKS: &[Hook] = &[
         program: names::PROG_TIMER_CANCEL_TWIN,
         point: Point::Raw("timer", "timer_cancel"),
         feature: Feature::TimeWait,
+    },
+    Hook {
+        program: names::PROG_SET_STATE_BTF,
+        point: Point::Btf("sock", "inet_sock_set_state"),
+        feature: Feature::Transitions,
+    },
+    Hook {
+        program: names::PROG_SET_STATE_BTF_TWIN,
+        point: Point::Btf("sock", "inet_sock_set_state"),
+        feature: Feature::Transitions,
     },
     Hook {
         program: names::PROG_SET_STATE_RAW,
@@ -120,15 +156,28 @@ pub const HOOKS: &[Hook] = &[
 ];
 
 impl Hook {
-    /// Whether this run uses the hook.
-    fn wanted(&self, facts: &KernelFacts, options: &TracerOptions) -> bool {
+    /// Whether this run uses the hook; `typed_failed`: the tracepoints
+    /// whose typed pair the kernel refused.
+    fn wanted(&self, facts: &KernelFacts, options: &TracerOptions, typed_failed: &[&str]) -> bool {
+        let event = self.event();
+        let typed = !options.raw_tracepoints
+            && !typed_failed.contains(&event)
+            && typed_possible(self.feature, facts)
+            && HOOKS
+                .iter()
+                .any(|h| matches!(h.point, Point::Btf(..)) && h.event() == event);
+        match self.point {
+            Point::Btf(..) if !typed => return false,
+            Point::Raw(..) if typed => return false,
+            _ => {}
+        }
         match self.feature {
-            // The raw program (and its twin) where BTF gives struct
-            // sock's layout, else the classic one.
-            Feature::Transitions => (self.program != names::PROG_SET_STATE) == facts.sock.is_some(),
+            // With BTF's struct sock layout the typed or the raw pair,
+            // without it the classic program.
+            Feature::Transitions => (self.program == names::PROG_SET_STATE) == facts.sock.is_none(),
             Feature::OwnerAtSend | Feature::OwnerAtReceive => true,
-            // timer_start raw where BTF gives struct timer_list's layout,
-            // else the classic tracepoint's record.
+            // timer_start typed or raw where BTF gives struct timer_list's
+            // layout, else the classic tracepoint's record.
             Feature::TimeWait => {
                 facts.time_wait_possible()
                     && match self.program {
@@ -143,9 +192,16 @@ impl Hook {
         }
     }
 
+    /// The tracepoint's name.
+    fn event(&self) -> &'static str {
+        let (Point::Raw(_, event) | Point::Classic(_, event) | Point::Btf(_, event)) = self.point;
+        event
+    }
+
     fn point_name(&self) -> String {
-        let (Point::Raw(category, event) | Point::Classic(category, event)) = self.point;
-        format!("{category}:{event}")
+        let (Point::Raw(category, _) | Point::Classic(category, _) | Point::Btf(category, _)) =
+            self.point;
+        format!("{category}:{}", self.event())
     }
 
     /// The warning when this hook could not be attached.
@@ -184,6 +240,16 @@ impl Hook {
     }
 }
 
+/// Whether typed programs can serve `feature`: they read through the
+/// layouts BTF gives.
+fn typed_possible(feature: Feature, facts: &KernelFacts) -> bool {
+    match feature {
+        Feature::Transitions => facts.sock.is_some(),
+        Feature::TimeWait => facts.time_wait.has_btf == 1,
+        _ => false,
+    }
+}
+
 /// Whether `program` is a twin: its own recursion misses lose nothing
 /// (its primary ran for those hits).
 #[must_use]
@@ -209,9 +275,24 @@ pub fn attach_all(
         time_wait: facts.time_wait_possible(),
         warnings: Vec::new(),
     };
-    for hook in HOOKS.iter().filter(|h| h.wanted(facts, options)) {
-        match attach(ebpf, hook) {
+    let mut typed_failed = Vec::new();
+    let mut btf = None;
+    for hook in HOOKS {
+        if !hook.wanted(facts, options, &typed_failed) {
+            continue;
+        }
+        match attach(ebpf, hook, &mut btf) {
             Ok(()) => attached.programs.push(hook.program),
+            Err(error) if matches!(hook.point, Point::Btf(..)) => {
+                // Older kernels may refuse a typed program: the raw pair
+                // does the same work, a few helper calls dearer.
+                log::info!(
+                    "{} not loaded ({error:#}): the raw tracepoint instead",
+                    hook.program
+                );
+                typed_failed.push(hook.event());
+                unload_typed(ebpf, hook.event(), &mut attached.programs)?;
+            }
             Err(error) => match hook.feature {
                 Feature::Transitions => {
                     return Err(
@@ -236,11 +317,43 @@ pub fn attach_all(
     Ok(attached)
 }
 
-fn attach(ebpf: &mut Ebpf, hook: &Hook) -> anyhow::Result<()> {
+/// Detaches and unloads the typed programs on `event` attached so far
+/// (the first of the pair, when the second failed).
+fn unload_typed(
+    ebpf: &mut Ebpf,
+    event: &str,
+    attached: &mut Vec<&'static str>,
+) -> anyhow::Result<()> {
+    for hook in HOOKS
+        .iter()
+        .filter(|h| matches!(h.point, Point::Btf(..)) && h.event() == event)
+    {
+        if attached.contains(&hook.program)
+            && let Some(program) = ebpf.program_mut(hook.program)
+        {
+            <&mut BtfTracePoint>::try_from(program)?.unload()?;
+            attached.retain(|p| *p != hook.program);
+        }
+    }
+    Ok(())
+}
+
+/// Loads and attaches `hook`'s program; the kernel's BTF (`btf`, read on
+/// first need) for typed ones.
+fn attach(ebpf: &mut Ebpf, hook: &Hook, btf: &mut Option<Btf>) -> anyhow::Result<()> {
     let program = ebpf
         .program_mut(hook.program)
         .ok_or_else(|| anyhow::anyhow!("the eBPF object lacks {}", hook.program))?;
     match hook.point {
+        Point::Btf(_, event) => {
+            let program: &mut BtfTracePoint = program.try_into()?;
+            if btf.is_none() {
+                *btf = Some(Btf::from_sys_fs()?);
+            }
+            let btf = btf.as_ref().expect("just read");
+            program.load(event, btf)?;
+            program.attach()?;
+        }
         Point::Raw(_, tracepoint) => {
             let program: &mut RawTracePoint = program.try_into()?;
             program.load()?;
@@ -274,6 +387,7 @@ pub fn unload_state_changes(
         match hook.point {
             Point::Raw(..) => <&mut RawTracePoint>::try_from(program)?.unload()?,
             Point::Classic(..) => <&mut TracePoint>::try_from(program)?.unload()?,
+            Point::Btf(..) => <&mut BtfTracePoint>::try_from(program)?.unload()?,
         }
         attached.retain(|p| *p != hook.program);
     }
@@ -345,7 +459,7 @@ mod tests {
         let options = TracerOptions::default();
         let wanted: Vec<&str> = HOOKS
             .iter()
-            .filter(|h| h.wanted(&facts, &options))
+            .filter(|h| h.wanted(&facts, &options, &[]))
             .map(|h| h.program)
             .collect();
         assert_eq!(
@@ -356,5 +470,39 @@ mod tests {
                 names::PROG_RCV_SPACE
             ]
         );
+    }
+
+    #[test]
+    fn state_changes_go_through_the_typed_pair_else_the_raw_pair() {
+        let facts = KernelFacts {
+            set_state: twtrace_common::SetStateLayout::DEFAULT,
+            sock: Some(twtrace_common::SockLayout::UNKNOWN),
+            time_wait: twtrace_common::TwConfig::DISABLED,
+            fork_child_pid: None,
+            tw_capacity: 1024,
+            tw_alive_at_start: 0,
+            perf_event_paranoid: None,
+            warnings: Vec::new(),
+        };
+        let state_changes = |options: &TracerOptions, typed_failed: &[&str]| -> Vec<&str> {
+            HOOKS
+                .iter()
+                .filter(|h| h.feature == Feature::Transitions)
+                .filter(|h| h.wanted(&facts, options, typed_failed))
+                .map(|h| h.program)
+                .collect()
+        };
+        let typed = [names::PROG_SET_STATE_BTF, names::PROG_SET_STATE_BTF_TWIN];
+        let raw = [names::PROG_SET_STATE_RAW, names::PROG_SET_STATE_TWIN];
+        let default = TracerOptions::default();
+        assert_eq!(state_changes(&default, &[]), typed);
+        assert_eq!(state_changes(&default, &["inet_sock_set_state"]), raw);
+        // Another tracepoint's refusal changes nothing here.
+        assert_eq!(state_changes(&default, &["timer_start"]), typed);
+        let forced = TracerOptions {
+            raw_tracepoints: true,
+            ..TracerOptions::default()
+        };
+        assert_eq!(state_changes(&forced, &[]), raw);
     }
 }

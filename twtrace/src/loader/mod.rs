@@ -64,6 +64,10 @@ pub struct TracerOptions {
     /// first, so the peer's packets reach the mini-socket before it.
     #[cfg(feature = "fault-injection")]
     pub slow_hand_over_ns: u64,
+    /// The raw tracepoint pairs even where the kernel takes the typed
+    /// (`tp_btf`) ones, as on kernels that refuse them (the tests'
+    /// `TWTRACE_FAULT=raw-tracepoints` keeps that path covered).
+    pub raw_tracepoints: bool,
 }
 
 impl Default for TracerOptions {
@@ -81,8 +85,15 @@ impl Default for TracerOptions {
             netns: None,
             #[cfg(feature = "fault-injection")]
             slow_hand_over_ns: 0,
+            raw_tracepoints: fault_raw_tracepoints(),
         }
     }
+}
+
+/// Fault injection (test builds only): `TWTRACE_FAULT=raw-tracepoints`.
+fn fault_raw_tracepoints() -> bool {
+    cfg!(feature = "fault-injection")
+        && std::env::var_os("TWTRACE_FAULT").is_some_and(|f| f == "raw-tracepoints")
 }
 
 /// How often the reader drains the ring when the kernel did not wake it.

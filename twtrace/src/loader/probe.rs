@@ -194,7 +194,7 @@ fn sock_layout(btf: &dyn StructLayouts) -> anyhow::Result<SockLayout> {
         // Without them events carry no namespace; everything else works.
         net: at("skc_net").unwrap_or(0),
         net_inum: net_inum_offset(btf).unwrap_or(0),
-        pad: 0,
+        num: at("skc_num")?,
     })
 }
 

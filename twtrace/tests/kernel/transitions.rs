@@ -25,15 +25,50 @@ pub const TESTS: &[Test] = crate::tests![
     close_after_shutdown_is_not_a_transition,
     pid_filter_keeps_only_the_client_socket,
     pid_filter_keeps_only_the_accepted_socket,
+    the_raw_tracepoint_pairs_see_the_same_teardown,
 ];
 
 fn active_close(bind: &str) -> Vec<Transition> {
+    active_close_through(bind, StateChanges::AsTheKernelAllows)
+}
+
+/// Which programs follow the state changes and the mini-sockets' timers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StateChanges {
+    /// The typed pairs (`tp_btf`) where the kernel loads them.
+    AsTheKernelAllows,
+    /// The raw pairs, as on kernels that refuse the typed ones.
+    Raw,
+}
+
+fn active_close_through(bind: &str, programs: StateChanges) -> Vec<Transition> {
     let mut ex = Exchange::new(
         bind,
         Ending::CloseFirst,
         Ending::CloseAfterPeer { wait_ms: 0 },
     );
-    let seen = trace_while(&ex.options(), || ex.run_then_end(), whole_teardown);
+    let options = TracerOptions {
+        raw_tracepoints: programs == StateChanges::Raw,
+        ..ex.options()
+    };
+    let expected = match programs {
+        StateChanges::AsTheKernelAllows => ["inet_sock_set_state_btf", "timer_start_btf"],
+        StateChanges::Raw => ["inet_sock_set_state_raw", "timer_start_raw"],
+    };
+    let mut loaded = String::new();
+    let drive = || {
+        loaded = support::command_stdout("bpftool", &["prog", "show"]);
+        ex.run_then_end();
+    };
+    let seen = trace_while(&options, drive, whole_teardown);
+    // Every kernel of the matrix loads the typed pairs: a refusal there is
+    // a regression (twtrace -v says why), not a fallback to accept.
+    for program in expected {
+        assert!(
+            loaded.contains(&format!("name {program} ")),
+            "{program} was not loaded"
+        );
+    }
     let client = client_local(&seen, ex.server_addr);
     let all = support::by_socket(&seen);
     assert_eq!(
@@ -61,6 +96,16 @@ fn active_closer_is_seen_whole_ipv6() {
     let seen = active_close("[::1]:0");
     assert!(seen.iter().all(|t| t.family() == "ipv6"));
     assert!(seen.iter().all(|t| t.src.ip().to_string() == "::1"));
+}
+
+/// The raw pairs do the typed pairs' work, field by field through the
+/// helper: forced here, the same whole teardown (the mini-socket's end
+/// included), IPv4 and IPv6.
+fn the_raw_tracepoint_pairs_see_the_same_teardown() {
+    let v4 = active_close_through("127.0.0.1:0", StateChanges::Raw);
+    assert!(v4.iter().all(|t| t.family() == "ipv4"));
+    let v6 = active_close_through("[::1]:0", StateChanges::Raw);
+    assert!(v6.iter().all(|t| t.src.ip().to_string() == "::1"));
 }
 
 fn owner_is_the_process_not_the_cpu_task() {
