@@ -219,8 +219,14 @@ pub const CLAIM_SLOTS: usize = 4;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Claims {
+    /// The latest claim's sequence number (they start at 1).
     pub next: u64,
+    /// The hits claimed; 0 for a free slot.
     pub ids: [u64; CLAIM_SLOTS],
+    /// When each was claimed (its sequence number): claims nest like the
+    /// programs that make them, so a twin's own claim is older than any
+    /// other still there.
+    pub seqs: [u64; CLAIM_SLOTS],
     pub primary_running: u32,
     pub twin_running: u32,
 }
@@ -472,7 +478,11 @@ pub mod counter {
     /// peer's FIN, or cancelled) after their first arming and before their
     /// full socket's hand-over ran; reported as born as they were by then.
     pub const TW_HAND_OVER_RACED: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// Claims a twin found left behind by primaries that ran nested in it
+    /// before it marked itself running, and cleared (not a loss: each would
+    /// have hidden a later hit of the same socket and states).
+    pub const STALE_CLAIMS_CLEARED: u32 = 14;
+    pub const COUNT: u32 = 15;
 }
 
 /// Map and program names both sides agree on.
