@@ -8,7 +8,9 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint, tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
-use twtrace_common::{AF_INET, AF_INET6, Filter, IPPROTO_TCP, SockRecord, counter, tcp_state};
+use twtrace_common::{
+    AF_INET, AF_INET6, Filter, IPPROTO_TCP, SockLayout, SockRecord, counter, tcp_state,
+};
 
 use crate::{
     emit::{self, InState},
@@ -75,7 +77,7 @@ pub fn inet_sock_set_state_btf_twin(ctx: BtfTracePointContext) -> i32 {
 fn raw_hit(ctx: &RawTracePointContext, role: Role) -> i32 {
     let (sk, old, new): (u64, u64, u64) = (ctx.arg(0), ctx.arg(1), ctx.arg(2));
     let (_run, handle) = enter(role, sk, old, new);
-    if handle && try_raw(ctx).is_err() {
+    if handle && try_state_change(ctx, &RawSock(sk), old, new).is_err() {
         bump(counter::READ_FAILED);
     }
     0
@@ -83,10 +85,11 @@ fn raw_hit(ctx: &RawTracePointContext, role: Role) -> i32 {
 
 #[inline(always)]
 fn btf_hit(ctx: &BtfTracePointContext, role: Role) -> i32 {
-    let (typed_sk, old, new): (u64, u64, u64) = (ctx.arg(0), ctx.arg(1), ctx.arg(2));
-    let sk = address_of(typed_sk, twin::program_slot(twin::SET_STATE, role));
-    let (_run, handle) = enter(role, sk, old, new);
-    if handle && try_btf(ctx, typed_sk, sk, old, new).is_err() {
+    let (pointer, old, new): (u64, u64, u64) = (ctx.arg(0), ctx.arg(1), ctx.arg(2));
+    let address = address_of(pointer, twin::program_slot(twin::SET_STATE, role));
+    let (_run, handle) = enter(role, address, old, new);
+    let sk = TypedSock { pointer, address };
+    if handle && try_state_change(ctx, &sk, old, new).is_err() {
         bump(counter::READ_FAILED);
     }
     0
@@ -120,62 +123,80 @@ fn is_traced_family(filter: &Filter, family: u16) -> bool {
     (family == AF_INET || family == AF_INET6) && (filter.family == 0 || family == filter.family)
 }
 
-// Inlined into the program and its twin: a shared call frame of its own
-// would count twice against the 512-byte combined stack of Linux 6.1.
-#[inline(always)]
-fn try_raw(ctx: &RawTracePointContext) -> Result<(), i64> {
-    let l = SOCK_LAYOUT.load();
-    let sk: u64 = ctx.arg(0);
-    if kread::<u16>(sk + u64::from(l.protocol))? != IPPROTO_TCP {
-        return Ok(());
-    }
-    let family: u16 = kread(sk + u64::from(l.family))?;
-    let filter = FILTER.load();
-    if !is_traced_family(&filter, family) {
-        return Ok(());
-    }
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
-    if family == AF_INET6 {
-        saddr = kread(sk + u64::from(l.v6_rcv_saddr))?;
-        daddr = kread(sk + u64::from(l.v6_daddr))?;
-    } else {
-        saddr[..4].copy_from_slice(&kread::<[u8; 4]>(sk + u64::from(l.rcv_saddr))?);
-        daddr[..4].copy_from_slice(&kread::<[u8; 4]>(sk + u64::from(l.daddr))?);
-    }
-    // The states are ints in the prototype; they fit in a byte.
-    let s = SetState {
-        sock_id: sk,
-        old_state: ctx.arg::<u64>(1) as u8,
-        new_state: ctx.arg::<u64>(2) as u8,
-        sport: u16::from_be(kread(sk + u64::from(l.sport))?),
-        dport: u16::from_be(kread(sk + u64::from(l.dport))?),
-        family,
-        saddr,
-        daddr,
-    };
-    handle(ctx, &filter, &s)
+/// How a hook reads the socket's fields: through the helper at BTF
+/// offsets (raw), or with plain loads the verifier checks (typed).
+trait SockFields {
+    /// The socket's address: its identity in the maps and claims.
+    fn address(&self) -> u64;
+    fn u16_at(&self, offset: u16) -> Result<u16, i64>;
+    fn u32_at(&self, offset: u16) -> Result<u32, i64>;
+    /// The local port, host order.
+    fn local_port(&self, l: &SockLayout) -> Result<u16, i64>;
 }
 
-/// `try_raw` with plain loads for the fields of `struct sock` itself;
-/// through the helper still, IPv6 addresses (a 16-byte load is not one
-/// the verifier allows) and, once `skc_num` is cleared at CLOSE, the local
-/// port (`inet_sport`, in `struct inet_sock`: beyond the type the verifier
-/// knows the argument as).
-// `typed_sk` is the pointer, for loads; `sk` its address, for the rest.
+/// A raw tracepoint's socket: a plain number to the verifier.
+struct RawSock(u64);
+
+impl SockFields for RawSock {
+    fn address(&self) -> u64 {
+        self.0
+    }
+    fn u16_at(&self, offset: u16) -> Result<u16, i64> {
+        kread(self.0 + u64::from(offset))
+    }
+    fn u32_at(&self, offset: u16) -> Result<u32, i64> {
+        kread(self.0 + u64::from(offset))
+    }
+    fn local_port(&self, l: &SockLayout) -> Result<u16, i64> {
+        Ok(u16::from_be(self.u16_at(l.sport)?))
+    }
+}
+
+/// A typed tracepoint's socket: the pointer, for loads within `struct
+/// sock`, and its address (`address_of`), for the rest.
+struct TypedSock {
+    pointer: u64,
+    address: u64,
+}
+
+impl SockFields for TypedSock {
+    fn address(&self) -> u64 {
+        self.address
+    }
+    fn u16_at(&self, offset: u16) -> Result<u16, i64> {
+        Ok(btf_read(self.pointer, offset))
+    }
+    fn u32_at(&self, offset: u16) -> Result<u32, i64> {
+        Ok(btf_read(self.pointer, offset))
+    }
+    /// `skc_num`, a plain load; once it is cleared at CLOSE, `inet_sport`
+    /// through the helper (it lies in `struct inet_sock`, beyond the type
+    /// the verifier knows the argument as).
+    fn local_port(&self, l: &SockLayout) -> Result<u16, i64> {
+        match self.u16_at(l.num)? {
+            0 => Ok(u16::from_be(kread(self.address + u64::from(l.sport))?)),
+            port => Ok(port),
+        }
+    }
+}
+
+/// One state change of the socket `sk` from `old` to `new`, read and
+/// handled. IPv6 addresses go through the helper either way (a 16-byte
+/// load is not one the verifier allows).
+// Inlined into each program and its twin: a shared call frame of its own
+// would count twice against the 512-byte combined stack of Linux 6.1.
 #[inline(always)]
-fn try_btf(
-    ctx: &BtfTracePointContext,
-    typed_sk: u64,
-    sk: u64,
+fn try_state_change<C: EbpfContext>(
+    ctx: &C,
+    sk: &impl SockFields,
     old: u64,
     new: u64,
 ) -> Result<(), i64> {
     let l = SOCK_LAYOUT.load();
-    if btf_read::<u16>(typed_sk, l.protocol) != IPPROTO_TCP {
+    if sk.u16_at(l.protocol)? != IPPROTO_TCP {
         return Ok(());
     }
-    let family: u16 = btf_read(typed_sk, l.family);
+    let family = sk.u16_at(l.family)?;
     let filter = FILTER.load();
     if !is_traced_family(&filter, family) {
         return Ok(());
@@ -183,21 +204,19 @@ fn try_btf(
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
     if family == AF_INET6 {
-        saddr = kread(sk + u64::from(l.v6_rcv_saddr))?;
-        daddr = kread(sk + u64::from(l.v6_daddr))?;
+        saddr = kread(sk.address() + u64::from(l.v6_rcv_saddr))?;
+        daddr = kread(sk.address() + u64::from(l.v6_daddr))?;
     } else {
-        saddr[..4].copy_from_slice(&btf_read::<u32>(typed_sk, l.rcv_saddr).to_ne_bytes());
-        daddr[..4].copy_from_slice(&btf_read::<u32>(typed_sk, l.daddr).to_ne_bytes());
+        saddr[..4].copy_from_slice(&sk.u32_at(l.rcv_saddr)?.to_ne_bytes());
+        daddr[..4].copy_from_slice(&sk.u32_at(l.daddr)?.to_ne_bytes());
     }
+    // The states are ints in the prototype; they fit in a byte.
     let s = SetState {
-        sock_id: sk,
+        sock_id: sk.address(),
         old_state: old as u8,
         new_state: new as u8,
-        sport: match btf_read::<u16>(typed_sk, l.num) {
-            0 => u16::from_be(kread(sk + u64::from(l.sport))?),
-            port => port,
-        },
-        dport: u16::from_be(btf_read(typed_sk, l.dport)),
+        sport: sk.local_port(&l)?,
+        dport: u16::from_be(sk.u16_at(l.dport)?),
         family,
         saddr,
         daddr,

@@ -5,9 +5,10 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, ExitCode, Stdio},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 const ENV: &str = "TWTRACE_TEST_PEER";
@@ -303,14 +304,19 @@ pub fn run_if_peer() -> Option<ExitCode> {
             addr.parse().expect("server address"),
             Ending::decode(ending_text),
         ),
-        "maker" => make_time_waits(
-            addr.parse().expect("count"),
-            ending_text.starts_with("auto"),
-            // `auto-late:MS`: the server closes MS after the client.
-            ending_text
-                .strip_prefix("auto-late:")
-                .map_or(0, |ms| ms.parse().expect("milliseconds")),
-        ),
+        "maker" => {
+            // `auto-late:MS:FILE`: the server closes MS after the client,
+            // and writes how long it really waited, each time, to FILE.
+            let late = ending_text.strip_prefix("auto-late:").map(|rest| {
+                let (ms, file) = rest.split_once(':').expect("auto-late:MS:FILE");
+                (ms.parse().expect("milliseconds"), PathBuf::from(file))
+            });
+            make_time_waits(
+                addr.parse().expect("count"),
+                ending_text.starts_with("auto"),
+                late.as_ref().map(|(ms, file)| (*ms, file.as_path())),
+            );
+        }
         "churn" => churn(Duration::from_secs(addr.parse().expect("seconds"))),
         "flood" => flood(addr, ending_text.parse().expect("threads")),
         "leaker" => leak(addr.parse().expect("count")),
@@ -327,15 +333,18 @@ pub fn run_if_peer() -> Option<ExitCode> {
 }
 
 /// `auto`: no waiting on stdin (run by `twtrace record` as a workload);
-/// `late_ms`: the server waits that long after the client's FIN before
-/// closing (the client's end waits in an orphaned FIN_WAIT2 meanwhile).
-fn make_time_waits(count: usize, auto: bool, late_ms: u64) {
+/// `late`: the server waits that long (ms) after the client's FIN before
+/// closing (the client's end waits in an orphaned FIN_WAIT2 meanwhile),
+/// and writes each wait as it really was (ns, a line each) to the file:
+/// a loaded machine oversleeps.
+fn make_time_waits(count: usize, auto: bool, late: Option<(u64, &Path)>) {
     let mut go = String::new();
     if !auto {
         std::io::stdin().read_line(&mut go).expect("waiting for go");
     }
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let server = listener.local_addr().expect("local addr");
+    let mut waits = Vec::new();
     for _ in 0..count {
         let client = TcpStream::connect(server).expect("connect");
         let (mut accepted, _) = listener.accept().expect("accept");
@@ -343,8 +352,15 @@ fn make_time_waits(count: usize, auto: bool, late_ms: u64) {
         let mut rest = Vec::new();
         accepted.read_to_end(&mut rest).expect("read to EOF");
         quickack(&accepted);
-        thread::sleep(Duration::from_millis(late_ms));
+        if let Some((late_ms, _)) = late {
+            let fin_seen = Instant::now();
+            thread::sleep(Duration::from_millis(late_ms));
+            waits.push(fin_seen.elapsed().as_nanos().to_string());
+        }
         drop(accepted);
+    }
+    if let Some((_, file)) = late {
+        std::fs::write(file, waits.join("\n")).expect("writing the waits");
     }
     // Let the last FINs and ACKs land, then report.
     thread::sleep(Duration::from_millis(100));
@@ -605,10 +621,14 @@ pub fn auto_maker_env(count: usize) -> (&'static str, String) {
     (ENV, format!("maker {count} auto"))
 }
 
-/// The same, with the server closing `late_ms` after each client.
+/// The same, with the server closing `late_ms` after each client and
+/// writing how long it really waited each time to `waits` (ns per line).
 #[must_use]
-pub fn late_maker_env(count: usize, late_ms: u64) -> (&'static str, String) {
-    (ENV, format!("maker {count} auto-late:{late_ms}"))
+pub fn late_maker_env(count: usize, late_ms: u64, waits: &Path) -> (&'static str, String) {
+    (
+        ENV,
+        format!("maker {count} auto-late:{late_ms}:{}", waits.display()),
+    )
 }
 
 fn serve(bind: &str, ending: Ending) {

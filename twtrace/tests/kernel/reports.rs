@@ -37,28 +37,13 @@ fn ports_held_matches_ss_within_one_percent() {
     );
     maker.go();
     maker.wait_done();
-    let time_waits = || {
-        let ss = command_stdout(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &netns.name,
-                "ss",
-                "-Htan",
-                "state",
-                "time-wait",
-            ],
-        );
-        ss.lines().filter(|l| !l.trim().is_empty()).count()
-    };
     // Under software emulation the last FINs and ACKs can land after the
     // maker says done: wait (within twtrace's 5 s) for the kernel's count.
     let settle = Instant::now() + Duration::from_secs(3);
-    let mut in_ss = time_waits();
-    while in_ss < SOCKETS && Instant::now() < settle {
+    let mut in_ss = time_waits_in(&netns);
+    while in_ss + recycled_in(&netns) < SOCKETS && Instant::now() < settle {
         std::thread::sleep(Duration::from_millis(100));
-        in_ss = time_waits();
+        in_ss = time_waits_in(&netns);
     }
     let out = child.wait_with_output().expect("twtrace ports output");
     assert!(
@@ -70,24 +55,9 @@ fn ports_held_matches_ss_within_one_percent() {
     let routes = v["routes"].as_array().expect("routes");
     let held: u64 = routes.iter().map(|r| r["held"].as_u64().unwrap()).sum();
     assert!(
-        in_ss >= SOCKETS,
-        "ss shows {in_ss} TIME_WAIT; by state: {}; counters: {}",
-        states_in(&netns),
-        command_stdout(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &netns.name,
-                "nstat",
-                "-az",
-                "TcpExtTW*",
-                "TcpExtTCPTimeWaitOverflow",
-            ]
-        )
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
+        in_ss + recycled_in(&netns) >= SOCKETS,
+        "ss shows {in_ss} TIME_WAIT; {}",
+        where_they_went(&netns)
     );
     let in_ss = in_ss as u64;
     assert!(
@@ -105,6 +75,66 @@ fn ports_held_matches_ss_within_one_percent() {
         top["closes_per_s"].as_f64().is_some_and(|r| r > 0.0),
         "{top}"
     );
+}
+
+/// TIME_WAIT sockets in `netns`, as ss lists them.
+fn time_waits_in(netns: &Netns) -> usize {
+    let ss = command_stdout(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &netns.name,
+            "ss",
+            "-Htan",
+            "state",
+            "time-wait",
+        ],
+    );
+    ss.lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+/// TIME_WAIT sockets of `netns` that a `connect()` took over: one older
+/// than a second may be (`tcp_tw_reuse`, on for loopback by default), and
+/// under emulation the maker runs that long.
+fn recycled_in(netns: &Netns) -> usize {
+    let nstat = command_stdout(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &netns.name,
+            "nstat",
+            "-az",
+            "TcpExtTWRecycled",
+        ],
+    );
+    nstat
+        .lines()
+        .find_map(|l| l.strip_prefix("TcpExtTWRecycled"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Every state in `netns` and its TIME_WAIT counters, for a shortfall.
+fn where_they_went(netns: &Netns) -> String {
+    let counters = command_stdout(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &netns.name,
+            "nstat",
+            "-az",
+            "TcpExtTW*",
+            "TcpExtTCPTimeWaitOverflow",
+        ],
+    );
+    format!(
+        "by state: {}; counters: {}",
+        states_in(netns),
+        counters.split_whitespace().collect::<Vec<_>>().join(" ")
+    )
 }
 
 /// How many sockets of `netns` are in each state, as ss names them.
