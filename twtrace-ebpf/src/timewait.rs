@@ -597,16 +597,20 @@ pub fn timer_expire_entry_twin(ctx: RawTracePointContext) -> i32 {
 #[inline(always)]
 fn on_cancel<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
     let id = Identity::of(cfg, timer);
-    // SAFETY: a pointer from a successful lookup; copied out at once.
-    let record = TWS.get_ptr(timer).map(|r| unsafe { *r });
-    let record = record.filter(|r| id.is_none_or(|id| id == Identity::of_record(r)));
     // Only a mini-socket with no record, or one armed moments ago, can have
     // a hand-over still running on another CPU: that one reports the end.
     let now = now_ns();
     let to_come = id.is_some_and(|id| {
-        record.is_none_or(|r| now.saturating_sub(r.birth_ns) <= HANDOVER_RACE_NS)
-            && settle_pending(id, now)
+        let born = born_ns(timer, id);
+        (born == 0 || now.saturating_sub(born) <= HANDOVER_RACE_NS) && settle_pending(id, now)
     });
+    // Read only now: a hand-over that ran on its CPU since the look above
+    // has its record in place and left the end to this cancel (read
+    // before, it was missing, and the end was lost: 1 in ~400 overtaken
+    // hand-overs).
+    // SAFETY: a pointer from a successful lookup; copied out at once.
+    let record = TWS.get_ptr(timer).map(|r| unsafe { *r });
+    let record = record.filter(|r| id.is_none_or(|id| id == Identity::of_record(r)));
     let record = record.filter(|_| !to_come);
     // No record: its hand-over was missed, or came before twtrace.
     let untracked = match id {
@@ -668,6 +672,22 @@ fn on_expire<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
                 }
             }
         }
+    }
+}
+
+/// When the mini-socket at `timer` with identity `id` was born; 0 if it
+/// has no record. (A number, not an `Option`: the verifier lost track of
+/// the `Option`'s spilled register under bare capabilities — "!read_ok".)
+fn born_ns(timer: u64, id: Identity) -> u64 {
+    let Some(record) = TWS.get_ptr(timer) else {
+        return 0;
+    };
+    // SAFETY: a pointer from a successful lookup; read at once.
+    let record = unsafe { &*record };
+    if Identity::of_record(record) == id {
+        record.birth_ns
+    } else {
+        0
     }
 }
 
