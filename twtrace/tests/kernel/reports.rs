@@ -77,39 +77,28 @@ fn ports_held_matches_ss_within_one_percent() {
     );
 }
 
+/// What `command` prints, run inside `netns`.
+fn in_netns(netns: &Netns, command: &[&str]) -> String {
+    let args: Vec<&str> = ["netns", "exec", netns.name.as_str()]
+        .into_iter()
+        .chain(command.iter().copied())
+        .collect();
+    command_stdout("ip", &args)
+}
+
 /// TIME_WAIT sockets in `netns`, as ss lists them.
 fn time_waits_in(netns: &Netns) -> usize {
-    let ss = command_stdout(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &netns.name,
-            "ss",
-            "-Htan",
-            "state",
-            "time-wait",
-        ],
-    );
-    ss.lines().filter(|l| !l.trim().is_empty()).count()
+    in_netns(netns, &["ss", "-Htan", "state", "time-wait"])
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
 }
 
 /// TIME_WAIT sockets of `netns` that a `connect()` took over: one older
 /// than a second may be (`tcp_tw_reuse`, on for loopback by default), and
 /// under emulation the maker runs that long.
 fn recycled_in(netns: &Netns) -> usize {
-    let nstat = command_stdout(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &netns.name,
-            "nstat",
-            "-az",
-            "TcpExtTWRecycled",
-        ],
-    );
-    nstat
+    in_netns(netns, &["nstat", "-az", "TcpExtTWRecycled"])
         .lines()
         .find_map(|l| l.strip_prefix("TcpExtTWRecycled"))
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
@@ -118,17 +107,9 @@ fn recycled_in(netns: &Netns) -> usize {
 
 /// Every state in `netns` and its TIME_WAIT counters, for a shortfall.
 fn where_they_went(netns: &Netns) -> String {
-    let counters = command_stdout(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &netns.name,
-            "nstat",
-            "-az",
-            "TcpExtTW*",
-            "TcpExtTCPTimeWaitOverflow",
-        ],
+    let counters = in_netns(
+        netns,
+        &["nstat", "-az", "TcpExtTW*", "TcpExtTCPTimeWaitOverflow"],
     );
     format!(
         "by state: {}; counters: {}",
@@ -139,10 +120,11 @@ fn where_they_went(netns: &Netns) -> String {
 
 /// How many sockets of `netns` are in each state, as ss names them.
 fn states_in(netns: &Netns) -> String {
-    let ss = command_stdout("ip", &["netns", "exec", &netns.name, "ss", "-Htan"]);
-    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
-    for state in ss.lines().filter_map(|l| l.split_whitespace().next()) {
-        *counts.entry(state).or_default() += 1;
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for line in in_netns(netns, &["ss", "-Htan"]).lines() {
+        if let Some(state) = line.split_whitespace().next() {
+            *counts.entry(state.to_owned()).or_default() += 1;
+        }
     }
     format!("{counts:?}")
 }
