@@ -48,6 +48,112 @@ pub const FLAG_IN_STATE_UNKNOWN: u32 = 1 << 0;
 /// listener's, not an ephemeral port it holds for a `connect()`.
 pub const FLAG_ACCEPTED: u32 = 1 << 1;
 
+/// `SockRecord::flags`: a reset arrived for this socket
+/// (`tcp:tcp_receive_reset`); its close is the reset's doing.
+pub const FLAG_RESET_RECEIVED: u32 = 1 << 2;
+/// `SockRecord::flags`: the socket sent a reset before it closed (a
+/// keepalive or memory abort); `SockRecord::reset_reason` says why.
+pub const FLAG_RESET_SENT: u32 = 1 << 3;
+
+/// How a connection ended, on its full socket's last transition.
+pub mod connection_end {
+    /// Not a connection's end (or the kernel side could not tell).
+    pub const NONE: u8 = 0;
+    /// Orderly: the FIN exchange completed (`LAST_ACK -> CLOSE`, or a
+    /// close past `FIN_WAIT2`/`CLOSING` that no mini-socket took over).
+    pub const FIN: u8 = 1;
+    /// This host reset the connection.
+    pub const RESET_SENT: u8 = 2;
+    /// The peer reset it.
+    pub const RESET_RECEIVED: u8 = 3;
+    /// Retransmissions (or the user timeout) gave up: `ETIMEDOUT`.
+    pub const TIMEOUT: u8 = 4;
+    /// Another socket error; `end_detail` is the errno.
+    pub const ERROR: u8 = 5;
+    /// Closed by its owner before it was established (in `SYN_SENT`):
+    /// nothing was sent to end it.
+    pub const ABANDONED: u8 = 6;
+}
+
+/// Why a reset was sent: twtrace's own codes, stable across kernels. The
+/// kernel's `enum sk_rst_reason` (6.10+) is translated into these at load
+/// time (`RESET_REASONS`). `UNREAD_DATA` and `LINGER_ZERO` twtrace also
+/// proves from the socket itself at its close, on any kernel: `close()`
+/// sends those resets after the close, too late to name the close.
+pub mod reset_reason {
+    pub const UNKNOWN: u8 = 0;
+    /// `close()` with data the owner never read (the kernel's
+    /// `TCP_ABORT_ON_CLOSE`).
+    pub const UNREAD_DATA: u8 = 1;
+    /// `close()` with `SO_LINGER` on and a zero timeout.
+    pub const LINGER_ZERO: u8 = 2;
+    /// An orphan's FIN_WAIT2 given up (`TCP_ABORT_ON_LINGER`).
+    pub const ABORT_ON_LINGER: u8 = 3;
+    /// Too many orphans or too little memory (`TCP_ABORT_ON_MEMORY`).
+    pub const ABORT_ON_MEMORY: u8 = 4;
+    /// Keepalive probes went unanswered (`TCP_KEEPALIVE_TIMEOUT`).
+    pub const KEEPALIVE_TIMEOUT: u8 = 5;
+    /// A disconnect with data still unsent (`TCP_DISCONNECT_WITH_DATA`).
+    pub const DISCONNECT_WITH_DATA: u8 = 6;
+    /// A segment for a TIME_WAIT socket (`TCP_TIMEWAIT_SOCKET`).
+    pub const TIME_WAIT_SOCKET: u8 = 7;
+    /// A segment for no socket at all: a SYN to a closed port
+    /// (`NO_SOCKET`).
+    pub const NO_SOCKET: u8 = 8;
+    /// The socket's state called for one (`TCP_STATE`: a disconnect).
+    pub const STATE: u8 = 9;
+    /// A segment the connection could not accept (bad ACK, PAWS, flags,
+    /// an invalid SYN).
+    pub const INVALID_SEGMENT: u8 = 10;
+    /// Any other reason the kernel named (`NOT_SPECIFIED`, MPTCP's, …).
+    pub const OTHER: u8 = 11;
+    pub const COUNT: u32 = 12;
+
+    /// Each code's name, as outputs and metric labels show it.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "unknown",
+        "unread_data",
+        "linger_zero",
+        "abort_on_linger",
+        "abort_on_memory",
+        "keepalive_timeout",
+        "disconnect_with_data",
+        "time_wait_socket",
+        "no_socket",
+        "state",
+        "invalid_segment",
+        "other",
+    ];
+
+    /// The code for a reason the kernel names (`enum sk_rst_reason`,
+    /// without its `SK_RST_REASON_` prefix, as its tracepoint prints it).
+    #[must_use]
+    pub fn of_kernel_name(name: &[u8]) -> u8 {
+        match name {
+            b"TCP_ABORT_ON_CLOSE" => UNREAD_DATA,
+            b"TCP_ABORT_ON_LINGER" => ABORT_ON_LINGER,
+            b"TCP_ABORT_ON_MEMORY" => ABORT_ON_MEMORY,
+            b"TCP_KEEPALIVE_TIMEOUT" => KEEPALIVE_TIMEOUT,
+            b"TCP_DISCONNECT_WITH_DATA" => DISCONNECT_WITH_DATA,
+            b"TCP_TIMEWAIT_SOCKET" => TIME_WAIT_SOCKET,
+            b"NO_SOCKET" => NO_SOCKET,
+            b"TCP_STATE" => STATE,
+            b"TCP_INVALID_ACK_SEQUENCE"
+            | b"TCP_RFC7323_PAWS"
+            | b"TCP_TOO_OLD_ACK"
+            | b"TCP_ACK_UNSENT_DATA"
+            | b"TCP_FLAGS"
+            | b"TCP_OLD_ACK"
+            | b"INVALID_SYN" => INVALID_SEGMENT,
+            _ => OTHER,
+        }
+    }
+}
+
+/// The kernel's reason numbers (`enum sk_rst_reason`) a translation slot
+/// exists for; larger ones count as `reset_reason::OTHER`.
+pub const MAX_KERNEL_RESET_REASONS: u32 = 64;
+
 /// `TransitionEvent::kind`: what the kernel saw.
 pub mod kind {
     /// A full socket changed state (`sock:inet_sock_set_state`).
@@ -109,7 +215,12 @@ pub struct TransitionEvent {
     pub kind: u8,
     /// `TW_CANCEL`/`TW_EXPIRE`: the mini-socket's substate read at its end.
     pub end_substate: u8,
-    pub pad: [u8; 2],
+    /// A full socket's last transition (`-> CLOSE`): how the connection
+    /// ended (`connection_end::*`); 0 on every other event.
+    pub connection_end: u8,
+    /// With `connection_end`: the reset's reason (`reset_reason::*`) for
+    /// `RESET_SENT`, the socket's error number for `ERROR`, else 0.
+    pub end_detail: u8,
     /// The socket's network namespace (its inode, as `ip netns identify`
     /// shows it); 0 when unknown (no BTF, or a socket seen only at its end).
     pub netns: u32,
@@ -304,7 +415,9 @@ pub struct SockRecord {
     pub comm: [u8; 16],
     /// `FLAG_ACCEPTED` when twtrace saw it come from a listener.
     pub flags: u32,
-    pub pad: u32,
+    /// With `FLAG_RESET_SENT`: the reset's reason (`reset_reason::*`).
+    pub reset_reason: u8,
+    pub pad: [u8; 3],
     /// The owner's cgroup (v2) id, learnt with the owner; 0 while unknown.
     pub cgroup: u64,
 }
@@ -385,6 +498,16 @@ pub struct SockLayout {
     /// the socket is typed; 0 once the port is released (at CLOSE), when
     /// `sport` is read instead.
     pub num: u16,
+    /// What a close tells of how the connection ended, each 0 where BTF
+    /// lacks it: `sk_err`, `sk_flags` (for `SOCK_LINGER`), `sk_lingertime`,
+    /// and `tcp_sock`'s `rcv_nxt` and `copied_seq` (data never read).
+    pub err: u16,
+    pub sk_flags: u16,
+    pub lingertime: u16,
+    pub rcv_nxt: u16,
+    pub copied_seq: u16,
+    /// `skc_state`: a reset's socket's state when it is sent.
+    pub state: u16,
 }
 
 impl SockLayout {
@@ -403,6 +526,12 @@ impl SockLayout {
         net: 0,
         net_inum: 0,
         num: 0,
+        err: 0,
+        sk_flags: 0,
+        lingertime: 0,
+        rcv_nxt: 0,
+        copied_seq: 0,
+        state: 0,
     };
 }
 
@@ -507,6 +636,11 @@ pub mod names {
     pub const PROG_SET_STATE: &str = "inet_sock_set_state";
     pub const PROG_SET_STATE_RAW: &str = "inet_sock_set_state_raw";
     pub const GLOBAL_SOCK_LAYOUT: &str = "SOCK_LAYOUT";
+    pub const GLOBAL_RESET_HAS_REASON: &str = "RESET_HAS_REASON";
+    pub const RESET_REASONS: &str = "RESET_REASONS";
+    pub const RESETS_APART: &str = "RESETS_APART";
+    pub const PROG_SEND_RESET: &str = "tcp_send_reset";
+    pub const PROG_RECEIVE_RESET: &str = "tcp_receive_reset";
     pub const GLOBAL_WAKEUP_AT_BYTES: &str = "WAKEUP_AT_BYTES";
     pub const GLOBAL_SLOW_HAND_OVER_NS: &str = "SLOW_HAND_OVER_NS";
     pub const PROG_SET_STATE_TWIN: &str = "inet_sock_set_state_twin";
@@ -553,7 +687,7 @@ const _: () = assert!(core::mem::size_of::<TwScratch>() == 64);
 const _: () = assert!(core::mem::size_of::<TwConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 48);
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 24);
-const _: () = assert!(core::mem::size_of::<SockLayout>() == 24);
+const _: () = assert!(core::mem::size_of::<SockLayout>() == 36);
 const _: () = assert!(core::mem::size_of::<BirthKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PendingBirth>() == 48);
 const _: () = assert!(core::mem::size_of::<SetStateLayout>() == 24);

@@ -7,7 +7,8 @@ use core::mem::MaybeUninit;
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::warn;
 use twtrace_common::{
-    FLAG_ACCEPTED, PendingBirth, SockRecord, TransitionEvent, TwRecord, counter, kind, tcp_state,
+    FLAG_ACCEPTED, PendingBirth, SockRecord, TransitionEvent, TwRecord, connection_end, counter,
+    kind, tcp_state,
 };
 
 use crate::{
@@ -52,6 +53,7 @@ pub fn sock_transition<C: EbpfContext>(
     owner: &SockRecord,
     now: u64,
     in_state: InState,
+    end: (u8, u8),
 ) {
     let none = TimerIds {
         id: 0,
@@ -61,7 +63,7 @@ pub fn sock_transition<C: EbpfContext>(
         bucket_expiry: 0,
     };
     let what = (kind::SOCK, s.new_state);
-    socket_event(ctx, s, owner, now, in_state, what, &none);
+    socket_event(ctx, s, owner, now, in_state, what, &none, end);
 }
 
 /// A mini-socket took the connection over from the full socket `s`; its
@@ -84,10 +86,16 @@ pub fn tw_birth<C: EbpfContext>(
         bucket_expiry: pending.bucket_expiry,
     };
     let what = (kind::TW_BIRTH, pending.substate);
-    socket_event(ctx, s, owner, now, in_state, what, &ids);
+    let end = (connection_end::NONE, 0);
+    socket_event(ctx, s, owner, now, in_state, what, &ids, end);
 }
 
-/// An event about the full socket `s`: `what` is its kind and new state.
+/// An event about the full socket `s`: `what` is its kind and new state,
+/// `(connection_end, end_detail)` how its connection ended, if it did.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the shared body of the two full-socket constructors above"
+)]
 // More than five arguments: BPF calls pass at most five in registers.
 #[inline(always)]
 fn socket_event<C: EbpfContext>(
@@ -98,6 +106,7 @@ fn socket_event<C: EbpfContext>(
     in_state: InState,
     (event_kind, new_state): (u8, u8),
     timer: &TimerIds,
+    (connection_end, end_detail): (u8, u8),
 ) {
     submit(ctx, |slot| {
         slot.write(TransitionEvent {
@@ -120,7 +129,8 @@ fn socket_event<C: EbpfContext>(
             new_state,
             kind: event_kind,
             end_substate: 0,
-            pad: [0; 2],
+            connection_end,
+            end_detail,
             netns: owner.netns,
             comm: owner.comm,
             cgroup: owner.cgroup,
@@ -206,7 +216,8 @@ fn tw_event<C: EbpfContext>(
             new_state,
             kind: event_kind,
             end_substate: facts.substate,
-            pad: [0; 2],
+            connection_end: connection_end::NONE,
+            end_detail: 0,
             netns: record.netns,
             comm: record.comm,
             cgroup: record.cgroup,

@@ -7,6 +7,8 @@
 //! * `set_state` — `inet_sock_set_state`: transitions, per-socket records;
 //! * `owner` — learning each socket's owner (send, receive, listeners);
 //! * `timewait` — the mini-socket's timer: birth, re-arm, cancel, expiry;
+//! * `resets` and `ending` — how each connection ended: resets sent and
+//!   received, errors, the orderly FIN;
 //! * `fork` — following `twtrace record`'s command and its children.
 #![no_std]
 #![no_main]
@@ -15,11 +17,13 @@
 #![expect(internal_features, reason = "core_intrinsics, for BPF_XADD")]
 
 mod emit;
+mod ending;
 mod fault;
 mod fork;
 mod kernel;
 mod maps;
 mod owner;
+mod resets;
 mod set_state;
 mod timewait;
 mod twin;

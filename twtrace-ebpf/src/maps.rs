@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use twtrace_common::{
     BirthKey, Claims, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TW, Filter, ListenerKey, MAX_FILTER_ENTRIES,
-    MAX_NESTING, PendingBirth, SetStateLayout, SockLayout, SockRecord, TwConfig, TwRecord,
-    TwScratch, counter,
+    MAX_KERNEL_RESET_REASONS, MAX_NESTING, PendingBirth, SetStateLayout, SockLayout, SockRecord,
+    TwConfig, TwRecord, TwScratch, counter, reset_reason,
 };
 
 /// Unread bytes in the ring past which a submit wakes the reader; the
@@ -28,6 +28,22 @@ pub static SOCK_LAYOUT: Global<SockLayout> = Global::new(SockLayout::UNKNOWN);
 
 #[unsafe(no_mangle)]
 pub static SET_STATE_LAYOUT: Global<SetStateLayout> = Global::new(SetStateLayout::DEFAULT);
+
+/// Non-zero when `tcp_send_reset` passes the reset's reason (6.10+).
+#[unsafe(no_mangle)]
+pub static RESET_HAS_REASON: Global<u32> = Global::new(0);
+
+/// The kernel's reset reasons (`enum sk_rst_reason`, by value) as
+/// twtrace's codes (`reset_reason::*`); the loader fills it from the
+/// tracepoint's format.
+#[map]
+pub static RESET_REASONS: Array<u8> = Array::with_max_entries(MAX_KERNEL_RESET_REASONS, 0);
+
+/// Resets sent that end no connection twtrace follows — to a segment for
+/// no socket (a SYN to a closed port), a TIME_WAIT or request socket, or
+/// a socket twtrace holds no record of — by reason.
+#[map]
+pub static RESETS_APART: PerCpuArray<u64> = PerCpuArray::with_max_entries(reset_reason::COUNT, 0);
 
 /// The loader sizes it (`--ring-kib`).
 #[map]

@@ -72,7 +72,8 @@ pub fn of_new_socket(s: &SetState, owner_context: bool, now: u64) -> SockRecord 
         } else {
             0
         },
-        pad: 0,
+        reset_reason: 0,
+        pad: [0; 3],
         cgroup: 0,
     };
     if owner_context {
@@ -143,7 +144,8 @@ fn learn<C: EbpfContext>(ctx: &C, sock_id: u64) {
         netns: netns_of(sock_id),
         comm: [0; 16],
         flags: 0,
-        pad: 0,
+        reset_reason: 0,
+        pad: [0; 3],
         cgroup: 0,
     };
     set_to_current(&mut record);

@@ -9,11 +9,13 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use twtrace_common::{
-    AF_INET, AF_INET6, Filter, IPPROTO_TCP, SockLayout, SockRecord, counter, tcp_state,
+    AF_INET, AF_INET6, Filter, IPPROTO_TCP, SockLayout, SockRecord, connection_end, counter,
+    tcp_state,
 };
 
 use crate::{
     emit::{self, InState},
+    ending::{self, CloseFacts},
     fault,
     kernel::{address_of, btf_read, bump, in_state, kread, now_ns, read},
     maps::{FILTER, FILTER_PIDS, FILTER_PORTS, SET_STATE_LAYOUT, SOCK_LAYOUT, SOCKS},
@@ -31,6 +33,8 @@ pub struct SetState {
     pub family: u16,
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
+    /// At `-> CLOSE`: what the socket says about how it ended.
+    pub close: CloseFacts,
 }
 
 /// The classic tracepoint, whose record layout comes from tracefs: the
@@ -130,6 +134,7 @@ trait SockFields {
     fn address(&self) -> u64;
     fn u16_at(&self, offset: u16) -> Result<u16, i64>;
     fn u32_at(&self, offset: u16) -> Result<u32, i64>;
+    fn u64_at(&self, offset: u16) -> Result<u64, i64>;
     /// The local port, host order.
     fn local_port(&self, l: &SockLayout) -> Result<u16, i64>;
 }
@@ -145,6 +150,9 @@ impl SockFields for RawSock {
         kread(self.0 + u64::from(offset))
     }
     fn u32_at(&self, offset: u16) -> Result<u32, i64> {
+        kread(self.0 + u64::from(offset))
+    }
+    fn u64_at(&self, offset: u16) -> Result<u64, i64> {
         kread(self.0 + u64::from(offset))
     }
     fn local_port(&self, l: &SockLayout) -> Result<u16, i64> {
@@ -167,6 +175,9 @@ impl SockFields for TypedSock {
         Ok(btf_read(self.pointer, offset))
     }
     fn u32_at(&self, offset: u16) -> Result<u32, i64> {
+        Ok(btf_read(self.pointer, offset))
+    }
+    fn u64_at(&self, offset: u16) -> Result<u64, i64> {
         Ok(btf_read(self.pointer, offset))
     }
     /// `skc_num`, a plain load; once it is cleared at CLOSE, `inet_sport`
@@ -220,8 +231,52 @@ fn try_state_change<C: EbpfContext>(
         family,
         saddr,
         daddr,
+        close: if new == u64::from(tcp_state::CLOSE) {
+            close_facts(sk, &l, old as u8)
+        } else {
+            CloseFacts::NONE
+        },
     };
     handle(ctx, &filter, &s)
+}
+
+/// `SOCK_LINGER` in `enum sock_flags`: its fifth value on every kernel.
+const SOCK_LINGER: u64 = 4;
+
+/// What the closing socket says about its end (see `ending`). `tcp_sock`'s
+/// fields lie beyond the `struct sock` a typed pointer is known as: read
+/// through the helper.
+// Inlined, as `try_state_change` (the 512-byte stack of Linux 6.1).
+#[inline(always)]
+fn close_facts(sk: &impl SockFields, l: &SockLayout, old: u8) -> CloseFacts {
+    let err = if l.err == 0 {
+        0
+    } else {
+        sk.u32_at(l.err).unwrap_or(0)
+    };
+    let linger_zero = l.sk_flags != 0
+        && l.lingertime != 0
+        && sk
+            .u64_at(l.sk_flags)
+            .is_ok_and(|f| f & (1 << SOCK_LINGER) != 0)
+        && sk.u64_at(l.lingertime) == Ok(0);
+    // close() drops what was never read without moving `copied_seq`; a
+    // FIN received (CLOSE_WAIT) takes one sequence number of its own.
+    let unread_data = l.rcv_nxt != 0 && l.copied_seq != 0 && {
+        let at = |offset: u16| kread::<u32>(sk.address() + u64::from(offset));
+        match (at(l.rcv_nxt), at(l.copied_seq)) {
+            (Ok(rcv_nxt), Ok(copied)) => {
+                let fin = u32::from(old == tcp_state::CLOSE_WAIT);
+                rcv_nxt.wrapping_sub(copied) as i32 > fin as i32
+            }
+            _ => false,
+        }
+    };
+    CloseFacts {
+        err,
+        unread_data,
+        linger_zero,
+    }
 }
 
 fn try_classic(ctx: &TracePointContext) -> Result<(), i64> {
@@ -253,6 +308,9 @@ fn try_classic(ctx: &TracePointContext) -> Result<(), i64> {
         family,
         saddr,
         daddr,
+        // The classic record carries no socket fields; a reset received
+        // is still known from the record (`resets`).
+        close: CloseFacts::NONE,
     };
     handle(ctx, &filter, &s)
 }
@@ -283,7 +341,12 @@ fn handle<C: EbpfContext>(ctx: &C, filter: &Filter, s: &SetState) -> Result<(), 
     }
     let wanted = filter.all_states != 0 || is_connection_teardown(s.old_state, s.new_state);
     if wanted && emit {
-        emit::sock_transition(ctx, s, &record, now, in_state);
+        let end = if s.new_state == tcp_state::CLOSE {
+            ending::of_close(s.old_state, &record, &s.close)
+        } else {
+            (connection_end::NONE, 0)
+        };
+        emit::sock_transition(ctx, s, &record, now, in_state, end);
     }
     Ok(())
 }

@@ -772,7 +772,8 @@ fn counts_untracked(cfg: &TwConfig, timer: u64, id: Identity) -> bool {
         netns,
         comm: [0; 16],
         flags: 0,
-        pad: 0,
+        reset_reason: 0,
+        pad: [0; 3],
         cgroup: 0,
     };
     passes_filters(&filter, &owner, id.sport, id.dport)

@@ -299,6 +299,7 @@ mod tests {
             end: None,
             netns: 0,
             accepted: false,
+            ending: None,
         }
     }
 

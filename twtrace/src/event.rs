@@ -10,7 +10,8 @@ use std::{
 };
 
 use twtrace_common::{
-    AF_INET, AF_INET6, FLAG_ACCEPTED, FLAG_IN_STATE_UNKNOWN, TransitionEvent, kind, tcp_state,
+    AF_INET, AF_INET6, FLAG_ACCEPTED, FLAG_IN_STATE_UNKNOWN, TransitionEvent, connection_end, kind,
+    reset_reason, tcp_state,
 };
 
 /// A TCP state, named as the kernel names it, without the `TCP_` prefix.
@@ -193,6 +194,116 @@ impl TwEnd {
     }
 }
 
+/// Why a reset was sent (`twtrace_common::reset_reason`): the kernel's
+/// reason where it gives one, else what twtrace proved from the socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResetReason(u8);
+
+impl ResetReason {
+    pub const UNKNOWN: Self = Self(reset_reason::UNKNOWN);
+
+    /// `None` for a code no kernel side sends.
+    #[must_use]
+    pub fn from_code(code: u8) -> Option<Self> {
+        (u32::from(code) < reset_reason::COUNT).then_some(Self(code))
+    }
+
+    #[must_use]
+    pub fn code(self) -> u8 {
+        self.0
+    }
+
+    /// Every reason, in code order (a bounded label set).
+    pub fn all() -> impl Iterator<Item = Self> {
+        (0..reset_reason::COUNT).filter_map(|code| u8::try_from(code).ok().map(Self))
+    }
+
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        reset_reason::NAMES[usize::from(self.0)]
+    }
+}
+
+/// How a connection ended, on its full socket's last transition
+/// (`-> CLOSE`). A connection closed through TIME_WAIT ends with its
+/// mini-socket instead (`TwEnd`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConnectionEnd {
+    /// The FIN exchange completed (the passive side's `LAST_ACK -> CLOSE`).
+    Fin,
+    /// This host reset the connection.
+    ResetSent(ResetReason),
+    /// The peer reset it.
+    ResetReceived,
+    /// Retransmissions, the user timeout or keepalive gave up; with the
+    /// reason of the reset sent first, if one was (a keepalive's).
+    Timeout(Option<ResetReason>),
+    /// Another socket error: its errno.
+    Error(u8),
+    /// Closed by its owner before it was established: nothing was sent.
+    Abandoned,
+}
+
+impl ConnectionEnd {
+    /// Every end's name, in a fixed order (a bounded label set).
+    pub const NAMES: [&str; 6] = [
+        "fin",
+        "reset_sent",
+        "reset_received",
+        "timeout",
+        "error",
+        "abandoned",
+    ];
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Fin => "fin",
+            Self::ResetSent(_) => "reset_sent",
+            Self::ResetReceived => "reset_received",
+            Self::Timeout(_) => "timeout",
+            Self::Error(_) => "error",
+            Self::Abandoned => "abandoned",
+        }
+    }
+
+    /// The reason of the reset this host sent, for ends that had one.
+    #[must_use]
+    pub fn reset_reason(self) -> Option<ResetReason> {
+        match self {
+            Self::ResetSent(reason) => Some(reason),
+            Self::Timeout(reason) => reason,
+            _ => None,
+        }
+    }
+
+    #[must_use]
+    pub fn errno(self) -> Option<u8> {
+        match self {
+            Self::Error(errno) => Some(errno),
+            _ => None,
+        }
+    }
+
+    /// From the kernel's `(connection_end, end_detail)`; `Ok(None)` for
+    /// an event that ends no connection.
+    fn from_kernel(end: u8, detail: u8) -> Result<Option<Self>, DecodeError> {
+        let reason = || ResetReason::from_code(detail).ok_or(DecodeError::UnknownEnd(end, detail));
+        Ok(Some(match end {
+            connection_end::NONE => return Ok(None),
+            connection_end::FIN => Self::Fin,
+            connection_end::RESET_SENT => Self::ResetSent(reason()?),
+            connection_end::RESET_RECEIVED => Self::ResetReceived,
+            connection_end::TIMEOUT => {
+                Self::Timeout((detail != reset_reason::UNKNOWN).then(reason).transpose()?)
+            }
+            connection_end::ERROR => Self::Error(detail),
+            connection_end::ABANDONED => Self::Abandoned,
+            _ => return Err(DecodeError::UnknownEnd(end, detail)),
+        }))
+    }
+}
+
 /// What kind of kernel observation an event is (see `twtrace_common::kind`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
@@ -244,6 +355,9 @@ pub struct Transition {
     pub in_state_ns: Option<u64>,
     /// For a mini-socket's `TIME_WAIT`/`FIN_WAIT2` `-> CLOSE`: how it ended.
     pub end: Option<TwEnd>,
+    /// For a full socket's last transition (`-> CLOSE`): how its
+    /// connection ended.
+    pub ending: Option<ConnectionEnd>,
     /// The socket's network namespace inode; 0 when the kernel did not say.
     pub netns: u32,
     /// Accepted from a listener (twtrace saw it): its local port is the
@@ -262,6 +376,15 @@ impl Transition {
         }
     }
 
+    /// How this transition ended its socket, if it did: a mini-socket's
+    /// end or a connection's.
+    #[must_use]
+    pub fn end_name(&self) -> Option<&'static str> {
+        self.end
+            .map(TwEnd::name)
+            .or_else(|| self.ending.map(ConnectionEnd::name))
+    }
+
     #[must_use]
     pub fn family(&self) -> &'static str {
         if self.src.is_ipv4() { "ipv4" } else { "ipv6" }
@@ -274,6 +397,7 @@ pub enum DecodeError {
     UnknownFamily(u16),
     UnknownState(u8),
     UnknownKind(u8),
+    UnknownEnd(u8, u8),
 }
 
 impl fmt::Display for DecodeError {
@@ -285,6 +409,9 @@ impl fmt::Display for DecodeError {
             Self::UnknownFamily(family) => write!(f, "unknown address family {family}"),
             Self::UnknownState(state) => write!(f, "unknown TCP state {state}"),
             Self::UnknownKind(kind) => write!(f, "unknown event kind {kind}"),
+            Self::UnknownEnd(end, detail) => {
+                write!(f, "unknown connection end {end} (detail {detail})")
+            }
         }
     }
 }
@@ -360,6 +487,7 @@ pub fn from_raw(raw: &TransitionEvent) -> Result<KernelEvent, DecodeError> {
             new: state(raw.new_state)?,
             in_state_ns: (raw.flags & FLAG_IN_STATE_UNKNOWN == 0).then_some(raw.in_state_ns),
             end: None,
+            ending: ConnectionEnd::from_kernel(raw.connection_end, raw.end_detail)?,
             netns: raw.netns,
             accepted: raw.flags & FLAG_ACCEPTED != 0,
         },
@@ -416,7 +544,8 @@ pub(crate) mod tests {
             new_state: tcp_state::FIN_WAIT1,
             kind: kind::SOCK,
             end_substate: 0,
-            pad: [0; 2],
+            connection_end: 0,
+            end_detail: 0,
             netns: 0,
             comm,
             cgroup: 0,

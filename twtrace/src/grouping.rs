@@ -338,6 +338,7 @@ mod tests {
             end: None,
             netns,
             accepted: false,
+            ending: None,
         });
     }
 

@@ -394,6 +394,7 @@ mod tests {
             end: None,
             netns: 0,
             accepted: false,
+            ending: None,
         }
     }
 

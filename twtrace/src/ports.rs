@@ -344,6 +344,7 @@ mod tests {
             end: None,
             netns: 0,
             accepted: false,
+            ending: None,
         };
         let mut c = CloseCounter::default();
         let range = Some((32768, 60999));

@@ -40,6 +40,10 @@ pub enum Feature {
     TimeWait,
     /// `record`'s command and the children it forks.
     FollowForks,
+    /// Resets received: without it, told from the socket's error.
+    ResetsReceived,
+    /// Resets sent before a close, and those that end no connection.
+    ResetsSent,
 }
 
 pub struct Hook {
@@ -109,6 +113,18 @@ pub const HOOKS: &[Hook] = &[
         program: names::PROG_TIMER_CANCEL_TWIN,
         point: Point::Raw("timer", "timer_cancel"),
         feature: Feature::TimeWait,
+    },
+    // Before the state changes: a reset received marks the record
+    // its close then reads.
+    Hook {
+        program: names::PROG_RECEIVE_RESET,
+        point: Point::Raw("tcp", "tcp_receive_reset"),
+        feature: Feature::ResetsReceived,
+    },
+    Hook {
+        program: names::PROG_SEND_RESET,
+        point: Point::Raw("tcp", "tcp_send_reset"),
+        feature: Feature::ResetsSent,
     },
     Hook {
         program: names::PROG_SET_STATE_BTF,
@@ -189,6 +205,8 @@ impl Hook {
                     }
             }
             Feature::FollowForks => options.follow_forks,
+            // They read the socket's state through BTF's layout.
+            Feature::ResetsReceived | Feature::ResetsSent => facts.sock.is_some(),
         }
     }
 
@@ -220,6 +238,12 @@ impl Hook {
             ),
             Feature::OwnerAtReceive => format!(
                 "{what}: accepted sockets count as their listener's owner's until their first send or close()"
+            ),
+            Feature::ResetsReceived => {
+                format!("{what}: a reset received is told from the error it left on the socket")
+            }
+            Feature::ResetsSent => format!(
+                "{what}: resets sent before a close (keepalive, memory) end as `unknown`, and resets that end no connection are not counted"
             ),
             _ => {
                 // Debian's kernels make perf_event_paranoid=3 (their
@@ -308,7 +332,10 @@ pub fn attach_all(
                     attached.time_wait = false;
                     attached.warnings.push(hook.lost(facts, &error));
                 }
-                Feature::OwnerAtSend | Feature::OwnerAtReceive => {
+                Feature::OwnerAtSend
+                | Feature::OwnerAtReceive
+                | Feature::ResetsReceived
+                | Feature::ResetsSent => {
                     attached.warnings.push(hook.lost(facts, &error));
                 }
             },
@@ -432,6 +459,7 @@ mod tests {
             sock: None,
             time_wait: twtrace_common::TwConfig::DISABLED,
             fork_child_pid: None,
+            reset_reasons: super::super::probe::ResetReasons::default(),
             tw_capacity: 1024,
             tw_alive_at_start: 0,
             perf_event_paranoid: Some(3),
@@ -479,6 +507,7 @@ mod tests {
             sock: Some(twtrace_common::SockLayout::UNKNOWN),
             time_wait: twtrace_common::TwConfig::DISABLED,
             fork_child_pid: None,
+            reset_reasons: super::super::probe::ResetReasons::default(),
             tw_capacity: 1024,
             tw_alive_at_start: 0,
             perf_event_paranoid: None,

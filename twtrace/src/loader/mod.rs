@@ -13,7 +13,7 @@ use aya::{
 use tokio::io::{Interest, unix::AsyncFd};
 use twtrace_common::{
     AF_INET, AF_INET6, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_TW, Filter, LRU_SLACK_PER_CPU, ListenerKey,
-    MAX_FILTER_ENTRIES, SockLayout, SockRecord, counter, names,
+    MAX_FILTER_ENTRIES, SockLayout, SockRecord, counter, names, reset_reason,
 };
 
 use crate::{sys, tracefs};
@@ -129,7 +129,8 @@ impl KnownListener {
             netns: self.netns,
             comm: self.comm,
             flags: 0,
-            pad: 0,
+            reset_reason: 0,
+            pad: [0; 3],
             cgroup: self.cgroup,
         };
         (key, record)
@@ -216,6 +217,7 @@ impl Tracer {
         sys::check_privileges()?;
         let facts = KernelFacts::probe(&tracefs::root()?, options.max_time_wait)?;
         let mut ebpf = load(options, &facts)?;
+        fill_reset_reasons(&mut ebpf, &facts.reset_reasons)?;
         fill_filter_map::<u32>(&mut ebpf, names::FILTER_PIDS, &options.pids)?;
         fill_filter_map::<u16>(&mut ebpf, names::FILTER_PORTS, &options.ports)?;
         let logger_task = match options.kernel_log {
@@ -375,6 +377,22 @@ impl Tracer {
         })
     }
 
+    /// Resets sent that ended no connection twtrace follows (a SYN to a
+    /// closed port, a segment for a TIME_WAIT socket, …), by reason
+    /// (`reset_reason::*`), since tracing began.
+    pub fn resets_apart(&self) -> anyhow::Result<[u64; reset_reason::COUNT as usize]> {
+        let counts: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(names::RESETS_APART)
+                .context("the eBPF object lacks its RESETS_APART map")?,
+        )?;
+        let mut out = [0; reset_reason::COUNT as usize];
+        for (reason, slot) in (0..reset_reason::COUNT).zip(out.iter_mut()) {
+            *slot = counter_sum(&counts, reason)?;
+        }
+        Ok(out)
+    }
+
     /// Mini-sockets that moved before their hand-over (`TimeWaitTally`).
     pub fn hand_overs_raced(&self) -> anyhow::Result<u64> {
         counter_sum(&self.counters()?, counter::TW_HAND_OVER_RACED)
@@ -466,6 +484,7 @@ fn load(options: &TracerOptions, facts: &KernelFacts) -> anyhow::Result<Ebpf> {
         MAX_FILTER_ENTRIES
     };
     let wakeup_at_bytes = u64::from(ring_bytes / 4);
+    let reset_has_reason = u32::from(facts.reset_reasons.given);
     let mut loader = EbpfLoader::new();
     loader
         .override_global(names::GLOBAL_FILTER, &filter, true)
@@ -478,6 +497,7 @@ fn load(options: &TracerOptions, facts: &KernelFacts) -> anyhow::Result<Ebpf> {
         )
         .override_global(aya_log::LEVEL, &log_level, false)
         .override_global(names::GLOBAL_WAKEUP_AT_BYTES, &wakeup_at_bytes, true)
+        .override_global(names::GLOBAL_RESET_HAS_REASON, &reset_has_reason, true)
         .map_max_entries(names::EVENTS, ring_bytes)
         .map_max_entries(names::SOCKS, with_lru_slack(options.max_sockets))
         .map_max_entries(names::TWS, with_lru_slack(facts.tw_capacity))
@@ -491,6 +511,20 @@ fn load(options: &TracerOptions, facts: &KernelFacts) -> anyhow::Result<Ebpf> {
     loader
         .load(EBPF_OBJECT)
         .context("loading twtrace's eBPF programs into the kernel (see `dmesg` and run with -v for the verifier log)")
+}
+
+/// Tells the kernel side which of twtrace's reasons each of the kernel's
+/// reset reasons is.
+fn fill_reset_reasons(ebpf: &mut Ebpf, reasons: &probe::ResetReasons) -> anyhow::Result<()> {
+    let mut map: Array<&mut MapData, u8> = Array::try_from(
+        ebpf.map_mut(names::RESET_REASONS)
+            .context("the eBPF object lacks its RESET_REASONS map")?,
+    )?;
+    for &(value, code) in &reasons.codes {
+        map.set(value, code, 0)
+            .context("filling the reset reasons")?;
+    }
+    Ok(())
 }
 
 /// The ring's default size: room for the ends of a quarter of the

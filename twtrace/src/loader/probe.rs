@@ -7,7 +7,9 @@
 use std::path::Path;
 
 use anyhow::Context;
-use twtrace_common::{SetStateLayout, SockLayout, TwConfig};
+use twtrace_common::{
+    MAX_KERNEL_RESET_REASONS, SetStateLayout, SockLayout, TwConfig, reset_reason,
+};
 
 use crate::{btf::Btf, netns, sys, tracefs};
 
@@ -28,6 +30,7 @@ pub struct Sources<'a> {
     pub set_state_format: &'a str,
     pub timer_start_format: anyhow::Result<String>,
     pub fork_format: anyhow::Result<String>,
+    pub send_reset_format: anyhow::Result<String>,
     pub layouts: anyhow::Result<&'a dyn StructLayouts>,
     /// Address of `tw_timer_handler`.
     pub tw_timer_handler: anyhow::Result<u64>,
@@ -52,6 +55,8 @@ pub struct KernelFacts {
     pub time_wait: TwConfig,
     /// Offset of `child_pid` in `sched:sched_process_fork`.
     pub fork_child_pid: Option<u16>,
+    /// What `tcp:tcp_send_reset` says of why a reset was sent.
+    pub reset_reasons: ResetReasons,
     /// Entries for the mini-socket map.
     pub tw_capacity: u32,
     pub tw_alive_at_start: u64,
@@ -81,6 +86,7 @@ impl KernelFacts {
             set_state_format: &set_state_format,
             timer_start_format: format("timer", "timer_start"),
             fork_format: format("sched", "sched_process_fork"),
+            send_reset_format: format("tcp", "tcp_send_reset"),
             layouts,
             tw_timer_handler,
             max_tw_buckets: netns::sum_over_all(|| {
@@ -134,11 +140,16 @@ impl KernelFacts {
                 "network namespaces unknown (no BTF for struct sock / struct net): events carry no namespace, so sockets in other namespaces are resolved only when they end".to_owned(),
             );
         }
+        let reset_reasons = sources
+            .send_reset_format
+            .as_deref()
+            .map_or_else(|_| ResetReasons::default(), ResetReasons::from_format);
         Ok(Self {
             set_state,
             sock,
             time_wait,
             fork_child_pid,
+            reset_reasons,
             tw_capacity,
             tw_alive_at_start: sources.time_wait_now.unwrap_or(0),
             perf_event_paranoid: sources.perf_event_paranoid,
@@ -181,6 +192,12 @@ fn sock_layout(btf: &dyn StructLayouts) -> anyhow::Result<SockLayout> {
             common + btf.member_offset("sock_common", member)?,
         )?)
     };
+    let sock_member = |member: &str| -> anyhow::Result<u16> {
+        Ok(u16::try_from(btf.member_offset("sock", member)?)?)
+    };
+    let tcp_member = |member: &str| -> anyhow::Result<u16> {
+        Ok(u16::try_from(btf.member_offset("tcp_sock", member)?)?)
+    };
     Ok(SockLayout {
         family: at("skc_family")?,
         protocol: u16::try_from(btf.member_offset("sock", "sk_protocol")?)?,
@@ -195,7 +212,47 @@ fn sock_layout(btf: &dyn StructLayouts) -> anyhow::Result<SockLayout> {
         net: at("skc_net").unwrap_or(0),
         net_inum: net_inum_offset(btf).unwrap_or(0),
         num: at("skc_num")?,
+        // Without them a connection's end is told from fewer facts.
+        err: sock_member("sk_err").unwrap_or(0),
+        sk_flags: at("skc_flags").unwrap_or(0),
+        lingertime: sock_member("sk_lingertime").unwrap_or(0),
+        rcv_nxt: tcp_member("rcv_nxt").unwrap_or(0),
+        copied_seq: tcp_member("copied_seq").unwrap_or(0),
+        state: at("skc_state").unwrap_or(0),
     })
+}
+
+/// The kernel's reasons for a reset (`enum sk_rst_reason`, 6.10+), as the
+/// tracepoint's format lists them: which value is which of twtrace's codes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResetReasons {
+    /// Whether `tcp_send_reset` passes a reason at all.
+    pub given: bool,
+    /// `(kernel value, reset_reason code)` for each value it names.
+    pub codes: Vec<(u32, u8)>,
+}
+
+impl ResetReasons {
+    /// From the format's `reason` field and its `__print_symbolic` table
+    /// (`{ 11, "TCP_ABORT_ON_CLOSE" }`, …).
+    fn from_format(text: &str) -> Self {
+        let given = tracefs::parse_format(text).fields.contains_key("reason");
+        let table = text
+            .split_once("REC->reason,")
+            .map_or("", |(_, after)| after);
+        let codes = table
+            .split('{')
+            .skip(1)
+            .filter_map(|entry| {
+                let (value, rest) = entry.split_once(',')?;
+                let value: u32 = value.trim().parse().ok()?;
+                let name = rest.split('"').nth(1)?;
+                (value < MAX_KERNEL_RESET_REASONS)
+                    .then(|| (value, reset_reason::of_kernel_name(name.as_bytes())))
+            })
+            .collect();
+        Self { given, codes }
+    }
 }
 
 /// `offsetof(struct net, ns.inum)`: the namespace's inode number.
@@ -282,6 +339,7 @@ mod tests {
     const TIMER_START_6_18: &str = include_str!("fixtures/timer_start-6.18.format");
     const TIMER_START_6_1: &str = include_str!("fixtures/timer_start-6.1.format");
     const FORK_6_18: &str = include_str!("fixtures/sched_process_fork-6.18.format");
+    const SEND_RESET_6_18: &str = include_str!("fixtures/tcp_send_reset-6.18.format");
     /// `struct member offset` lines, read from 6.18's BTF.
     const BTF_6_18: &str = include_str!("fixtures/btf-offsets-6.18.txt");
 
@@ -315,6 +373,7 @@ mod tests {
             set_state_format: SET_STATE_6_18,
             timer_start_format: Ok(timer_start.to_owned()),
             fork_format: Ok(FORK_6_18.to_owned()),
+            send_reset_format: Ok(SEND_RESET_6_18.to_owned()),
             layouts: layouts
                 .map(|t| t as &dyn StructLayouts)
                 .context("no BTF here"),
@@ -343,6 +402,29 @@ mod tests {
         assert_eq!(facts.fork_child_pid, Some(20));
         assert_eq!((facts.tw_capacity, facts.tw_alive_at_start), (131_072, 7));
         assert!(facts.warnings.is_empty(), "{:?}", facts.warnings);
+        assert_eq!(
+            (sock.err, sock.sk_flags, sock.lingertime, sock.state),
+            (284, 96, 576, 18)
+        );
+        assert_eq!((sock.rcv_nxt, sock.copied_seq), (1664, 1464));
+    }
+
+    #[test]
+    fn reset_reasons_come_from_the_tracepoint_format() {
+        let reasons = ResetReasons::from_format(SEND_RESET_6_18);
+        assert!(reasons.given);
+        let code = |value| reasons.codes.iter().find(|(v, _)| *v == value).map(|c| c.1);
+        assert_eq!(code(1), Some(reset_reason::NO_SOCKET));
+        assert_eq!(code(9), Some(reset_reason::TIME_WAIT_SOCKET));
+        assert_eq!(code(11), Some(reset_reason::UNREAD_DATA));
+        assert_eq!(code(14), Some(reset_reason::STATE));
+        assert_eq!(code(15), Some(reset_reason::KEEPALIVE_TIMEOUT));
+        assert_eq!(code(2), Some(reset_reason::INVALID_SEGMENT));
+        assert_eq!(code(17), Some(reset_reason::OTHER));
+        assert_eq!(reasons.codes.len(), 26);
+        // Before 6.10: no reason field, nothing to translate.
+        let old = SEND_RESET_6_18.replace("reason", "other");
+        assert!(!ResetReasons::from_format(&old).given);
     }
 
     #[test]

@@ -259,6 +259,7 @@ mod tests {
                 end: None,
                 netns: 0,
                 accepted: false,
+                ending: None,
             });
         }
         stats

@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::Format;
 use crate::{
     cgroup::{Workload, Workloads},
-    event::{Comm, Transition},
+    event::{Comm, ConnectionEnd, ResetReason, Transition},
     units,
 };
 
@@ -25,6 +25,12 @@ struct TransitionLine<'a> {
     in_state_ns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     end: Option<&'static str>,
+    /// With `end`: why this host reset the connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reset_reason: Option<&'static str>,
+    /// With `end` `error`: the socket's errno.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errno: Option<u8>,
     sock: String,
     /// The socket's network namespace inode; `null` when unknown.
     netns: Option<u32>,
@@ -32,6 +38,23 @@ struct TransitionLine<'a> {
     /// (each only where known).
     #[serde(flatten)]
     workload: Option<&'a Workload>,
+}
+
+/// ` (reset_sent: unread_data)`, ` (error: errno 113)`, ` (expired)`, or
+/// nothing when the transition ends nothing.
+fn end_text(t: &Transition) -> String {
+    let Some(end) = t.end_name() else {
+        return String::new();
+    };
+    let ending = t.ending;
+    match (
+        ending.and_then(ConnectionEnd::reset_reason),
+        ending.and_then(ConnectionEnd::errno),
+    ) {
+        (Some(reason), _) => format!(" ({end}: {})", reason.name()),
+        (None, Some(errno)) => format!(" ({end}: errno {errno})"),
+        (None, None) => format!(" ({end})"),
+    }
 }
 
 /// Writes transitions to `out` (buffered by the caller's choice of writer).
@@ -78,8 +101,7 @@ impl<W: Write> StreamWriter<W> {
                 format!("{} -> {}", t.old, t.new),
                 t.in_state_ns
                     .map_or_else(|| "?".to_owned(), units::duration),
-                t.end
-                    .map_or(String::new(), |end| format!(" ({})", end.name())),
+                end_text(t),
             ),
             Format::Json => {
                 let line = TransitionLine {
@@ -93,7 +115,12 @@ impl<W: Write> StreamWriter<W> {
                     old_state: t.old.name(),
                     new_state: t.new.name(),
                     in_state_ns: t.in_state_ns,
-                    end: t.end.map(crate::event::TwEnd::name),
+                    end: t.end_name(),
+                    reset_reason: t
+                        .ending
+                        .and_then(ConnectionEnd::reset_reason)
+                        .map(ResetReason::name),
+                    errno: t.ending.and_then(ConnectionEnd::errno),
                     sock: format!("{:#x}", t.sock_id),
                     netns: (t.netns != 0).then_some(t.netns),
                     workload: self.workloads.get(t.owner.map_or(0, |o| o.cgroup)),
@@ -136,6 +163,7 @@ mod tests {
             end: None,
             netns: 0,
             accepted: false,
+            ending: None,
         }
     }
 
@@ -214,5 +242,36 @@ mod tests {
         assert!(text.trim_end().ends_with("200ms (cancelled)"), "{text}");
         let plain = written(Format::Json, |w| w.transition(&transition()).unwrap());
         assert!(!plain.contains("\"end\""), "{plain}");
+    }
+
+    #[test]
+    fn a_connection_end_is_named_with_its_reason() {
+        let mut t = transition();
+        t.old = TcpState::Established;
+        t.new = TcpState::Close;
+        t.ending = Some(ConnectionEnd::ResetSent(
+            ResetReason::from_code(twtrace_common::reset_reason::LINGER_ZERO).unwrap(),
+        ));
+        let json = written(Format::Json, |w| w.transition(&t).unwrap());
+        let v: serde_json::Value = serde_json::from_str(json.trim_end()).unwrap();
+        assert_eq!(
+            (v["end"].as_str(), v["reset_reason"].as_str()),
+            (Some("reset_sent"), Some("linger_zero"))
+        );
+        assert!(v.get("errno").is_none(), "{json}");
+        let text = written(Format::Text, |w| w.transition(&t).unwrap());
+        assert!(
+            text.trim_end().ends_with("(reset_sent: linger_zero)"),
+            "{text}"
+        );
+        t.ending = Some(ConnectionEnd::Error(113));
+        let json = written(Format::Json, |w| w.transition(&t).unwrap());
+        let v: serde_json::Value = serde_json::from_str(json.trim_end()).unwrap();
+        assert_eq!(
+            (v["end"].as_str(), v["errno"].as_u64()),
+            (Some("error"), Some(113))
+        );
+        let text = written(Format::Text, |w| w.transition(&t).unwrap());
+        assert!(text.trim_end().ends_with("(error: errno 113)"), "{text}");
     }
 }

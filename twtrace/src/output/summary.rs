@@ -460,6 +460,7 @@ mod tests {
                 end: None,
                 netns: 0,
                 accepted: false,
+                ending: None,
             });
         }
         SummaryReport::new(

@@ -579,6 +579,7 @@ mod tests {
             end: None,
             netns: 0,
             accepted: false,
+            ending: None,
         }
     }
 

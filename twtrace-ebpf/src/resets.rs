@@ -1,0 +1,98 @@
+//! Resets, as the kernel sends and receives them. A reset that comes in,
+//! or that this host sends before the socket closes (a keepalive or
+//! memory abort), marks the socket's record: its close then says how the
+//! connection ended (`ending`). A reset that ends no connection twtrace
+//! follows is counted apart, by reason (`RESETS_APART`).
+
+use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
+use twtrace_common::{
+    FLAG_RESET_RECEIVED, FLAG_RESET_SENT, MAX_KERNEL_RESET_REASONS, reset_reason, tcp_state,
+};
+
+use crate::{
+    kernel::{atomic_add, kread},
+    maps::{RESET_HAS_REASON, RESET_REASONS, RESETS_APART, SOCK_LAYOUT, SOCKS},
+};
+
+/// `tcp_receive_reset(sk)`: runs in tcp_reset(), before the close.
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if let Some(record) = SOCKS.get_ptr_mut(sk) {
+        // SAFETY: a pointer from a successful lookup; the socket's lock
+        // serialises its events (see `set_state::update_record`).
+        unsafe { (*record).flags |= FLAG_RESET_RECEIVED };
+    }
+    0
+}
+
+/// `tcp_send_reset(sk, skb[, reason])`: `sk` is NULL for a segment no
+/// socket took (a SYN to a closed port), else the full, TIME_WAIT or
+/// request socket that answered with a reset.
+#[raw_tracepoint(tracepoint = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    let state = if sk == 0 { 0 } else { state_of(sk) };
+    let reason = reason_of(&ctx, sk, state);
+    if is_live_full_socket(state)
+        && let Some(record) = SOCKS.get_ptr_mut(sk)
+    {
+        // SAFETY: as above. A reset sent before the close: the close
+        // reports it, with this reason.
+        unsafe {
+            (*record).flags |= FLAG_RESET_SENT;
+            (*record).reset_reason = reason;
+        }
+        return 0;
+    }
+    // After its close (close() with unread data, a zero linger): that
+    // close already said the connection was reset. Else it ends nothing
+    // twtrace follows.
+    if state != tcp_state::CLOSE {
+        count_apart(reason);
+    }
+    0
+}
+
+/// The reset's reason as twtrace's code: the kernel's, where it passes
+/// one; else what the socket proves (none, a TIME_WAIT socket).
+fn reason_of(ctx: &RawTracePointContext, sk: u64, state: u8) -> u8 {
+    if RESET_HAS_REASON.load() != 0 {
+        let kernel: u64 = ctx.arg(2);
+        if kernel >= u64::from(MAX_KERNEL_RESET_REASONS) {
+            return reset_reason::OTHER;
+        }
+        return RESET_REASONS
+            .get(kernel as u32)
+            .copied()
+            .unwrap_or(reset_reason::UNKNOWN);
+    }
+    match (sk, state) {
+        (0, _) => reset_reason::NO_SOCKET,
+        (_, tcp_state::TIME_WAIT) => reset_reason::TIME_WAIT_SOCKET,
+        _ => reset_reason::UNKNOWN,
+    }
+}
+
+fn state_of(sk: u64) -> u8 {
+    let offset = SOCK_LAYOUT.load().state;
+    if offset == 0 {
+        return 0;
+    }
+    kread::<u8>(sk + u64::from(offset)).unwrap_or(0)
+}
+
+/// A full socket that has not closed yet: its close is still to come.
+fn is_live_full_socket(state: u8) -> bool {
+    !matches!(
+        state,
+        0 | tcp_state::CLOSE | tcp_state::TIME_WAIT | tcp_state::LISTEN | tcp_state::NEW_SYN_RECV
+    )
+}
+
+fn count_apart(reason: u8) {
+    if let Some(count) = RESETS_APART.get_ptr_mut(u32::from(reason)) {
+        // SAFETY: a per-CPU u64 map value from a successful lookup.
+        unsafe { atomic_add(count, 1) };
+    }
+}
