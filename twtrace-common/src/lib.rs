@@ -508,6 +508,10 @@ pub struct SockLayout {
     pub copied_seq: u16,
     /// `skc_state`: a reset's socket's state when it is sent.
     pub state: u16,
+    /// `sk_buff.dev` and `net_device.nd_net`: the namespace of a segment
+    /// answered with a reset when no socket took it; 0: unknown.
+    pub skb_dev: u16,
+    pub dev_net: u16,
 }
 
 impl SockLayout {
@@ -532,6 +536,8 @@ impl SockLayout {
         rcv_nxt: 0,
         copied_seq: 0,
         state: 0,
+        skb_dev: 0,
+        dev_net: 0,
     };
 }
 
@@ -687,7 +693,7 @@ const _: () = assert!(core::mem::size_of::<TwScratch>() == 64);
 const _: () = assert!(core::mem::size_of::<TwConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 48);
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 24);
-const _: () = assert!(core::mem::size_of::<SockLayout>() == 36);
+const _: () = assert!(core::mem::size_of::<SockLayout>() == 40);
 const _: () = assert!(core::mem::size_of::<BirthKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PendingBirth>() == 48);
 const _: () = assert!(core::mem::size_of::<SetStateLayout>() == 24);

@@ -2,7 +2,8 @@
 //! or that this host sends before the socket closes (a keepalive or
 //! memory abort), marks the socket's record: its close then says how the
 //! connection ended (`ending`). A reset that ends no connection twtrace
-//! follows is counted apart, by reason (`RESETS_APART`).
+//! follows is counted apart, by reason (`RESETS_APART`), in the traced
+//! namespace only when `--netns` names one.
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use twtrace_common::{
@@ -10,8 +11,8 @@ use twtrace_common::{
 };
 
 use crate::{
-    kernel::{atomic_add, kread},
-    maps::{RESET_HAS_REASON, RESET_REASONS, RESETS_APART, SOCK_LAYOUT, SOCKS},
+    kernel::{atomic_add, kread, netns_at, netns_of},
+    maps::{FILTER, RESET_HAS_REASON, RESET_REASONS, RESETS_APART, SOCK_LAYOUT, SOCKS},
 };
 
 /// `tcp_receive_reset(sk)`: runs in tcp_reset(), before the close.
@@ -49,9 +50,28 @@ pub fn tcp_send_reset(ctx: RawTracePointContext) -> i32 {
     // close already said the connection was reset. Else it ends nothing
     // twtrace follows.
     if state != tcp_state::CLOSE {
-        count_apart(reason);
+        let netns = FILTER.load().netns;
+        if netns == 0 || netns_of_reset(sk, ctx.arg(1)) == netns {
+            count_apart(reason);
+        }
     }
     0
+}
+
+/// The namespace of the socket that sent the reset, else of the device
+/// the segment it answers came in on (0: unknown).
+fn netns_of_reset(sk: u64, skb: u64) -> u32 {
+    if sk != 0 {
+        return netns_of(sk);
+    }
+    let l = SOCK_LAYOUT.load();
+    if skb == 0 || l.skb_dev == 0 || l.dev_net == 0 {
+        return 0;
+    }
+    match kread::<u64>(skb + u64::from(l.skb_dev)) {
+        Ok(dev) if dev != 0 => netns_at(dev + u64::from(l.dev_net)),
+        _ => 0,
+    }
 }
 
 /// The reset's reason as twtrace's code: the kernel's, where it passes

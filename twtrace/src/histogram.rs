@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::{
     census::InStateNow,
+    ends::EndCounts,
     event::{CloseSide, Comm, Owner, TcpState, Transition},
 };
 
@@ -245,6 +246,8 @@ pub struct OwnerStats {
     /// Connections the peer closed first (ESTABLISHED -> CLOSE_WAIT).
     pub passive_closes: u64,
     pub states: StateHistograms,
+    /// Connections ended, by how.
+    pub ends: EndCounts,
 }
 
 impl OwnerStats {
@@ -253,6 +256,7 @@ impl OwnerStats {
         self.active_closes += other.active_closes;
         self.passive_closes += other.passive_closes;
         self.states.merge(&other.states);
+        self.ends.merge(&other.ends);
     }
 
     fn record(&mut self, t: &Transition) {
@@ -267,6 +271,7 @@ impl OwnerStats {
         if t.old != t.new {
             self.states.enter(t.new);
         }
+        self.ends.record(t);
     }
 }
 

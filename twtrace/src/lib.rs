@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod commands;
 pub mod doctor;
+pub mod ends;
 pub mod event;
 pub mod grouping;
 pub mod histogram;

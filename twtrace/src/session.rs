@@ -13,6 +13,7 @@ use tokio::{
 
 use crate::{
     census::{Census, CensusNow},
+    ends::ResetsApart,
     event::{self, KernelEvent, Transition},
     histogram::TeardownStats,
     loader::{KnownListener, LossReport, Tracer, TracerOptions},
@@ -125,6 +126,8 @@ pub struct SessionEnd {
     /// Sockets in each teardown state at the end (those the host held at
     /// start included).
     pub now: CensusNow,
+    /// Resets sent that ended no connection twtrace follows.
+    pub resets_apart: ResetsApart,
 }
 
 /// What a live consumer shows besides transitions, refreshed every second.
@@ -150,6 +153,8 @@ pub struct Status {
     /// Whether the start-up snapshot has been taken (until then `now`
     /// covers only what happened since start).
     pub snapshot_seeded: bool,
+    /// Resets sent that ended no connection twtrace follows, so far.
+    pub resets_apart: ResetsApart,
 }
 
 /// Whether to print the start line and warnings on stderr; the live view
@@ -464,6 +469,7 @@ impl Session {
 
     fn refresh_status(&mut self) -> anyhow::Result<()> {
         self.status.loss = self.loss()?;
+        self.status.resets_apart = ResetsApart(self.tracer.resets_apart()?);
         let model = &self.pipeline.model;
         let untracked = self.status.loss.tw_untracked_ends;
         self.status.time_wait.evictions = untracked.saturating_sub(self.tracer.tw_alive_at_start());
@@ -517,6 +523,7 @@ impl Session {
             time_wait_tracking: self.tracer.time_wait_enabled(),
             mini_socket_peak: self.pipeline.model.mini_sockets().1,
             now: self.status.now,
+            resets_apart: self.status.resets_apart,
         })
     }
 }

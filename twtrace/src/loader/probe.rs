@@ -219,7 +219,13 @@ fn sock_layout(btf: &dyn StructLayouts) -> anyhow::Result<SockLayout> {
         rcv_nxt: tcp_member("rcv_nxt").unwrap_or(0),
         copied_seq: tcp_member("copied_seq").unwrap_or(0),
         state: at("skc_state").unwrap_or(0),
+        skb_dev: member_u16(btf, "sk_buff", "dev").unwrap_or(0),
+        dev_net: member_u16(btf, "net_device", "nd_net").unwrap_or(0),
     })
+}
+
+fn member_u16(btf: &dyn StructLayouts, name: &str, member: &str) -> anyhow::Result<u16> {
+    Ok(u16::try_from(btf.member_offset(name, member)?)?)
 }
 
 /// The kernel's reasons for a reset (`enum sk_rst_reason`, 6.10+), as the
@@ -407,6 +413,7 @@ mod tests {
             (284, 96, 576, 18)
         );
         assert_eq!((sock.rcv_nxt, sock.copied_seq), (1664, 1464));
+        assert_eq!((sock.skb_dev, sock.dev_net), (16, 264));
     }
 
     #[test]

@@ -5,15 +5,15 @@ use std::io::{self, Write};
 
 use serde::Serialize;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
     census::CensusNow,
     cgroup::{Workload, Workloads},
+    ends::EndCounts,
     grouping::{self, Group, GroupBy},
     histogram::{OwnerKey, OwnerStats, STATE_COLUMNS, StateStats, TeardownStats},
-    loader::LossReport,
-    session::{SessionEnd, TimeWaitTally},
+    session::SessionEnd,
     units,
 };
 
@@ -23,7 +23,30 @@ pub struct ProcessReport {
     pub comm: String,
     pub active_closes: u64,
     pub passive_closes: u64,
+    pub ends: EndsReport,
     pub states: Vec<StateStats>,
+}
+
+/// Connections ended, by how (`ends::EndKind`, only those that
+/// happened), and the resets sent among them by reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EndsReport {
+    pub by_end: BTreeMap<&'static str, u64>,
+    pub reset_reasons: BTreeMap<&'static str, u64>,
+    /// One line for text: `fin 7, reset_sent 3 (linger_zero 3)`.
+    #[serde(skip)]
+    pub text: String,
+}
+
+impl EndsReport {
+    #[must_use]
+    pub fn of(ends: &EndCounts) -> Self {
+        Self {
+            by_end: ends.nonzero().map(|(k, n)| (k.name(), n)).collect(),
+            reset_reasons: ends.reset_reasons().map(|(r, n)| (r.name(), n)).collect(),
+            text: ends.describe(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -64,6 +87,7 @@ pub struct GroupReport {
     pub netns: Option<u64>,
     pub active_closes: u64,
     pub passive_closes: u64,
+    pub ends: EndsReport,
     pub states: Vec<StateStats>,
 }
 
@@ -76,6 +100,7 @@ impl GroupReport {
             netns: group.netns,
             active_closes: group.stats.active_closes,
             passive_closes: group.stats.passive_closes,
+            ends: EndsReport::of(&group.stats.ends),
             states: group.states(),
         }
     }
@@ -105,6 +130,11 @@ pub struct SummaryReport {
     /// The kernel's count of the same (`TcpExtTCPTimeWaitOverflow`), over
     /// every namespace twtrace could enter; `null` if unreadable.
     pub time_wait_overflows_kernel: Option<u64>,
+    /// How the connections seen ending ended.
+    pub ends: EndsReport,
+    /// Resets sent that ended no connection twtrace follows (a SYN to a
+    /// closed port, …), by reason.
+    pub resets_without_connection: BTreeMap<&'static str, u64>,
     pub lost: Lost,
     pub states: Vec<StateStats>,
     pub processes: Vec<ProcessReport>,
@@ -117,15 +147,10 @@ pub struct SummaryReport {
 
 impl SummaryReport {
     #[must_use]
-    pub fn new(
-        stats: &TeardownStats,
-        now: &CensusNow,
-        events: u64,
-        duration_ns: u64,
-        loss: &LossReport,
-        time_wait: &TimeWaitTally,
-        time_wait_tracking: bool,
-    ) -> Self {
+    pub fn new(stats: &TeardownStats, end: &SessionEnd) -> Self {
+        let now = &end.now;
+        let loss = &end.loss;
+        let time_wait = &end.time_wait;
         let empty = OwnerStats::default();
         // Owners with transitions, and those that only hold sockets from
         // before the run (a CLOSE_WAIT leak shows even if nothing moves).
@@ -139,10 +164,15 @@ impl SummaryReport {
                     comm: owner.comm.to_string(),
                     active_closes: s.active_closes,
                     passive_closes: s.passive_closes,
+                    ends: EndsReport::of(&s.ends),
                     states: s.states.stats_with_now(|state| now.of_owner(owner, state)),
                 }
             })
-            .filter(|p| p.active_closes + p.passive_closes > 0 || !p.states.is_empty())
+            .filter(|p| {
+                p.active_closes + p.passive_closes > 0
+                    || !p.states.is_empty()
+                    || !p.ends.by_end.is_empty()
+            })
             .collect();
         // Who closes first, first.
         processes.sort_by(|a, b| {
@@ -153,13 +183,19 @@ impl SummaryReport {
         });
         Self {
             r#type: "summary",
-            events,
-            duration_ns,
-            time_wait_tracking,
+            events: end.events,
+            duration_ns: end.duration_ns,
+            time_wait_tracking: end.time_wait_tracking,
             active_closes: stats.total.active_closes,
             passive_closes: stats.total.passive_closes,
             time_wait_skipped: time_wait.skipped,
             time_wait_overflows_kernel: time_wait.kernel_overflows,
+            ends: EndsReport::of(&stats.total.ends),
+            resets_without_connection: end
+                .resets_apart
+                .nonzero()
+                .map(|(r, n)| (r.name(), n))
+                .collect(),
             lost: Lost {
                 events: loss.events_lost(),
                 ringbuf_full: loss.ringbuf_full,
@@ -198,15 +234,7 @@ impl SummaryReport {
     /// this host).
     #[must_use]
     pub fn of_session(stats: &TeardownStats, end: &SessionEnd, by: GroupBy) -> Self {
-        let report = Self::new(
-            stats,
-            &end.now,
-            end.events,
-            end.duration_ns,
-            &end.loss,
-            &end.time_wait,
-            end.time_wait_tracking,
-        );
+        let report = Self::new(stats, end);
         if by == GroupBy::Pid {
             return report;
         }
@@ -235,6 +263,7 @@ impl SummaryReport {
             writeln!(out, "  (no teardown seen)")?;
         }
         writeln!(out)?;
+        self.write_ends(out)?;
         if self.by == GroupBy::Pid {
             self.write_processes(out)?;
         } else {
@@ -252,6 +281,23 @@ impl SummaryReport {
             writeln!(out)?;
         }
         self.write_losses(out)
+    }
+
+    fn write_ends(&self, out: &mut impl Write) -> io::Result<()> {
+        writeln!(out, "CONNECTIONS ENDED (all processes): {}", self.ends.text)?;
+        if !self.resets_without_connection.is_empty() {
+            let resets: Vec<String> = self
+                .resets_without_connection
+                .iter()
+                .map(|(reason, n)| format!("{reason} {n}"))
+                .collect();
+            writeln!(
+                out,
+                "resets sent that ended no connection: {}",
+                resets.join(", ")
+            )?;
+        }
+        writeln!(out)
     }
 
     fn write_groups(&self, out: &mut impl Write) -> io::Result<()> {
@@ -272,7 +318,7 @@ impl SummaryReport {
         )?;
         writeln!(
             out,
-            "{} {:>8} {:>8}",
+            "{} {:>8} {:>8}  ENDS",
             name(self.by.column()),
             "ACTIVE",
             "PASSIVE"
@@ -280,10 +326,11 @@ impl SummaryReport {
         for g in self.groups.iter().take(TEXT_PROCESSES) {
             writeln!(
                 out,
-                "{} {:>8} {:>8}",
+                "{} {:>8} {:>8}  {}",
                 name(&g.name),
                 g.active_closes,
-                g.passive_closes
+                g.passive_closes,
+                g.ends.text
             )?;
         }
         writeln!(out)?;
@@ -313,14 +360,14 @@ impl SummaryReport {
         )?;
         writeln!(
             out,
-            "{:<8} {:<16} {:>8} {:>8}",
+            "{:<8} {:<16} {:>8} {:>8}  ENDS",
             "PID", "COMM", "ACTIVE", "PASSIVE"
         )?;
         for p in self.processes.iter().take(TEXT_PROCESSES) {
             writeln!(
                 out,
-                "{:<8} {:<16} {:>8} {:>8}",
-                p.pid, p.comm, p.active_closes, p.passive_closes
+                "{:<8} {:<16} {:>8} {:>8}  {}",
+                p.pid, p.comm, p.active_closes, p.passive_closes, p.ends.text
             )?;
         }
         writeln!(out)?;
@@ -434,6 +481,7 @@ fn write_cells(out: &mut impl Write, prefix: &str, c: &[String; 11]) -> io::Resu
 mod tests {
     use super::*;
     use crate::event::{Owner, TcpState, Transition};
+    use crate::{ends::ResetsApart, loader::LossReport, session::TimeWaitTally};
 
     fn report() -> SummaryReport {
         let mut stats = TeardownStats::default();
@@ -463,15 +511,17 @@ mod tests {
                 ending: None,
             });
         }
-        SummaryReport::new(
-            &stats,
-            &CensusNow::default(),
-            5,
-            30_000_000_000,
-            &LossReport::default(),
-            &TimeWaitTally::default(),
-            true,
-        )
+        let end = SessionEnd {
+            events: 5,
+            duration_ns: 30_000_000_000,
+            loss: LossReport::default(),
+            time_wait: TimeWaitTally::default(),
+            time_wait_tracking: true,
+            mini_socket_peak: 0,
+            now: CensusNow::default(),
+            resets_apart: ResetsApart::default(),
+        };
+        SummaryReport::new(&stats, &end)
     }
 
     #[test]
