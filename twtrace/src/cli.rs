@@ -279,7 +279,8 @@ pub struct RecordArgs {
     pub group: GroupArgs,
 
     /// Fail (exit 3) when this holds, e.g. `p99(FIN_WAIT2) > 50ms`,
-    /// `count(TIME_WAIT) > 10000`, `lost > 0`. Repeatable.
+    /// `count(TIME_WAIT) > 10000`, `count(reset_sent) > 0`, `lost > 0`.
+    /// Repeatable.
     #[arg(long, value_name = "EXPR", value_parser = parse_threshold)]
     pub fail_if: Vec<crate::threshold::Threshold>,
 

@@ -4,12 +4,16 @@
 //! ```text
 //! expr   := metric op number [unit]
 //! metric := lost | active_closes | passive_closes | time_wait_peak
+//!         | resets_without_connection
 //!         | (count|now|oldest|min|p50|p90|p99|p999|max) '(' STATE ')'
+//!         | count '(' END ')'
 //! ```
 //!
 //! `count(S)`: sockets that entered S; `now(S)`: sockets in S at the end;
 //! `oldest(S)`: the age of the oldest of those; the others are over the
-//! sockets that left S.
+//! sockets that left S. `count(E)`: connections that ended as E (`fin`,
+//! `reset_sent`, `reset_received`, `timeout`, `error`, `abandoned`,
+//! `expired`, `cancelled`).
 //!
 //! ```text
 //! op     := > | >= | < | <= | == | !=
@@ -18,7 +22,7 @@
 
 use std::fmt;
 
-use crate::{event::TcpState, histogram::TEARDOWN_STATES};
+use crate::{ends::EndKind, event::TcpState, histogram::TEARDOWN_STATES};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
@@ -42,7 +46,10 @@ pub enum Metric {
     ActiveCloses,
     PassiveCloses,
     TimeWaitPeak,
+    ResetsWithoutConnection,
     State(Stat, TcpState),
+    /// Connections that ended this way.
+    Ended(EndKind),
 }
 
 impl Metric {
@@ -220,6 +227,7 @@ fn parse_metric(c: &mut Cursor<'_>) -> Result<Metric, ParseError> {
         "active_closes" => return Ok(Metric::ActiveCloses),
         "passive_closes" => return Ok(Metric::PassiveCloses),
         "time_wait_peak" => return Ok(Metric::TimeWaitPeak),
+        "resets_without_connection" => return Ok(Metric::ResetsWithoutConnection),
         "count" => Stat::Count,
         "now" => Stat::Now,
         "oldest" => Stat::Oldest,
@@ -232,7 +240,7 @@ fn parse_metric(c: &mut Cursor<'_>) -> Result<Metric, ParseError> {
         other => {
             c.pos = name_at;
             return c.error(format!(
-                "unknown metric `{other}` (lost, active_closes, passive_closes, time_wait_peak, or count/now/oldest/min/p50/p90/p99/p999/max(STATE))"
+                "unknown metric `{other}` (lost, active_closes, passive_closes, time_wait_peak, resets_without_connection, count/now/oldest/min/p50/p90/p99/p999/max(STATE), or count(END))"
             ));
         }
     };
@@ -243,6 +251,15 @@ fn parse_metric(c: &mut Cursor<'_>) -> Result<Metric, ParseError> {
     c.skip_spaces();
     let state_at = c.pos;
     let state_name = c.take_while(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+    if stat == Stat::Count
+        && let Some(kind) = EndKind::from_name(&state_name.to_ascii_lowercase())
+    {
+        c.skip_spaces();
+        if !c.eat(")") {
+            return c.error("expected `)`");
+        }
+        return Ok(Metric::Ended(kind));
+    }
     let Some(state) = TEARDOWN_STATES
         .iter()
         .copied()
@@ -250,7 +267,7 @@ fn parse_metric(c: &mut Cursor<'_>) -> Result<Metric, ParseError> {
     else {
         c.pos = state_at;
         return c.error(format!(
-            "unknown state `{state_name}` (FIN_WAIT1, FIN_WAIT2, CLOSING, TIME_WAIT, CLOSE_WAIT, LAST_ACK)"
+            "unknown state `{state_name}` (FIN_WAIT1, FIN_WAIT2, CLOSING, TIME_WAIT, CLOSE_WAIT, LAST_ACK; count() also takes an end: fin, reset_sent, reset_received, timeout, error, abandoned, expired, cancelled)"
         ));
     };
     c.skip_spaces();
@@ -306,6 +323,18 @@ mod tests {
             )
         );
         assert!(parse("oldest(CLOSE_WAIT) > 5").is_err());
+        let t = parse("count(reset_sent) > 0").unwrap();
+        assert_eq!((t.metric, t.value), (Metric::Ended(EndKind::ResetSent), 0));
+        assert_eq!(
+            parse("count( TIMEOUT ) >= 2").unwrap().metric,
+            Metric::Ended(EndKind::Timeout)
+        );
+        assert_eq!(
+            parse("resets_without_connection > 10").unwrap().metric,
+            Metric::ResetsWithoutConnection
+        );
+        // Ends are counts only.
+        assert!(parse("p99(reset_sent) > 1s").is_err());
     }
 
     #[test]

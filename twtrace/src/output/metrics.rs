@@ -1,6 +1,8 @@
 //! The Prometheus/OpenMetrics endpoint (`--metrics-addr`): time in state
-//! as a histogram in seconds by state, closes by side, comm, pod,
-//! namespace and container, TIME_WAIT held now, and what was lost. Labels
+//! as a histogram in seconds by state, closes by side, and connection ends
+//! by how (and the reset's reason), each by comm, pod, namespace and
+//! container; TIME_WAIT held now, resets that ended no connection, and
+//! what was lost. Labels
 //! stay bounded by what runs on the node: no pid, no port, no address.
 
 use std::{
@@ -24,7 +26,8 @@ use tokio::{
 
 use crate::{
     cgroup::{Workload, Workloads},
-    event::{Comm, Transition},
+    ends::EndKind,
+    event::{Comm, ConnectionEnd, ResetReason, Transition},
     histogram::TEARDOWN_STATES,
     session::{Consumer, Status},
 };
@@ -124,6 +127,23 @@ impl CgroupLabels {
     }
 }
 
+/// How a connection ended (`ends::EndKind`), why this host reset it
+/// (`reset_reason` names; empty for other ends), and the owner's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndLabels {
+    end: &'static str,
+    reason: &'static str,
+    comm: Comm,
+    pod: Name,
+    namespace: Name,
+    container: Name,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LossLabel {
     kind: &'static str,
@@ -158,6 +178,8 @@ pub struct Metrics {
     registry: Arc<Registry>,
     time_in_state: Family<StateLabel, Histogram, fn() -> Histogram>,
     closes: Family<CloseLabels, Counter>,
+    connection_ends: Family<EndLabels, Counter>,
+    resets_without_connection: Family<ReasonLabel, Counter>,
     time_wait_now: Gauge,
     lost: Family<LossLabel, Counter>,
     time_wait_skipped: Counter,
@@ -195,6 +217,18 @@ impl Metrics {
             "closes",
             "Connections closed, by which side closed first and the owner's command",
             closes.clone(),
+        );
+        let connection_ends = Family::<EndLabels, Counter>::default();
+        registry.register(
+            "connection_ends",
+            "Connections ended, by how (fin, reset_sent, reset_received, timeout, error, abandoned, expired, cancelled), the reason of a reset this host sent, and the owner's command",
+            connection_ends.clone(),
+        );
+        let resets_without_connection = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "resets_without_connection",
+            "Resets sent that ended no connection twtrace follows (a SYN to a closed port, a segment for a TIME_WAIT socket), by reason",
+            resets_without_connection.clone(),
         );
         let time_wait_now = Gauge::default();
         registry.register(
@@ -246,6 +280,8 @@ impl Metrics {
             registry: Arc::new(registry),
             time_in_state,
             closes,
+            connection_ends,
+            resets_without_connection,
             time_wait_now,
             lost,
             time_wait_skipped,
@@ -272,24 +308,42 @@ impl Metrics {
                 })
                 .observe(seconds);
         }
-        let Some(side) = t.close_side() else {
+        let side = t.close_side();
+        let end = EndKind::of(t);
+        if side.is_none() && end.is_none() {
             return;
-        };
+        }
         let cgroup = t.owner.map_or(0, |o| o.cgroup);
         let workload = self
             .cgroups
             .lock()
             .map(|mut c| c.of(cgroup))
             .unwrap_or_default();
-        self.closes
-            .get_or_create(&CloseLabels {
-                side: side.name(),
-                comm: t.owner.map_or(Comm::UNKNOWN, |o| o.comm),
-                pod: workload.pod,
-                namespace: workload.namespace,
-                container: workload.container,
-            })
-            .inc();
+        let comm = t.owner.map_or(Comm::UNKNOWN, |o| o.comm);
+        if let Some(end) = end {
+            let reason = t.ending.and_then(ConnectionEnd::reset_reason);
+            self.connection_ends
+                .get_or_create(&EndLabels {
+                    end: end.name(),
+                    reason: reason.map_or("", ResetReason::name),
+                    comm,
+                    pod: workload.pod.clone(),
+                    namespace: workload.namespace.clone(),
+                    container: workload.container.clone(),
+                })
+                .inc();
+        }
+        if let Some(side) = side {
+            self.closes
+                .get_or_create(&CloseLabels {
+                    side: side.name(),
+                    comm,
+                    pod: workload.pod,
+                    namespace: workload.namespace,
+                    container: workload.container,
+                })
+                .inc();
+        }
     }
 
     pub fn update(&self, status: &Status) {
@@ -310,6 +364,12 @@ impl Metrics {
             advance_to(&self.lost.get_or_create(&LossLabel { kind }), value);
         }
         advance_to(&self.time_wait_skipped, status.time_wait.skipped);
+        for (reason, count) in status.resets_apart.nonzero() {
+            let label = ReasonLabel {
+                reason: reason.name(),
+            };
+            advance_to(&self.resets_without_connection.get_or_create(&label), count);
+        }
         for state in TEARDOWN_STATES {
             let label = StateLabel {
                 state: state.name(),
@@ -435,5 +495,31 @@ mod tests {
             page.contains(r#"twtrace_closes_total{side="active",comm="app",pod="",namespace="",container=""} 1"#),
             "{page}"
         );
+    }
+
+    #[test]
+    fn connection_ends_carry_the_end_and_the_reset_reason() {
+        let metrics = Metrics::naming_with(Workloads::at(None));
+        let mut aborted = close(0);
+        aborted.new = TcpState::Close;
+        aborted.ending = Some(ConnectionEnd::ResetSent(
+            ResetReason::from_code(twtrace_common::reset_reason::LINGER_ZERO).unwrap(),
+        ));
+        metrics.record(&aborted);
+        metrics.record(&aborted);
+        let mut reset = aborted.clone();
+        reset.ending = Some(ConnectionEnd::ResetReceived);
+        metrics.record(&reset);
+        let page = metrics.encode().unwrap();
+        assert!(
+            page.contains(r#"twtrace_connection_ends_total{end="reset_sent",reason="linger_zero",comm="app",pod="",namespace="",container=""} 2"#),
+            "{page}"
+        );
+        assert!(
+            page.contains(r#"twtrace_connection_ends_total{end="reset_received",reason="",comm="app",pod="",namespace="",container=""} 1"#),
+            "{page}"
+        );
+        // Neither is a close's first move.
+        assert!(!page.contains("twtrace_closes_total{"), "{page}");
     }
 }

@@ -2,6 +2,7 @@
 //! log and the github-action-benchmark file.
 
 use std::{
+    collections::BTreeMap,
     io::{self, Write},
     time::{Duration, SystemTime},
 };
@@ -16,7 +17,9 @@ use serde::Serialize;
 use crate::{
     grouping::GroupBy,
     histogram::{StateStats, TEARDOWN_STATES, TeardownStats},
-    output::summary::{GroupReport, Lost, NamespaceReport, ProcessReport, SummaryReport},
+    output::summary::{
+        EndsReport, GroupReport, Lost, NamespaceReport, ProcessReport, SummaryReport,
+    },
     threshold::{Measured, Metric, Stat, Threshold},
 };
 
@@ -55,6 +58,10 @@ pub struct RecordReport {
     pub time_wait_skipped: u64,
     pub time_wait_overflows_kernel: Option<u64>,
     pub events: u64,
+    /// How the connections seen ending ended, and the resets sent by reason.
+    pub ends: EndsReport,
+    /// Resets sent that ended no connection (a SYN to a closed port, …).
+    pub resets_without_connection: BTreeMap<&'static str, u64>,
     pub lost: Lost,
     pub states: Vec<StateStats>,
     pub processes: Vec<ProcessReport>,
@@ -89,6 +96,8 @@ impl RecordReport {
             time_wait_skipped: summary.time_wait_skipped,
             time_wait_overflows_kernel: summary.time_wait_overflows_kernel,
             events: summary.events,
+            ends: summary.ends,
+            resets_without_connection: summary.resets_without_connection,
             lost: summary.lost,
             states: summary.states,
             processes: summary.processes,
@@ -175,6 +184,8 @@ impl Measured for RecordReport {
             Metric::ActiveCloses => self.active_closes,
             Metric::PassiveCloses => self.passive_closes,
             Metric::TimeWaitPeak => self.time_wait_peak,
+            Metric::Ended(kind) => self.ends.by_end.get(kind.name()).copied().unwrap_or(0),
+            Metric::ResetsWithoutConnection => self.resets_without_connection.values().sum(),
             Metric::State(stat, state) => state_stat(stat, state),
         }
     }
