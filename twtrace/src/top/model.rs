@@ -9,6 +9,7 @@ use std::{
 
 use crate::{
     cgroup::Workload,
+    ends::{EndCounts, EndKind},
     event::{CloseSide, TcpState, Transition},
     grouping::{self, GroupBy},
     histogram::{OwnerKey, StateHistograms, StateStats, TEARDOWN_STATES},
@@ -31,6 +32,9 @@ const MAX_REMOTES: usize = 256;
 struct OwnerCounters {
     active: u64,
     passive: u64,
+    /// Connections it reset or that were reset under it.
+    resets: u64,
+    ends: EndCounts,
     states: StateHistograms,
     remotes: HashMap<Remote, u64>,
     remotes_other: u64,
@@ -40,6 +44,8 @@ impl OwnerCounters {
     fn merge(&mut self, other: &Self) {
         self.active += other.active;
         self.passive += other.passive;
+        self.resets += other.resets;
+        self.ends.merge(&other.ends);
         self.states.merge(&other.states);
         for (remote, n) in &other.remotes {
             if let Some(count) = self.remotes.get_mut(remote) {
@@ -84,6 +90,7 @@ struct RowMembers<'a> {
     netns: Option<u64>,
     pids: std::collections::BTreeSet<u32>,
     delta: (u64, u64),
+    delta_resets: u64,
 }
 
 /// The shape of one state's time distribution: counts in log-spaced
@@ -204,6 +211,10 @@ pub struct ProcessRow {
     pub processes: Option<usize>,
     pub active_per_s: f64,
     pub passive_per_s: f64,
+    /// Connections reset (sent or received) per second.
+    pub resets_per_s: f64,
+    /// How its connections ended so far (`fin 3, reset_sent 2 (…)`).
+    pub ends: String,
     /// Ports it holds in TIME_WAIT or FIN_WAIT2 now.
     pub time_wait_now: u64,
     pub close_wait_now: u64,
@@ -280,7 +291,7 @@ pub struct TopModel {
     lost_before: u64,
     started_ns: u64,
     /// Counters at the previous snapshot, to turn totals into rates.
-    previous: HashMap<CounterKey, (u64, u64)>,
+    previous: HashMap<CounterKey, (u64, u64, u64)>,
     previous_ns: u64,
 }
 
@@ -331,6 +342,13 @@ impl TopModel {
         if let Some(ns) = t.in_state_ns {
             owner.states.record(t.old, ns);
         }
+        owner.ends.record(t);
+        if matches!(
+            EndKind::of(t),
+            Some(EndKind::ResetSent | EndKind::ResetReceived)
+        ) {
+            owner.resets += 1;
+        }
     }
 
     /// Rows (one per process, or per group `by` makes, named by `names`)
@@ -374,7 +392,7 @@ impl TopModel {
         self.previous = self
             .owners
             .iter()
-            .map(|(k, c)| (*k, (c.active, c.passive)))
+            .map(|(k, c)| (*k, (c.active, c.passive, c.resets)))
             .collect();
         self.previous_ns = now_ns;
         rows.sort_by(|a, b| a.pid.cmp(&b.pid).then_with(|| a.comm.cmp(&b.comm)));
@@ -412,7 +430,7 @@ impl TopModel {
 /// moves).
 fn members<'a>(
     owners: &'a HashMap<CounterKey, OwnerCounters>,
-    previous: &HashMap<CounterKey, (u64, u64)>,
+    previous: &HashMap<CounterKey, (u64, u64, u64)>,
     host: &HostFacts,
     by: GroupBy,
     names: &mut Namer,
@@ -431,9 +449,10 @@ fn members<'a>(
             names.owner(by, key)
         };
         let m = rows.entry(name).or_default();
-        let (active, passive) = previous.get(&(*key, *netns)).copied().unwrap_or_default();
+        let (active, passive, resets) = previous.get(&(*key, *netns)).copied().unwrap_or_default();
         m.delta.0 += c.active - active;
         m.delta.1 += c.passive - passive;
+        m.delta_resets += c.resets - resets;
         m.counters.push(c);
         m.pids.insert(key.pid);
         if by == GroupBy::Netns {
@@ -534,6 +553,8 @@ fn row_of(
         processes,
         active_per_s: rate(m.delta.0, period),
         passive_per_s: rate(m.delta.1, period),
+        resets_per_s: rate(m.delta_resets, period),
+        ends: c.ends.describe(),
         time_wait_now,
         close_wait_now: close_wait.count,
         close_wait_oldest_ns: (close_wait.count > 0).then_some(close_wait.oldest_age_ns),
@@ -605,6 +626,40 @@ mod tests {
             TcpState::FinWait1,
             MS,
         ));
+    }
+
+    #[test]
+    fn resets_per_second_and_how_connections_ended() {
+        let mut model = TopModel::new(0);
+        let reason =
+            crate::event::ResetReason::from_code(twtrace_common::reset_reason::UNREAD_DATA);
+        for ending in [
+            crate::event::ConnectionEnd::ResetSent(reason.unwrap()),
+            crate::event::ConnectionEnd::ResetReceived,
+            crate::event::ConnectionEnd::Fin,
+        ] {
+            let mut close = t(
+                7,
+                "127.0.0.1:40000",
+                "127.0.0.2:6379",
+                TcpState::Established,
+                TcpState::Close,
+                MS,
+            );
+            close.ending = Some(ending);
+            model.record(&close);
+        }
+        let first = snap(&mut model, 2 * S, HostFacts::default());
+        assert!(
+            (first.rows[0].resets_per_s - 1.0).abs() < 1e-9,
+            "two in 2 s"
+        );
+        assert_eq!(
+            first.rows[0].ends,
+            "fin 1, reset_sent 1 (unread_data 1), reset_received 1"
+        );
+        let second = snap(&mut model, 3 * S, HostFacts::default());
+        assert!(second.rows[0].resets_per_s.abs() < f64::EPSILON);
     }
 
     #[test]

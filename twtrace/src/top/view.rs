@@ -28,6 +28,7 @@ pub enum Column {
     Comm,
     ActivePerS,
     PassivePerS,
+    ResetsPerS,
     TimeWaitNow,
     CloseWaitNow,
     CloseWaitOldest,
@@ -42,11 +43,12 @@ pub enum Column {
 // TIME_WAIT's own length is fixed (60 s, unless cut short): its
 // percentiles are in the detail view; the table gives the room to what
 // varies, CLOSE_WAIT held now and its age.
-const COLUMNS: [(Column, &str, u16); 13] = [
+const COLUMNS: [(Column, &str, u16); 14] = [
     (Column::Pid, "PID", 8),
     (Column::Comm, "COMM", 16),
     (Column::ActivePerS, "ACTIVE/s", 9),
     (Column::PassivePerS, "PASSIVE/s", 9),
+    (Column::ResetsPerS, "RST/s", 6),
     (Column::TimeWaitNow, "TW NOW", 7),
     (Column::CloseWaitNow, "CW NOW", 7),
     (Column::CloseWaitOldest, "CW OLDEST", 10),
@@ -203,6 +205,7 @@ pub fn visible_rows<'a>(snapshot: &'a TopSnapshot, state: &ViewState) -> Vec<&'a
                 Column::Comm => x.comm.cmp(&y.comm),
                 Column::ActivePerS => x.active_per_s.total_cmp(&y.active_per_s),
                 Column::PassivePerS => x.passive_per_s.total_cmp(&y.passive_per_s),
+                Column::ResetsPerS => x.resets_per_s.total_cmp(&y.resets_per_s),
                 Column::TimeWaitNow => x.time_wait_now.cmp(&y.time_wait_now),
                 Column::CloseWaitNow => x.close_wait_now.cmp(&y.close_wait_now),
                 Column::CloseWaitOldest => x.close_wait_oldest_ns.cmp(&y.close_wait_oldest_ns),
@@ -244,7 +247,7 @@ fn marks(row: &ProcessRow) -> &'static str {
     }
 }
 
-fn cells(row: &ProcessRow) -> [String; 13] {
+fn cells(row: &ProcessRow) -> [String; 14] {
     let q = |v: Option<(u64, u64)>, i: usize| {
         v.map_or_else(
             || "-".to_owned(),
@@ -257,6 +260,7 @@ fn cells(row: &ProcessRow) -> [String; 13] {
         row.comm.clone(),
         format!("{:.1}", row.active_per_s),
         format!("{:.1}", row.passive_per_s),
+        format!("{:.1}", row.resets_per_s),
         row.time_wait_now.to_string(),
         row.close_wait_now.to_string(),
         close_wait_oldest(row),
@@ -444,11 +448,11 @@ const NARROW: [(usize, u16); 9] = [
     (1, 15),
     (2, 9),
     (3, 9),
-    (4, 6),
     (5, 6),
-    (6, 9),
-    (11, 7),
-    (12, 2),
+    (6, 6),
+    (7, 9),
+    (12, 7),
+    (13, 2),
 ];
 
 /// The columns that fit `width` (inside the border), with their widths.
@@ -512,13 +516,20 @@ fn render_detail(
 ) {
     // Shapes and the process's trend only where there is room for them
     // besides the numbers.
-    let charts = if area.height >= 9 + 3 + 5 + 10 + 2 * charts::CHART_HEIGHT {
+    let charts = if area.height >= 9 + 3 + 3 + 5 + 10 + 2 * charts::CHART_HEIGHT {
         10 + 2 * charts::CHART_HEIGHT
     } else {
         0
     };
-    let [states_area, charts_area, remotes_area, ports_area] = Layout::vertical([
+    let [
+        states_area,
+        ends_area,
+        charts_area,
+        remotes_area,
+        ports_area,
+    ] = Layout::vertical([
         Constraint::Length(9),
+        Constraint::Length(3),
         Constraint::Length(charts),
         Constraint::Min(3),
         Constraint::Length(5),
@@ -542,6 +553,11 @@ fn render_detail(
     frame.render_widget(
         Paragraph::new(forecasts).block(Block::bordered().title(" ports at risk (all processes) ")),
         ports_area,
+    );
+    frame.render_widget(
+        Paragraph::new(row.ends.as_str())
+            .block(Block::bordered().title(" how its connections ended (reset reasons) ")),
+        ends_area,
     );
     let header =
         Row::new(crate::histogram::STATE_COLUMNS).style(Style::new().add_modifier(Modifier::BOLD));
@@ -584,7 +600,7 @@ const HELP: [&str; 13] = [
     "p  Space         pause the display (counting goes on)",
     "? h              this help",
     "",
-    "ACTIVE: closed first (FIN_WAIT1)  PASSIVE: peer closed first (CLOSE_WAIT)",
+    "ACTIVE: closed first (FIN_WAIT1)  PASSIVE: peer closed first (CLOSE_WAIT)  RST/s: resets",
     "! L: CLOSE_WAIT leak (over 60 s)  P: its route runs out of ports within 5 min",
 ];
 
@@ -625,6 +641,12 @@ mod tests {
             processes: None,
             active_per_s: active,
             passive_per_s: passive,
+            resets_per_s: if pid == 100 { 1.5 } else { 0.0 },
+            ends: if pid == 100 {
+                "expired 70, reset_sent 10 (linger_zero 10)".into()
+            } else {
+                "fin 30".into()
+            },
             time_wait_now: total / 2,
             close_wait_now: if pid == 200 { 3 } else { 0 },
             close_wait_oldest_ns: (pid == 200).then_some(90_000 * MS),
@@ -809,15 +831,15 @@ mod tests {
 
     #[test]
     fn table_view_snapshot() {
-        let lines = screen(&ViewState::default(), 124, 8);
+        let lines = screen(&ViewState::default(), 132, 8);
         let expected = [
             "closes/s 12.5 (active 10.0, passive 2.5)   TIME_WAIT now: 40 traced, 45 in kernel   ephemeral ports 28232 (32768-60999)",
             "CLOSE_WAIT now: 3 (oldest 1m30s)   events lost 0   map evictions 0   up 5.00s",
-            "┌ who closes first ────────────────────────────────────────────────────────────────────────────────────────────────────────┐",
-            "│PID      COMM             ACTIVE/s▼ PASSIVE/s TW NOW  CW NOW  CW OLDEST  FW2 p50  FW2 p99  CW p50   CW p99   CLOSES   !   │",
-            "│100      loadgen          9.5       0.0       40      0       -          10.0µs   40.0µs   -        -        80       P   │",
-            "│200      nginx            0.5       2.5       15      3       !1m30s     10.0µs   40.0µs   2.00ms   200ms    30       L   │",
-            "└──────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────┘",
+            "┌ who closes first ────────────────────────────────────────────────────────────────────────────────────────────────────────────────┐",
+            "│PID      COMM             ACTIVE/s▼ PASSIVE/s RST/s  TW NOW  CW NOW  CW OLDEST  FW2 p50  FW2 p99  CW p50   CW p99   CLOSES   !    │",
+            "│100      loadgen          9.5       0.0       1.5    40      0       -          10.0µs   40.0µs   -        -        80       P    │",
+            "│200      nginx            0.5       2.5       0.0    15      3       !1m30s     10.0µs   40.0µs   2.00ms   200ms    30       L    │",
+            "└──────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────┘",
             "q quit  ↑↓/jk move  s sort  r reverse  / filter  b group  Enter detail  p pause  ? help",
         ];
         assert_eq!(lines, expected, "\n{}", lines.join("\n"));
@@ -944,7 +966,7 @@ mod tests {
         assert!(lines[2].starts_with("     PID COMM"), "{}", lines[2]);
         assert_eq!(
             lines[3],
-            "     100 loadgen                9.5       0.0      40       0          -   10.0µs   40.0µs        -        -       80   P"
+            "     100 loadgen                9.5       0.0    1.5      40       0          -   10.0µs   40.0µs        -        -       80   P"
         );
     }
 }
