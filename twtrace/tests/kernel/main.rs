@@ -30,6 +30,7 @@ macro_rules! tests {
 
 mod at_scale;
 mod cli;
+mod ends;
 mod namespaces;
 mod peer;
 mod pods;
@@ -63,6 +64,7 @@ fn main() -> ExitCode {
     let alone = [at_scale::TESTS, time_wait::ALONE, state_now::ALONE].concat();
     let shared = [
         transitions::TESTS,
+        ends::TESTS,
         time_wait::TESTS,
         cli::TESTS,
         record::TESTS,

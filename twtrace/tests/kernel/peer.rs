@@ -27,6 +27,23 @@ pub enum Ending {
     /// Sleep without reading (the peer's FIN then waits for a delayed
     /// ACK), then read to EOF and `close()`.
     SleepThenClose { wait_ms: u64 },
+    /// `SO_LINGER` on with a zero timeout, then `close()`: a reset.
+    Abort,
+    /// Sleep (the peer's extra data arrives meanwhile), then `close()`
+    /// without reading it: a reset.
+    CloseUnread { wait_ms: u64 },
+    /// Send a few bytes more, then read until the peer's FIN or reset,
+    /// and `close()`.
+    SendMoreThenAwaitEnd,
+    /// Read until the peer's FIN or reset, then `close()`.
+    AwaitEnd,
+    /// Print `exchanged`, wait for a line on stdin (the test cuts the
+    /// path meanwhile), then, with `TCP_USER_TIMEOUT` of `ms`, send and
+    /// read until the kernel gives up; prints the error's errno.
+    UserTimeout { ms: u64 },
+    /// The same with keepalive probing after 1 s idle, one probe 1 s
+    /// apart, and nothing sent.
+    Keepalive,
 }
 
 impl Ending {
@@ -37,6 +54,12 @@ impl Ending {
             Self::ShutdownThenClose => "shutdown-close".into(),
             Self::CloseAfterPeer { wait_ms } => format!("after:{wait_ms}"),
             Self::SleepThenClose { wait_ms } => format!("sleep:{wait_ms}"),
+            Self::Abort => "abort".into(),
+            Self::CloseUnread { wait_ms } => format!("unread:{wait_ms}"),
+            Self::SendMoreThenAwaitEnd => "more".into(),
+            Self::AwaitEnd => "await".into(),
+            Self::UserTimeout { ms } => format!("usertimeout:{ms}"),
+            Self::Keepalive => "keepalive".into(),
         }
     }
 
@@ -45,6 +68,10 @@ impl Ending {
             "close" => Self::CloseFirst,
             "shutdown" => Self::ShutdownFirst,
             "shutdown-close" => Self::ShutdownThenClose,
+            "abort" => Self::Abort,
+            "more" => Self::SendMoreThenAwaitEnd,
+            "await" => Self::AwaitEnd,
+            "keepalive" => Self::Keepalive,
             other => {
                 let (kind, ms) = other
                     .split_once(':')
@@ -53,6 +80,8 @@ impl Ending {
                 match kind {
                     "after" => Self::CloseAfterPeer { wait_ms },
                     "sleep" => Self::SleepThenClose { wait_ms },
+                    "unread" => Self::CloseUnread { wait_ms },
+                    "usertimeout" => Self::UserTimeout { ms: wait_ms },
                     _ => panic!("bad peer ending {other}"),
                 }
             }
@@ -238,6 +267,22 @@ impl Peer {
         self.stdin.is_some()
     }
 
+    /// Writes `line` to the peer, keeping its stdin open for more.
+    pub fn tell(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("peer stdin");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("telling the peer");
+        stdin.flush().expect("flushing to the peer");
+    }
+
+    /// Starts a process that, once told to go, connects `count` times to
+    /// `port` on its namespace's loopback, where nothing listens: each
+    /// SYN is answered with a reset. Prints `done`.
+    pub fn refused(netns: &Netns, port: u16, count: usize) -> Self {
+        spawn(netns, &format!("refused {port} {count}"))
+    }
+
     /// Lets a client connect (it waits so the tracer can attach first).
     pub fn go(&mut self) {
         let mut stdin = self.stdin.take().expect("client already started");
@@ -322,6 +367,10 @@ pub fn run_if_peer() -> Option<ExitCode> {
         "leaker" => leak(addr.parse().expect("count")),
         "acceptor" => accept_and_hold(addr),
         "knock" => knock(addr.parse().expect("server address")),
+        "refused" => refused(
+            addr.parse().expect("port"),
+            ending_text.parse().expect("count"),
+        ),
         "racer" => race_hand_overs(addr.parse().expect("count"), ending_text == "reset"),
         "paced" => paced(
             addr.parse().expect("connections per second"),
@@ -661,6 +710,18 @@ fn knock(server: SocketAddr) {
     let _ = std::io::stdin().read_line(&mut go);
 }
 
+fn refused(port: u16, count: usize) {
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).expect("waiting for go");
+    for _ in 0..count {
+        let error = TcpStream::connect(("127.0.0.1", port)).expect_err("nothing listens there");
+        assert_eq!(error.raw_os_error(), Some(libc::ECONNREFUSED), "{error}");
+    }
+    println!("done");
+    std::io::stdout().flush().expect("flush");
+    let _ = std::io::stdin().read_line(&mut go);
+}
+
 fn connect(server: SocketAddr, ending: Ending) {
     let mut go = String::new();
     std::io::stdin().read_line(&mut go).expect("waiting for go");
@@ -698,6 +759,44 @@ fn end(mut stream: TcpStream, ending: Ending) {
             thread::sleep(Duration::from_millis(wait_ms));
             stream.read_to_end(&mut rest).expect("read to EOF");
         }
+        Ending::Abort => abort_on_close(&stream),
+        Ending::CloseUnread { wait_ms } => thread::sleep(Duration::from_millis(wait_ms)),
+        Ending::SendMoreThenAwaitEnd => {
+            stream.write_all(b"extra").expect("write more");
+            read_until_end(&mut stream);
+        }
+        Ending::AwaitEnd => read_until_end(&mut stream),
+        Ending::UserTimeout { ms } => {
+            let timeout = libc::c_uint::try_from(ms).expect("milliseconds");
+            set_option(
+                &stream,
+                (
+                    libc::IPPROTO_TCP,
+                    libc::TCP_USER_TIMEOUT,
+                    "TCP_USER_TIMEOUT",
+                ),
+                &timeout,
+            );
+            await_cut_then(&stream, || {
+                let _ = (&stream).write_all(b"unanswered");
+            });
+        }
+        Ending::Keepalive => {
+            let on: libc::c_int = 1;
+            set_option(
+                &stream,
+                (libc::SOL_SOCKET, libc::SO_KEEPALIVE, "SO_KEEPALIVE"),
+                &on,
+            );
+            for (name, what) in [
+                (libc::TCP_KEEPIDLE, "TCP_KEEPIDLE"),
+                (libc::TCP_KEEPINTVL, "TCP_KEEPINTVL"),
+                (libc::TCP_KEEPCNT, "TCP_KEEPCNT"),
+            ] {
+                set_option(&stream, (libc::IPPROTO_TCP, name, what), &on);
+            }
+            await_cut_then(&stream, || {});
+        }
         Ending::CloseAfterPeer { wait_ms } => {
             stream.read_to_end(&mut rest).expect("read to EOF");
             // The kernel delays the ACK of a FIN (tcp_fin enters pingpong
@@ -708,6 +807,42 @@ fn end(mut stream: TcpStream, ending: Ending) {
         }
     }
     drop(stream);
+}
+
+/// Reads until the peer's FIN (EOF) or reset: either ends it.
+fn read_until_end(stream: &mut TcpStream) {
+    let mut rest = Vec::new();
+    if let Err(error) = stream.read_to_end(&mut rest) {
+        assert_eq!(
+            error.raw_os_error(),
+            Some(libc::ECONNRESET),
+            "reading to the end: {error}"
+        );
+    }
+}
+
+/// Says `exchanged`, waits for the test to cut the path (a line on
+/// stdin), does `then`, and reads until the kernel gives up on the
+/// connection; prints the errno it gave up with.
+fn await_cut_then(stream: &TcpStream, then: impl FnOnce()) {
+    println!("exchanged");
+    std::io::stdout().flush().expect("flush");
+    let mut cut = String::new();
+    std::io::stdin()
+        .read_line(&mut cut)
+        .expect("waiting for the cut");
+    then();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let mut buf = [0u8; 16];
+    let mut reader = stream;
+    let errno = match reader.read(&mut buf) {
+        Ok(n) => panic!("read {n} bytes from a peer that cannot answer"),
+        Err(error) => error.raw_os_error().unwrap_or(0),
+    };
+    println!("{errno}");
+    std::io::stdout().flush().expect("flush");
 }
 
 /// A network namespace of the test's own, with loopback up. Deleting it

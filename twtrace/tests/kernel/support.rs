@@ -62,6 +62,8 @@ pub struct Traced {
     /// The kernel's own events, before the teardown model.
     pub raw: Vec<KernelEvent>,
     pub transitions: Vec<Transition>,
+    /// Resets sent that ended no connection, by reason.
+    pub resets_apart: twtrace::ends::ResetsApart,
 }
 
 /// Collects what a test traces through the same session loop as the
@@ -121,6 +123,7 @@ pub fn trace_until(
         traced: Traced {
             raw: Vec::new(),
             transitions: Vec::new(),
+            resets_apart: twtrace::ends::ResetsApart::default(),
         },
         done_at: None,
     };
@@ -142,6 +145,7 @@ pub fn trace_until(
         ..end.loss
     };
     assert_eq!(unexplained.events_lost(), 0, "events lost: {:?}", end.loss);
+    collect.traced.resets_apart = end.resets_apart;
     collect.traced
 }
 
