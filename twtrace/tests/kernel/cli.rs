@@ -43,7 +43,8 @@ fn run_cli_around_exchange(also: Option<&[&str]>) -> (String, Option<String>, Ex
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut stream = Vec::new();
     while let Ok(line) = lines_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        let ended = line.contains("\"end\":");
+        // The mini-socket's end: the last of the exchange.
+        let ended = line.contains("\"end\":\"cancelled\"") || line.contains("\"end\":\"expired\"");
         stream.push(line);
         if ended {
             break;
@@ -149,6 +150,20 @@ fn cli_summary_json_has_per_state_histograms() {
     assert_eq!(by_pid(ex.client_pid)["active_closes"], 1);
     assert_eq!(by_pid(ex.client_pid)["passive_closes"], 0);
     assert_eq!(by_pid(ex.server_pid)["passive_closes"], 1);
+    // How each side's connection ended: the client's through its
+    // mini-socket (cancelled with the namespace), the server's by FIN.
+    assert_eq!(
+        by_pid(ex.client_pid)["ends"]["by_end"],
+        serde_json::json!({"cancelled": 1})
+    );
+    assert_eq!(
+        by_pid(ex.server_pid)["ends"]["by_end"],
+        serde_json::json!({"fin": 1})
+    );
+    assert_eq!(
+        v["ends"]["by_end"],
+        serde_json::json!({"cancelled": 1, "fin": 1})
+    );
 }
 
 /// As `nobody`, with no capabilities: one line naming them, exit 1.
@@ -297,7 +312,7 @@ fn top_view_in_tmux_shows_the_closer_and_quits_cleanly() {
         .trim_matches('│')
         .split_whitespace()
         .collect();
-    assert_eq!(row[4], "30", "TW NOW: {row:?}");
+    assert_eq!(row[5], "30", "TW NOW: {row:?}");
     assert_eq!(row.last(), Some(&"60"), "CLOSES: {row:?}");
     // Below the table, the trends: the closes just made show as bars.
     tmux.wait_for(Duration::from_secs(5), "the charts", |s| {
