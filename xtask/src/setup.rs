@@ -73,7 +73,7 @@ pub fn run() -> anyhow::Result<Tools> {
 }
 
 /// Programs the kernel tests drive, and the Debian packages that have them.
-const TEST_TOOLS: [(&str, &str); 13] = [
+const TEST_TOOLS: [(&str, &str); 14] = [
     ("bpftool", "bpftool"),
     ("tmux", "tmux"),
     ("ip", "iproute2"),
@@ -91,6 +91,8 @@ const TEST_TOOLS: [(&str, &str); 13] = [
     ("tcpstates", "libbpf-tools"),
     ("nginx", "nginx-light"),
     ("wrk", "wrk"),
+    // The real server whose clients abort, for how connections end.
+    ("redis-server", "redis-server"),
 ];
 
 /// The Kubernetes schema validator from `PyPI`, for the `DaemonSet` manifest: the

@@ -144,6 +144,13 @@ impl KernelFacts {
             .send_reset_format
             .as_deref()
             .map_or_else(|_| ResetReasons::default(), ResetReasons::from_format);
+        // Linux 6.10 gave tcp_send_reset its reason and made it fire for
+        // every reset; before, only for those a full socket sends.
+        if sources.send_reset_format.is_ok() && !reset_reasons.given {
+            warnings.push(
+                "this kernel (before 6.10) does not trace resets sent for a TIME_WAIT socket or for no socket (a SYN to a closed port), nor say why a reset was sent: resets_without_connection misses those, and a reset sent before a close (keepalive, memory) has reason `unknown`".to_owned(),
+            );
+        }
         Ok(Self {
             set_state,
             sock,
@@ -429,9 +436,16 @@ mod tests {
         assert_eq!(code(2), Some(reset_reason::INVALID_SEGMENT));
         assert_eq!(code(17), Some(reset_reason::OTHER));
         assert_eq!(reasons.codes.len(), 26);
-        // Before 6.10: no reason field, nothing to translate.
+        // Before 6.10: no reason field, nothing to translate, and a
+        // warning that says what goes unseen.
         let old = SEND_RESET_6_18.replace("reason", "other");
         assert!(!ResetReasons::from_format(&old).given);
+        let btf = Table::parse(BTF_6_18);
+        let mut s = sources(TIMER_START_6_18, Some(&btf));
+        s.send_reset_format = Ok(old);
+        let facts = KernelFacts::from_sources(&s).unwrap();
+        assert_eq!(facts.warnings.len(), 1, "{:?}", facts.warnings);
+        assert!(facts.warnings[0].contains("a SYN to a closed port"));
     }
 
     #[test]

@@ -283,6 +283,22 @@ impl Peer {
         spawn(netns, &format!("refused {port} {count}"))
     }
 
+    /// Starts a process that, once told to go, makes `count` loopback
+    /// connections in `netns` whose server end sends a byte and whose
+    /// client end aborts: with a zero linger (even ones) or by closing
+    /// with that byte unread (odd ones). Prints `done`.
+    pub fn aborter(netns: &Netns, count: usize) -> Self {
+        spawn(netns, &format!("aborter {count} -"))
+    }
+
+    /// Starts a process that, once told to go, makes `count` connections
+    /// to a Redis server on `port` of its namespace's loopback, each a
+    /// `PING` answered `+PONG`, then aborted (`SO_LINGER` 0). Prints
+    /// `done`.
+    pub fn redis_aborter(netns: &Netns, port: u16, count: usize) -> Self {
+        spawn(netns, &format!("redis-aborter {port} {count}"))
+    }
+
     /// Lets a client connect (it waits so the tracer can attach first).
     pub fn go(&mut self) {
         let mut stdin = self.stdin.take().expect("client already started");
@@ -367,6 +383,11 @@ pub fn run_if_peer() -> Option<ExitCode> {
         "leaker" => leak(addr.parse().expect("count")),
         "acceptor" => accept_and_hold(addr),
         "knock" => knock(addr.parse().expect("server address")),
+        "aborter" => abort_connections(addr.parse().expect("count")),
+        "redis-aborter" => abort_redis_pings(
+            addr.parse().expect("port"),
+            ending_text.parse().expect("count"),
+        ),
         "refused" => refused(
             addr.parse().expect("port"),
             ending_text.parse().expect("count"),
@@ -705,6 +726,48 @@ fn knock(server: SocketAddr) {
     let mut go = String::new();
     std::io::stdin().read_line(&mut go).expect("waiting for go");
     drop(TcpStream::connect(server).expect("connect"));
+    println!("done");
+    std::io::stdout().flush().expect("flush");
+    let _ = std::io::stdin().read_line(&mut go);
+}
+
+fn abort_connections(count: usize) {
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).expect("waiting for go");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let server = listener.local_addr().expect("local addr");
+    for n in 0..count {
+        let mut client = TcpStream::connect(server).expect("connect");
+        let (mut accepted, _) = listener.accept().expect("accept");
+        accepted.write_all(b"x").expect("a byte for the client");
+        if n % 2 == 0 {
+            let mut byte = [0u8; 1];
+            client.read_exact(&mut byte).expect("read the byte");
+            abort_on_close(&client);
+        } else {
+            // Unread: wait until it is in the client's receive queue.
+            let mut byte = [0u8; 1];
+            while client.peek(&mut byte).expect("peek") == 0 {}
+        }
+        drop(client);
+        read_until_end(&mut accepted);
+    }
+    println!("done");
+    std::io::stdout().flush().expect("flush");
+    let _ = std::io::stdin().read_line(&mut go);
+}
+
+fn abort_redis_pings(port: u16, count: usize) {
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).expect("waiting for go");
+    for _ in 0..count {
+        let mut redis = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+        redis.write_all(b"PING\r\n").expect("PING");
+        let mut answer = [0u8; 7];
+        redis.read_exact(&mut answer).expect("redis answers");
+        assert_eq!(&answer, b"+PONG\r\n");
+        abort_on_close(&redis);
+    }
     println!("done");
     std::io::stdout().flush().expect("flush");
     let _ = std::io::stdin().read_line(&mut go);
