@@ -107,7 +107,10 @@ pub mod reset_reason {
     pub const INVALID_SEGMENT: u8 = 10;
     /// Any other reason the kernel named (`NOT_SPECIFIED`, MPTCP's, …).
     pub const OTHER: u8 = 11;
-    pub const COUNT: u32 = 12;
+    /// Data arrived after the socket was shut for reading
+    /// (`TCP_ABORT_ON_DATA`, RFC 1122).
+    pub const DATA_AFTER_CLOSE: u8 = 12;
+    pub const COUNT: u32 = 13;
 
     /// Each code's name, as outputs and metric labels show it.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -123,6 +126,7 @@ pub mod reset_reason {
         "state",
         "invalid_segment",
         "other",
+        "data_after_close",
     ];
 
     /// The code for a reason the kernel names (`enum sk_rst_reason`,
@@ -131,6 +135,7 @@ pub mod reset_reason {
     pub fn of_kernel_name(name: &[u8]) -> u8 {
         match name {
             b"TCP_ABORT_ON_CLOSE" => UNREAD_DATA,
+            b"TCP_ABORT_ON_DATA" => DATA_AFTER_CLOSE,
             b"TCP_ABORT_ON_LINGER" => ABORT_ON_LINGER,
             b"TCP_ABORT_ON_MEMORY" => ABORT_ON_MEMORY,
             b"TCP_KEEPALIVE_TIMEOUT" => KEEPALIVE_TIMEOUT,
@@ -171,6 +176,11 @@ pub mod kind {
     pub const TW_CANCEL: u8 = 3;
     /// The mini-socket's timer ran out: it ended normally.
     pub const TW_EXPIRE: u8 = 4;
+    /// A full socket already closed sent a reset (`sock_id`; its reason in
+    /// `end_detail`, `connection_end` `RESET_SENT`; no addresses). After a
+    /// close the kernel took for a reset received — `tcp_reset()` on data
+    /// arriving after `shutdown(SHUT_RD)` — it is the reset this host sent.
+    pub const RESET_AFTER_CLOSE: u8 = 5;
 }
 
 /// One state change of one TCP socket, as streamed through the ring buffer.

@@ -225,6 +225,39 @@ fn tw_event<C: EbpfContext>(
     });
 }
 
+/// The closed full socket `sk` (of `family`) sent a reset, for `reason`.
+#[inline(always)]
+pub fn reset_after_close<C: EbpfContext>(ctx: &C, sk: u64, family: u16, reason: u8, now: u64) {
+    submit(ctx, |slot| {
+        slot.write(TransitionEvent {
+            saddr: [0; 16],
+            daddr: [0; 16],
+            ts_ns: now,
+            in_state_ns: 0,
+            sock_id: sk,
+            tw_id: 0,
+            tw_birth_ns: 0,
+            tw_birth_jiffies: 0,
+            tw_expires: 0,
+            tw_bucket_expiry: 0,
+            pid: 0,
+            flags: 0,
+            sport: 0,
+            dport: 0,
+            family,
+            old_state: tcp_state::CLOSE,
+            new_state: tcp_state::CLOSE,
+            kind: kind::RESET_AFTER_CLOSE,
+            end_substate: 0,
+            connection_end: connection_end::RESET_SENT,
+            end_detail: reason,
+            netns: 0,
+            comm: [0; 16],
+            cgroup: 0,
+        });
+    });
+}
+
 /// Reserves a slot, lets `fill` write the event into it, and submits it;
 /// counts the event as lost when the ring is full.
 // Inlined so that `fill` writes into the reserved slot itself.

@@ -7,11 +7,13 @@
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use twtrace_common::{
-    FLAG_RESET_RECEIVED, FLAG_RESET_SENT, MAX_KERNEL_RESET_REASONS, reset_reason, tcp_state,
+    AF_INET, AF_INET6, FLAG_RESET_RECEIVED, FLAG_RESET_SENT, MAX_KERNEL_RESET_REASONS,
+    reset_reason, tcp_state,
 };
 
 use crate::{
-    kernel::{atomic_add, kread, netns_at, netns_of},
+    emit,
+    kernel::{atomic_add, kread, netns_at, netns_of, now_ns},
     maps::{FILTER, RESET_HAS_REASON, RESET_REASONS, RESETS_APART, SOCK_LAYOUT, SOCKS},
 };
 
@@ -46,10 +48,16 @@ pub fn tcp_send_reset(ctx: RawTracePointContext) -> i32 {
         }
         return 0;
     }
-    // After its close (close() with unread data, a zero linger): that
-    // close already said the connection was reset. Else it ends nothing
-    // twtrace follows.
-    if state != tcp_state::CLOSE {
+    // After its close: close() with unread data or a zero linger, whose
+    // close already said so; or data after shutdown(SHUT_RD), whose close
+    // the kernel made through tcp_reset() as if a reset had come in.
+    // Userspace sets that one right. Else it ends nothing twtrace follows.
+    if state == tcp_state::CLOSE {
+        let family = family_of(sk);
+        if family == AF_INET || family == AF_INET6 {
+            emit::reset_after_close(&ctx, sk, family, reason, now_ns());
+        }
+    } else {
         let netns = FILTER.load().netns;
         if netns == 0 || netns_of_reset(sk, ctx.arg(1)) == netns {
             count_apart(reason);
@@ -92,6 +100,11 @@ fn reason_of(ctx: &RawTracePointContext, sk: u64, state: u8) -> u8 {
         (_, tcp_state::TIME_WAIT) => reset_reason::TIME_WAIT_SOCKET,
         _ => reset_reason::UNKNOWN,
     }
+}
+
+fn family_of(sk: u64) -> u16 {
+    let offset = SOCK_LAYOUT.load().family;
+    kread::<u16>(sk + u64::from(offset)).unwrap_or(0)
 }
 
 fn state_of(sk: u64) -> u8 {

@@ -312,6 +312,9 @@ pub enum EventKind {
     TwRearm,
     TwCancel,
     TwExpire,
+    /// A closed full socket sent a reset (`transition.sock_id`, and
+    /// `transition.ending` with its reason); no transition of its own.
+    ResetAfterClose,
 }
 
 /// The mini-socket's timer facts carried by `TW_*` events.
@@ -459,10 +462,11 @@ pub fn from_raw(raw: &TransitionEvent) -> Result<KernelEvent, DecodeError> {
         kind::TW_REARM => EventKind::TwRearm,
         kind::TW_CANCEL => EventKind::TwCancel,
         kind::TW_EXPIRE => EventKind::TwExpire,
+        kind::RESET_AFTER_CLOSE => EventKind::ResetAfterClose,
         other => return Err(DecodeError::UnknownKind(other)),
     };
     let tw = match event_kind {
-        EventKind::Sock => None,
+        EventKind::Sock | EventKind::ResetAfterClose => None,
         _ => Some(TwFacts {
             id: raw.tw_id,
             birth_ns: raw.tw_birth_ns,

@@ -12,6 +12,10 @@
 //!   FIN arrives by re-arming its timer, which the kernel does not trace
 //!   when the new expiry lands in the same timer-wheel bucket. The expiry
 //!   is still updated, so the move happened at `expires - TCP_TIMEWAIT_LEN`.
+//! * Data arriving at a socket shut for reading (FIN_WAIT1/2 after
+//!   `shutdown(SHUT_RD)`) makes the kernel close it through `tcp_reset()`,
+//!   as if a reset had come in, then reset the peer: such a close is held
+//!   `CANCEL_GRACE_NS` for the reset sent after it.
 
 use std::collections::HashMap;
 
@@ -20,7 +24,9 @@ use rustc_hash::FxHashMap;
 
 use twtrace_common::TIME_WAIT_LEN_SECS;
 
-use crate::event::{EventKind, KernelEvent, TcpState, Transition, TwEnd};
+use crate::event::{
+    ConnectionEnd, EventKind, KernelEvent, ResetReason, TcpState, Transition, TwEnd,
+};
 
 /// How long a cancel waits for a re-arm or expiry of the same timer. The
 /// kernel emits those microseconds later; this leaves room for a busy CPU.
@@ -55,6 +61,17 @@ pub struct TeardownModel {
     /// re-arm but read after it (written by another CPU's hand-over) is no
     /// end. Only such races land here.
     rearmed_at: FxHashMap<u64, u64>,
+    /// FIN_WAIT1/2 closes the kernel took for a reset received, by socket:
+    /// a reset sent right after makes them this host's (`push`).
+    resets_in_doubt: FxHashMap<u64, Transition>,
+}
+
+/// A close through `tcp_reset()` in FIN_WAIT1/2: a reset received, or
+/// data after `shutdown(SHUT_RD)` that this host answers with one.
+fn is_reset_in_doubt(t: &Transition) -> bool {
+    t.new == TcpState::Close
+        && matches!(t.old, TcpState::FinWait1 | TcpState::FinWait2)
+        && t.ending == Some(ConnectionEnd::ResetReceived)
 }
 
 /// A local address and the destination its ephemeral ports point to, in
@@ -99,6 +116,7 @@ impl TeardownModel {
             orphans: FxHashMap::default(),
             resolved: FxHashMap::default(),
             rearmed_at: FxHashMap::default(),
+            resets_in_doubt: FxHashMap::default(),
         }
     }
 
@@ -156,7 +174,28 @@ impl TeardownModel {
                     // A hand-over to a mini-socket would have been a birth.
                     self.time_wait_skipped += 1;
                 }
-                out.push(event.transition);
+                if is_reset_in_doubt(t) {
+                    self.resets_in_doubt.insert(t.sock_id, event.transition);
+                } else {
+                    out.push(event.transition);
+                }
+            }
+            EventKind::ResetAfterClose => {
+                // Otherwise a reset after a close already told (unread
+                // data, a zero linger): nothing to change.
+                if let Some(mut close) = self.resets_in_doubt.remove(&event.transition.sock_id) {
+                    let reason = event
+                        .transition
+                        .ending
+                        .and_then(ConnectionEnd::reset_reason)
+                        .filter(|r| *r != ResetReason::UNKNOWN)
+                        .or_else(|| {
+                            ResetReason::from_code(twtrace_common::reset_reason::DATA_AFTER_CLOSE)
+                        })
+                        .unwrap_or(ResetReason::UNKNOWN);
+                    close.ending = Some(ConnectionEnd::ResetSent(reason));
+                    out.push(close);
+                }
             }
             EventKind::TwBirth => {
                 // A new mini-socket at the address of one whose cancel is
@@ -225,6 +264,17 @@ impl TeardownModel {
     pub fn flush(&mut self, now_ns: u64, out: &mut Vec<Transition>) {
         self.rearmed_at
             .retain(|_, at| at.saturating_add(CANCEL_GRACE_NS) > now_ns);
+        // No reset followed: the reset did come in.
+        let mut received: Vec<Transition> = Vec::new();
+        self.resets_in_doubt.retain(|_, t| {
+            let due = t.ts_ns.saturating_add(CANCEL_GRACE_NS) <= now_ns;
+            if due {
+                received.push(t.clone());
+            }
+            !due
+        });
+        received.sort_by_key(|t| t.ts_ns);
+        out.extend(received);
         let due: Vec<u64> = self
             .pending_cancels
             .iter()
@@ -427,6 +477,50 @@ mod tests {
         }
         model.flush(flush_at, &mut out);
         out
+    }
+
+    fn sock(t: Transition) -> KernelEvent {
+        KernelEvent {
+            kind: EventKind::Sock,
+            transition: t,
+            tw: None,
+        }
+    }
+
+    #[test]
+    fn a_fin_wait_close_through_tcp_reset_is_this_hosts_reset_when_one_follows() {
+        let mut close = transition(TcpState::FinWait2, TcpState::Close, 100 * MS, MS);
+        close.ending = Some(ConnectionEnd::ResetReceived);
+        let mut after = transition(TcpState::Close, TcpState::Close, 100 * MS + 5_000, 0);
+        after.ending = Some(ConnectionEnd::ResetSent(ResetReason::UNKNOWN));
+        let reset_after = KernelEvent {
+            kind: EventKind::ResetAfterClose,
+            transition: after,
+            tw: None,
+        };
+        // Data after shutdown(SHUT_RD): the kernel's reason, else twtrace's.
+        let out = run(vec![sock(close.clone()), reset_after.clone()], 100 * MS);
+        let data_after_close =
+            ResetReason::from_code(twtrace_common::reset_reason::DATA_AFTER_CLOSE).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            out[0].ending,
+            Some(ConnectionEnd::ResetSent(data_after_close))
+        );
+        assert_eq!(out[0].owner, close.owner, "the closer's, not the softirq's");
+        // A reset that did come in: released as such once nothing followed.
+        let held = run(vec![sock(close.clone())], 100 * MS + CANCEL_GRACE_NS - 1);
+        assert!(held.is_empty(), "{held:?}");
+        let out = run(vec![sock(close.clone())], 100 * MS + CANCEL_GRACE_NS);
+        assert_eq!(out[0].ending, Some(ConnectionEnd::ResetReceived));
+        // A reset after a close already told changes nothing.
+        let out = run(vec![reset_after], 100 * MS);
+        assert!(out.is_empty(), "{out:?}");
+        // Elsewhere a reset received is no doubt.
+        let mut established = close;
+        established.old = TcpState::Established;
+        let out = run(vec![sock(established)], 0);
+        assert_eq!(out[0].ending, Some(ConnectionEnd::ResetReceived));
     }
 
     fn steps(out: &[Transition]) -> Vec<(TcpState, TcpState, Option<TwEnd>)> {

@@ -24,6 +24,7 @@ pub const TESTS: &[Test] = crate::tests![
     a_zero_linger_close_is_a_reset_sent_by_the_closer_and_received_by_the_peer,
     the_raw_tracepoints_tell_a_zero_linger_reset_the_same,
     close_with_unread_data_resets_the_connection,
+    data_after_shutdown_is_a_reset_sent_by_the_shut_side_from_softirq,
     an_orderly_close_ends_in_fin_on_the_passive_side,
     a_peer_that_stops_answering_ends_in_a_timeout,
     an_unanswered_keepalive_ends_in_a_timeout_after_its_reset,
@@ -113,6 +114,42 @@ fn close_with_unread_data_resets_the_connection() {
         false,
     );
     assert_reset_from_client(&ex, &seen, reset_reason::UNREAD_DATA);
+}
+
+/// The kernel closes a socket shut for reading that receives data through
+/// `tcp_reset()`, as if a reset had come in, then resets the peer — in the
+/// softirq of the peer's send. The shut side's owner sent it.
+fn data_after_shutdown_is_a_reset_sent_by_the_shut_side_from_softirq() {
+    let (ex, seen) = reset_exchange(
+        Ending::ShutdownBothThenWait { wait_ms: 300 },
+        Ending::SendAfterPeerFin,
+        false,
+    );
+    let shut = last_of(&seen, client_local(&seen, ex.server_addr));
+    assert_eq!(
+        (shut.old, shut.new, shut.ending),
+        (
+            TcpState::FinWait2,
+            TcpState::Close,
+            Some(ConnectionEnd::ResetSent(reason(
+                reset_reason::DATA_AFTER_CLOSE
+            )))
+        ),
+        "{seen:#?}"
+    );
+    assert_eq!(shut.owner.map(|o| o.pid), Some(ex.client_pid));
+    let peer = last_of(&seen, ex.server_addr);
+    assert_eq!(
+        (peer.old, peer.new, peer.ending),
+        (
+            TcpState::CloseWait,
+            TcpState::Close,
+            Some(ConnectionEnd::ResetReceived)
+        ),
+        "{seen:#?}"
+    );
+    assert_eq!(peer.owner.map(|o| o.pid), Some(ex.server_pid));
+    assert_eq!(ended(&seen).len(), 2, "{seen:#?}");
 }
 
 fn an_orderly_close_ends_in_fin_on_the_passive_side() {

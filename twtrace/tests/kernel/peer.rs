@@ -44,6 +44,12 @@ pub enum Ending {
     /// The same with keepalive probing after 1 s idle, one probe 1 s
     /// apart, and nothing sent.
     Keepalive,
+    /// `shutdown(SHUT_RDWR)` without `close()`, then sleep: data the peer
+    /// sends meanwhile makes the kernel reset the connection.
+    ShutdownBothThenWait { wait_ms: u64 },
+    /// Read to the peer's FIN, then send a few bytes, then read until the
+    /// peer's reset.
+    SendAfterPeerFin,
 }
 
 impl Ending {
@@ -60,6 +66,8 @@ impl Ending {
             Self::AwaitEnd => "await".into(),
             Self::UserTimeout { ms } => format!("usertimeout:{ms}"),
             Self::Keepalive => "keepalive".into(),
+            Self::ShutdownBothThenWait { wait_ms } => format!("shutdown-both:{wait_ms}"),
+            Self::SendAfterPeerFin => "send-after-fin".into(),
         }
     }
 
@@ -72,6 +80,7 @@ impl Ending {
             "more" => Self::SendMoreThenAwaitEnd,
             "await" => Self::AwaitEnd,
             "keepalive" => Self::Keepalive,
+            "send-after-fin" => Self::SendAfterPeerFin,
             other => {
                 let (kind, ms) = other
                     .split_once(':')
@@ -82,6 +91,7 @@ impl Ending {
                     "sleep" => Self::SleepThenClose { wait_ms },
                     "unread" => Self::CloseUnread { wait_ms },
                     "usertimeout" => Self::UserTimeout { ms: wait_ms },
+                    "shutdown-both" => Self::ShutdownBothThenWait { wait_ms },
                     _ => panic!("bad peer ending {other}"),
                 }
             }
@@ -829,6 +839,17 @@ fn end(mut stream: TcpStream, ending: Ending) {
             read_until_end(&mut stream);
         }
         Ending::AwaitEnd => read_until_end(&mut stream),
+        Ending::ShutdownBothThenWait { wait_ms } => {
+            stream.shutdown(Shutdown::Both).expect("shutdown");
+            thread::sleep(Duration::from_millis(wait_ms));
+        }
+        Ending::SendAfterPeerFin => {
+            stream.read_to_end(&mut rest).expect("read to EOF");
+            stream
+                .write_all(b"late")
+                .expect("write after the peer's FIN");
+            read_until_end(&mut stream);
+        }
         Ending::UserTimeout { ms } => {
             let timeout = libc::c_uint::try_from(ms).expect("milliseconds");
             set_option(
@@ -876,9 +897,9 @@ fn end(mut stream: TcpStream, ending: Ending) {
 fn read_until_end(stream: &mut TcpStream) {
     let mut rest = Vec::new();
     if let Err(error) = stream.read_to_end(&mut rest) {
-        assert_eq!(
-            error.raw_os_error(),
-            Some(libc::ECONNRESET),
+        // EPIPE: a reset that came in CLOSE_WAIT.
+        assert!(
+            matches!(error.raw_os_error(), Some(libc::ECONNRESET | libc::EPIPE)),
             "reading to the end: {error}"
         );
     }
