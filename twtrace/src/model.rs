@@ -12,7 +12,7 @@
 //!   FIN arrives by re-arming its timer, which the kernel does not trace
 //!   when the new expiry lands in the same timer-wheel bucket. The expiry
 //!   is still updated, so the move happened at `expires - TCP_TIMEWAIT_LEN`.
-//! * Data arriving at a socket shut for reading (FIN_WAIT1/2 after
+//! * Data arriving at a socket shut for reading (`FIN_WAIT1/2` after
 //!   `shutdown(SHUT_RD)`) makes the kernel close it through `tcp_reset()`,
 //!   as if a reset had come in, then reset the peer: such a close is held
 //!   `CANCEL_GRACE_NS` for the reset sent after it.
@@ -61,7 +61,7 @@ pub struct TeardownModel {
     /// re-arm but read after it (written by another CPU's hand-over) is no
     /// end. Only such races land here.
     rearmed_at: FxHashMap<u64, u64>,
-    /// FIN_WAIT1/2 closes the kernel took for a reset received, by socket:
+    /// `FIN_WAIT1/2` closes the kernel took for a reset received, by socket:
     /// a reset sent right after makes them this host's (`push`).
     resets_in_doubt: FxHashMap<u64, Transition>,
 }
