@@ -66,7 +66,7 @@ pub struct TeardownModel {
     resets_in_doubt: FxHashMap<u64, Transition>,
 }
 
-/// A close through `tcp_reset()` in FIN_WAIT1/2: a reset received, or
+/// A close through `tcp_reset()` in `FIN_WAIT1/2`: a reset received, or
 /// data after `shutdown(SHUT_RD)` that this host answers with one.
 fn is_reset_in_doubt(t: &Transition) -> bool {
     t.new == TcpState::Close
