@@ -80,3 +80,11 @@ pub fn of_close(old: u8, record: &SockRecord, facts: &CloseFacts) -> (u8, u8) {
         }
     }
 }
+
+/// A close the kernel made through `tcp_reset()` in FIN_WAIT1/2: a reset
+/// received, or data after `shutdown(SHUT_RD)`, which it answers with a
+/// reset of its own right after (`resets`).
+pub fn is_in_doubt(old: u8, end: u8) -> bool {
+    end == connection_end::RESET_RECEIVED
+        && (old == tcp_state::FIN_WAIT1 || old == tcp_state::FIN_WAIT2)
+}

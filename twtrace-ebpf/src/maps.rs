@@ -45,6 +45,12 @@ pub static RESET_REASONS: Array<u8> = Array::with_max_entries(MAX_KERNEL_RESET_R
 #[map]
 pub static RESETS_APART: PerCpuArray<u64> = PerCpuArray::with_max_entries(reset_reason::COUNT, 0);
 
+/// Per CPU, the last socket closed through `tcp_reset()` in FIN_WAIT1/2
+/// (reported as a reset received): if it sends a reset next, in the same
+/// call, the kernel only made it look received (`resets`).
+#[map]
+pub static RESET_IN_DOUBT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// The loader sizes it (`--ring-kib`).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);

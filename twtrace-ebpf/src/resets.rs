@@ -14,7 +14,9 @@ use twtrace_common::{
 use crate::{
     emit,
     kernel::{atomic_add, kread, netns_at, netns_of, now_ns},
-    maps::{FILTER, RESET_HAS_REASON, RESET_REASONS, RESETS_APART, SOCK_LAYOUT, SOCKS},
+    maps::{
+        FILTER, RESET_HAS_REASON, RESET_IN_DOUBT, RESET_REASONS, RESETS_APART, SOCK_LAYOUT, SOCKS,
+    },
 };
 
 /// `tcp_receive_reset(sk)`: runs in tcp_reset(), before the close.
@@ -50,11 +52,12 @@ pub fn tcp_send_reset(ctx: RawTracePointContext) -> i32 {
     }
     // After its close: close() with unread data or a zero linger, whose
     // close already said so; or data after shutdown(SHUT_RD), whose close
-    // the kernel made through tcp_reset() as if a reset had come in.
-    // Userspace sets that one right. Else it ends nothing twtrace follows.
+    // the kernel made through tcp_reset() as if a reset had come in, on
+    // this CPU just before: userspace sets that one right. Else it ends
+    // nothing twtrace follows.
     if state == tcp_state::CLOSE {
         let family = family_of(sk);
-        if family == AF_INET || family == AF_INET6 {
+        if take_doubt(sk) && (family == AF_INET || family == AF_INET6) {
             emit::reset_after_close(&ctx, sk, family, reason, now_ns());
         }
     } else {
@@ -100,6 +103,31 @@ fn reason_of(ctx: &RawTracePointContext, sk: u64, state: u8) -> u8 {
         (_, tcp_state::TIME_WAIT) => reset_reason::TIME_WAIT_SOCKET,
         _ => reset_reason::UNKNOWN,
     }
+}
+
+/// Remembers, on this CPU, that `sk` was just reported closed by a reset
+/// received from FIN_WAIT1/2 (`ending::is_in_doubt`).
+pub fn doubt(sk: u64) {
+    if let Some(slot) = RESET_IN_DOUBT.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU array, from a successful
+        // lookup; a nested program that overwrites it costs one reason.
+        unsafe { *slot = sk };
+    }
+}
+
+/// Whether `sk` is the close in doubt on this CPU; forgets it if so.
+fn take_doubt(sk: u64) -> bool {
+    let Some(slot) = RESET_IN_DOUBT.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: as in `doubt`.
+    unsafe {
+        if *slot != sk {
+            return false;
+        }
+        *slot = 0;
+    }
+    true
 }
 
 fn family_of(sk: u64) -> u16 {

@@ -19,7 +19,7 @@ use crate::{
     fault,
     kernel::{address_of, btf_read, bump, in_state, kread, now_ns, read},
     maps::{FILTER, FILTER_PIDS, FILTER_PORTS, SET_STATE_LAYOUT, SOCK_LAYOUT, SOCKS},
-    owner, timewait,
+    owner, resets, timewait,
     twin::{self, Role},
 };
 
@@ -346,6 +346,9 @@ fn handle<C: EbpfContext>(ctx: &C, filter: &Filter, s: &SetState) -> Result<(), 
         } else {
             (connection_end::NONE, 0)
         };
+        if ending::is_in_doubt(s.old_state, end.0) {
+            resets::doubt(s.sock_id);
+        }
         emit::sock_transition(ctx, s, &record, now, in_state, end);
     }
     Ok(())

@@ -51,8 +51,24 @@ const VM_LIMIT: Duration = Duration::from_mins(30);
 
 /// Tools the kernel tests run, copied from the host with their libraries.
 const GUEST_TOOLS: &[&str] = &[
-    "sh", "ip", "ss", "nstat", "sysctl", "tmux", "setpriv", "unshare", "stty", "sleep", "false",
-    "true", "cat", "env", "kill", "bpftool",
+    "sh",
+    "ip",
+    "ss",
+    "nstat",
+    "sysctl",
+    "tmux",
+    "setpriv",
+    "unshare",
+    "stty",
+    "sleep",
+    "false",
+    "true",
+    "cat",
+    "env",
+    "kill",
+    "bpftool",
+    // The real server whose clients abort (`cargo xtask test` installs it).
+    "redis-server",
 ];
 
 /// Kernel modules the tests need that distribution kernels build as

@@ -363,6 +363,9 @@ fn thousands_of_aborts_match_the_kernels_reset_counters() {
     let before = counters.map(|name| nstat_in(&netns, name));
     let options = TracerOptions {
         pids: vec![aborter.pid],
+        // Room for every end of the run at once: under emulation the
+        // reader falls behind (a smaller ring counts what it drops).
+        ring_bytes: Some(16 << 20),
         ..TracerOptions::default()
     };
     let traced = trace_until(
