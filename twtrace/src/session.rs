@@ -235,12 +235,22 @@ struct Pipeline {
     settings: HashMap<u64, sys::PortSettings>,
     host_settings: Option<sys::PortSettings>,
     routes: crate::ports::CloseCounter,
+    /// Whether the cgroup v2 hierarchy is mounted: without it, the id the
+    /// kernel records with an owner (its unmounted root's) names nothing,
+    /// and the start-up snapshot's owners have none.
+    cgroups_mounted: bool,
 }
 
 impl Pipeline {
     fn push(&mut self, record: &[u8], consumer: &mut impl Consumer) {
         match event::decode(record) {
-            Ok(event) => {
+            Ok(mut event) => {
+                if !self.cgroups_mounted
+                    && let Some(owner) = event.transition.owner.as_mut()
+                {
+                    // One owner, one key: as the snapshot has it.
+                    owner.cgroup = 0;
+                }
                 consumer.kernel_event(&event);
                 let netns = u64::from(event.transition.netns);
                 if !self.model.knows_namespace(netns) {
@@ -410,6 +420,7 @@ impl Session {
                 settings: HashMap::new(),
                 host_settings: sys::PortSettings::read().ok(),
                 routes: crate::ports::CloseCounter::default(),
+                cgroups_mounted: crate::cgroup::v2_root().is_some(),
             },
             status,
             status_read_ns: 0,

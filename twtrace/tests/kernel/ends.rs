@@ -467,11 +467,13 @@ fn summary_names_the_client_that_aborts_its_redis_connections() {
     assert_eq!(server["comm"], "redis-server");
     assert_eq!(
         server["ends"]["by_end"],
-        serde_json::json!({"reset_received": PINGS})
+        serde_json::json!({"reset_received": PINGS}),
+        "{v:#}"
     );
     assert_eq!(
         v["ends"]["by_end"],
-        serde_json::json!({"reset_sent": PINGS, "reset_received": PINGS})
+        serde_json::json!({"reset_sent": PINGS, "reset_received": PINGS}),
+        "{v:#}"
     );
 }
 
