@@ -103,7 +103,7 @@ const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 pub fn test_tools() -> anyhow::Result<()> {
     step(
         3,
-        "test tools (tmux, iproute2, util-linux, bpftool, qemu, busybox, systemd-analyze, prometheus, nginx, wrk, tcpstates)",
+        "test tools (tmux, iproute2, util-linux, bpftool, qemu, busybox, systemd-analyze, prometheus, nginx, wrk, tcpstates, redis-server)",
         || install_missing(&TEST_TOOLS),
     )?;
     step(4, KUBERNETES_VALIDATE, install_kubernetes_validate)
