@@ -47,8 +47,11 @@ pub struct HostSnapshot {
     pub tw_timer_handler: bool,
     pub missing_tracepoints: Vec<String>,
     pub time_wait: Option<u64>,
-    /// `TcpExt` counters: `TW`, `TWRecycled`, `TWKilled`, `TCPTimeWaitOverflow`.
+    /// `TcpExt` counters: `TW`, `TWRecycled`, `TWKilled`, `TCPTimeWaitOverflow`,
+    /// and the aborts (`TCPAbortOn*`).
     pub netstat: BTreeMap<String, u64>,
+    /// `Tcp` counters of `/proc/net/snmp`: `OutRsts`, `EstabResets`.
+    pub tcp: BTreeMap<String, u64>,
     /// `TCPTimeWaitOverflow`'s growth over the one-second sample: whether
     /// overflow is happening now, not only at some time since boot.
     pub overflow_per_s: u64,
@@ -183,7 +186,14 @@ impl HostSnapshot {
                 .filter(|(k, _)| {
                     matches!(
                         k.as_str(),
-                        "TW" | "TWRecycled" | "TWKilled" | "TCPTimeWaitOverflow"
+                        "TW" | "TWRecycled"
+                            | "TWKilled"
+                            | "TCPTimeWaitOverflow"
+                            | "TCPAbortOnData"
+                            | "TCPAbortOnClose"
+                            | "TCPAbortOnMemory"
+                            | "TCPAbortOnTimeout"
+                            | "TCPAbortOnLinger"
                     )
                 })
                 .collect()
@@ -207,6 +217,12 @@ impl HostSnapshot {
             missing_tracepoints,
             time_wait: crate::netns::time_wait_sockets_everywhere(),
             netstat,
+            tcp: fs::read_to_string("/proc/net/snmp")
+                .map(|t| sys::parse_snmp_tcp(&t))
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(k, _)| matches!(k.as_str(), "OutRsts" | "EstabResets"))
+                .collect(),
             overflow_per_s,
             port_range: sys::local_port_range().ok(),
             reserved_ports: sys::reserved_ports(),
@@ -256,6 +272,7 @@ pub fn assess(h: &HostSnapshot) -> Vec<Finding> {
     hooks(h, &mut f);
     time_wait_health(h, &mut f);
     ports(h, &mut f);
+    resets(h, &mut f);
     teardown_sysctls(h, &mut f);
     leaks(h, &mut f);
     namespaces(h, &mut f);
@@ -423,7 +440,6 @@ fn hooks(h: &HostSnapshot, f: &mut Vec<Finding>) {
 /// TIME_WAIT now against the kernel's limit, overflows, and the counters.
 fn time_wait_health(h: &HostSnapshot, f: &mut Vec<Finding>) {
     use Severity::{Info, Ok, Warn};
-    let opt = |v: Option<u64>| v.map_or_else(|| "unreadable".to_owned(), |v| v.to_string());
     let tw = h.time_wait.unwrap_or(0);
     if let Some(max) = h.max_tw_buckets {
         let near = max > 0 && tw.saturating_mul(10) >= max.saturating_mul(9);
@@ -455,6 +471,34 @@ fn time_wait_health(h: &HostSnapshot, f: &mut Vec<Finding>) {
             opt(h.netstat.get("TW").copied()), opt(h.netstat.get("TWRecycled").copied()), opt(h.netstat.get("TWKilled").copied())),
         "TW: TIME_WAIT mini-sockets born with a timeout over 4 s; TWKilled: born with a shorter one (an orphaned FIN_WAIT2 with a small tcp_fin_timeout) — together, every birth; TWRecycled: ports taken over by tcp_tw_reuse. None counts an expiry.",
         ""));
+}
+
+/// A counter, or `unreadable`.
+fn opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "unreadable".to_owned(), |v| v.to_string())
+}
+
+/// What the kernel counts of resets, since boot, and where twtrace says
+/// who and why.
+fn resets(h: &HostSnapshot, f: &mut Vec<Finding>) {
+    let ext = |name: &str| opt(h.netstat.get(name).copied());
+    f.push(finding(
+        "resets",
+        Severity::Info,
+        "resets since boot",
+        format!(
+            "sent {} (OutRsts), connections reset {} (EstabResets); aborts: unread data {} (TCPAbortOnClose), zero linger or data after close {} (TCPAbortOnData), memory {}, timeout {}, linger {}",
+            opt(h.tcp.get("OutRsts").copied()),
+            opt(h.tcp.get("EstabResets").copied()),
+            ext("TCPAbortOnClose"),
+            ext("TCPAbortOnData"),
+            ext("TCPAbortOnMemory"),
+            ext("TCPAbortOnTimeout"),
+            ext("TCPAbortOnLinger"),
+        ),
+        "EstabResets: connections that went from ESTABLISHED or CLOSE_WAIT straight to CLOSE, whichever side reset; OutRsts: every reset sent, those to closed ports included. This namespace only.",
+        "`twtrace summary` names the process behind each reset and why (its ENDS column).",
+    ));
 }
 
 /// The ephemeral ports TIME_WAIT can exhaust.
@@ -561,10 +605,16 @@ mod tests {
                 ("TWRecycled", 0),
                 ("TWKilled", 0),
                 ("TCPTimeWaitOverflow", 0),
+                ("TCPAbortOnClose", 4),
+                ("TCPAbortOnData", 5),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect(),
+            tcp: [("OutRsts", 12), ("EstabResets", 9)]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
             port_range: Some((32768, 60999)),
             tw_reuse: Some(2),
             tw_reuse_delay_ms: Some(1000),
@@ -644,6 +694,23 @@ mod tests {
         let f = assess(&healthy());
         assert_eq!(exit_code(&f), 0, "{f:#?}");
         assert_eq!(severity_of(&f, "tcp_tw_recycle"), Severity::Ok);
+    }
+
+    #[test]
+    fn resets_are_counted_as_the_kernel_counts_them() {
+        let f = assess(&healthy());
+        let resets = f
+            .iter()
+            .find(|f| f.id == "resets")
+            .expect("a resets finding");
+        assert_eq!(resets.severity, Severity::Info);
+        assert!(
+            resets.value.starts_with(
+                "sent 12 (OutRsts), connections reset 9 (EstabResets); aborts: unread data 4 (TCPAbortOnClose), zero linger or data after close 5 (TCPAbortOnData), memory unreadable"
+            ),
+            "{}",
+            resets.value
+        );
     }
 
     #[test]

@@ -343,7 +343,18 @@ mod sockstat_tests {
 /// a line of values).
 #[must_use]
 pub fn parse_netstat(text: &str) -> std::collections::BTreeMap<String, u64> {
-    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    parse_counter_lines(text, "TcpExt:")
+}
+
+/// The `Tcp:` counters of `/proc/net/snmp` (`OutRsts`, `EstabResets`, …).
+#[must_use]
+pub fn parse_snmp_tcp(text: &str) -> std::collections::BTreeMap<String, u64> {
+    parse_counter_lines(text, "Tcp:")
+}
+
+/// A names line and a values line, both starting with `prefix`.
+fn parse_counter_lines(text: &str, prefix: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
     let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
         return std::collections::BTreeMap::new();
     };

@@ -132,18 +132,18 @@ fn states_in(netns: &Netns) -> String {
 /// doctor's numbers are the host's: sysctls as `sysctl` reads them,
 /// counters as `nstat` does (they may grow in between, so bracketed).
 fn doctor_matches_sysctl_and_nstat() {
-    let before: Vec<u64> = ["TcpExtTW", "TcpExtTCPTimeWaitOverflow"]
-        .iter()
-        .map(|n| nstat_value(n))
-        .collect();
+    const COUNTERS: [&str; 4] = [
+        "TcpExtTW",
+        "TcpExtTCPTimeWaitOverflow",
+        "TcpOutRsts",
+        "TcpEstabResets",
+    ];
+    let before: Vec<u64> = COUNTERS.iter().map(|n| nstat_value(n)).collect();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_twtrace"))
         .args(["doctor", "-o", "json"])
         .output()
         .expect("twtrace doctor");
-    let after: Vec<u64> = ["TcpExtTW", "TcpExtTCPTimeWaitOverflow"]
-        .iter()
-        .map(|n| nstat_value(n))
-        .collect();
+    let after: Vec<u64> = COUNTERS.iter().map(|n| nstat_value(n)).collect();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor JSON");
     assert_eq!(v["schema"], "twtrace-doctor/1");
     assert_eq!(
@@ -173,8 +173,14 @@ fn doctor_matches_sysctl_and_nstat() {
         .map(|p| p.parse().unwrap())
         .collect();
     assert_eq!(host["port_range"], serde_json::json!(range));
-    for (i, name) in ["TW", "TCPTimeWaitOverflow"].iter().enumerate() {
-        let got = host["netstat"][name].as_u64().expect(name);
+    let doctor_said = [
+        &host["netstat"]["TW"],
+        &host["netstat"]["TCPTimeWaitOverflow"],
+        &host["tcp"]["OutRsts"],
+        &host["tcp"]["EstabResets"],
+    ];
+    for (i, (name, got)) in COUNTERS.iter().zip(doctor_said).enumerate() {
+        let got = got.as_u64().expect(name);
         assert!(
             (before[i]..=after[i]).contains(&got),
             "{name}: {} <= {got} <= {}",
@@ -198,6 +204,7 @@ fn doctor_matches_sysctl_and_nstat() {
         "tcp_tw_reuse",
         "tcp_fin_timeout",
         "tcp_tw_recycle",
+        "resets",
     ] {
         assert!(ids.contains(&id), "{id} missing: {ids:?}");
     }
