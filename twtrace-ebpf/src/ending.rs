@@ -64,7 +64,9 @@ pub fn of_close(old: u8, record: &SockRecord, facts: &CloseFacts) -> (u8, u8) {
         // no mini-socket took over (tcp_max_tw_buckets full) is one too.
         tcp_state::LAST_ACK | tcp_state::FIN_WAIT2 | tcp_state::CLOSING => (connection_end::FIN, 0),
         tcp_state::SYN_SENT => (connection_end::ABANDONED, 0),
-        _ if close_resets_peer(old) => {
+        // ESTABLISHED, SYN_RECV, FIN_WAIT1, CLOSE_WAIT straight to CLOSE
+        // with no error: the kernel resets the peer (tcp_need_reset).
+        _ => {
             // What close() proves first: its reset comes after this
             // transition. Else the reason of a reset sent before it.
             let reason = if facts.unread_data {
@@ -76,19 +78,7 @@ pub fn of_close(old: u8, record: &SockRecord, facts: &CloseFacts) -> (u8, u8) {
             };
             (connection_end::RESET_SENT, reason)
         }
-        _ => (connection_end::NONE, 0),
     }
-}
-
-/// Whether a close from `old` with no error is one the kernel follows
-/// with a reset to the peer (`tcp_need_reset`): only then do the unread
-/// data and the linger say why, and only then are they read.
-#[inline(always)]
-pub fn close_resets_peer(old: u8) -> bool {
-    matches!(
-        old,
-        tcp_state::ESTABLISHED | tcp_state::SYN_RECV | tcp_state::FIN_WAIT1 | tcp_state::CLOSE_WAIT
-    )
 }
 
 /// A close the kernel made through `tcp_reset()` in FIN_WAIT1/2: a reset

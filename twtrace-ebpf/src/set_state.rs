@@ -254,13 +254,6 @@ fn close_facts(sk: &impl SockFields, l: &SockLayout, old: u8) -> CloseFacts {
     } else {
         sk.u32_at(l.err).unwrap_or(0)
     };
-    // The common closes (a hand-over to TIME_WAIT, LAST_ACK) need no more.
-    if err != 0 || !ending::close_resets_peer(old) {
-        return CloseFacts {
-            err,
-            ..CloseFacts::NONE
-        };
-    }
     let linger_zero = l.sk_flags != 0
         && l.lingertime != 0
         && sk
