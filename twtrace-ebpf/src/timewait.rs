@@ -40,17 +40,44 @@ struct Identity {
 }
 
 impl Identity {
-    /// Read through the mini-socket's embedded timer; `None` without BTF.
-    fn of(cfg: &TwConfig, timer: u64) -> Option<Self> {
+    /// Unknown: no mini-socket has port 0, so it matches no record.
+    const UNKNOWN: Self = Self {
+        sport: 0,
+        dport: 0,
+        snd_nxt: 0,
+    };
+
+    /// Read through the mini-socket's embedded timer; `UNKNOWN` without
+    /// BTF or when a read fails. A plain value, not an `Option`: Linux
+    /// 5.10's verifier walks paths on which an absent `Option`'s fields
+    /// are used, uninitialised (`!read_ok`), and refuses the program.
+    fn read(cfg: &TwConfig, timer: u64) -> Self {
         if cfg.has_btf == 0 {
-            return None;
+            return Self::UNKNOWN;
         }
         let at = |off: i16| timer.wrapping_add_signed(i64::from(off));
-        Some(Self {
-            sport: kread::<u16>(at(cfg.sport_from_timer)).ok()?,
-            dport: u16::from_be(kread::<u16>(at(cfg.dport_from_timer)).ok()?),
-            snd_nxt: kread::<u32>(at(cfg.snd_nxt_from_timer)).ok()?,
-        })
+        match (
+            kread::<u16>(at(cfg.sport_from_timer)),
+            kread::<u16>(at(cfg.dport_from_timer)),
+            kread::<u32>(at(cfg.snd_nxt_from_timer)),
+        ) {
+            (Ok(sport), Ok(dport), Ok(snd_nxt)) => Self {
+                sport,
+                dport: u16::from_be(dport),
+                snd_nxt,
+            },
+            _ => Self::UNKNOWN,
+        }
+    }
+
+    fn is_known(self) -> bool {
+        self.sport != 0
+    }
+
+    /// As `read`, where the verifier has no trouble with the `Option`.
+    fn of(cfg: &TwConfig, timer: u64) -> Option<Self> {
+        let id = Self::read(cfg, timer);
+        id.is_known().then_some(id)
     }
 
     fn birth_key(self) -> BirthKey {
@@ -596,27 +623,23 @@ pub fn timer_expire_entry_twin(ctx: RawTracePointContext) -> i32 {
 // 512 bytes, and a frame of its own would push the programs past it.
 #[inline(always)]
 fn on_cancel<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
-    let id = Identity::of(cfg, timer);
+    let id = Identity::read(cfg, timer);
+    let known = id.is_known();
     // Only a mini-socket with no record, or one armed moments ago, can have
     // a hand-over still running on another CPU: that one reports the end.
     let now = now_ns();
-    let to_come = id.is_some_and(|id| {
+    let to_come = known && {
         let born = born_ns(timer, id);
         (born == 0 || now.saturating_sub(born) <= HANDOVER_RACE_NS) && settle_pending(id, now)
-    });
+    };
     // Read only now: a hand-over that ran on its CPU since the look above
     // has its record in place and left the end to this cancel (read
     // before, it was missing, and the end was lost: 1 in ~400 overtaken
     // hand-overs).
-    // SAFETY: a pointer from a successful lookup; copied out at once.
-    let record = TWS.get_ptr(timer).map(|r| unsafe { *r });
-    let record = record.filter(|r| id.is_none_or(|id| id == Identity::of_record(r)));
-    let record = record.filter(|_| !to_come);
+    let (has_record, record) = copy_record(timer);
+    let ends_here = has_record && (!known || id == Identity::of_record(&record)) && !to_come;
     // No record: its hand-over was missed, or came before twtrace.
-    let untracked = match id {
-        Some(id) if record.is_none() && !to_come => counts_untracked(cfg, timer, id),
-        _ => false,
-    };
+    let untracked = known && !ends_here && !to_come && counts_untracked(cfg, timer, id);
     let Some(mut scratch) = Scratch::enter() else {
         return;
     };
@@ -633,12 +656,10 @@ fn on_cancel<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
     scratch.cancel_timer = timer;
     scratch.cancel_untracked = u8::from(untracked);
     scratch.cancel_early = u8::from(to_come);
-    if let Some(id) = id {
-        scratch.cancel_sport = id.sport;
-        scratch.cancel_dport = id.dport;
-        scratch.cancel_snd_nxt = id.snd_nxt;
-    }
-    if let Some(record) = record.filter(|r| r.emit != 0) {
+    scratch.cancel_sport = id.sport;
+    scratch.cancel_dport = id.dport;
+    scratch.cancel_snd_nxt = id.snd_nxt;
+    if ends_here && record.emit != 0 {
         report_end(ctx, cfg, &record, timer, kind::TW_CANCEL);
     }
 }
@@ -654,26 +675,52 @@ fn on_expire<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
             scratch.cancel_untracked = 0;
         }
     }
-    let id = Identity::of(cfg, timer);
-    // SAFETY: a pointer from a successful lookup; copied out at once.
-    let record = TWS.get_ptr(timer).map(|r| unsafe { *r });
-    match record.filter(|r| id.is_none_or(|id| id == Identity::of_record(r))) {
-        Some(record) => {
-            if record.emit != 0 {
-                report_end(ctx, cfg, &record, timer, kind::TW_EXPIRE);
-            }
-            let _ = TWS.remove(timer);
+    let id = Identity::read(cfg, timer);
+    let known = id.is_known();
+    let (has_record, record) = copy_record(timer);
+    if has_record && (!known || id == Identity::of_record(&record)) {
+        if record.emit != 0 {
+            report_end(ctx, cfg, &record, timer, kind::TW_EXPIRE);
         }
-        None => {
-            if let Some(id) = id {
-                count_if_birth_missed(id);
-                if counts_untracked(cfg, timer, id) {
-                    bump(counter::TW_UNTRACKED_END);
-                }
-            }
+        let _ = TWS.remove(timer);
+    } else if known {
+        count_if_birth_missed(id);
+        if counts_untracked(cfg, timer, id) {
+            bump(counter::TW_UNTRACKED_END);
         }
     }
 }
+
+/// The record of the mini-socket at `timer`, copied out, and whether it
+/// has one (zeros when not). A plain value, not an `Option`, for Linux
+/// 5.10's verifier: see `Identity::read`.
+fn copy_record(timer: u64) -> (bool, TwRecord) {
+    match TWS.get_ptr(timer) {
+        // SAFETY: a pointer from a successful lookup; copied out at once.
+        Some(record) => (true, unsafe { *record }),
+        None => (false, NO_RECORD),
+    }
+}
+
+const NO_RECORD: TwRecord = TwRecord {
+    saddr: [0; 16],
+    daddr: [0; 16],
+    sock_id: 0,
+    since_ns: 0,
+    birth_ns: 0,
+    birth_jiffies: 0,
+    pid: 0,
+    sport: 0,
+    dport: 0,
+    family: 0,
+    substate: 0,
+    emit: 0,
+    flags: 0,
+    comm: [0; 16],
+    snd_nxt: 0,
+    netns: 0,
+    cgroup: 0,
+};
 
 /// When the mini-socket at `timer` with identity `id` was born; 0 if it
 /// has no record. (A number, not an `Option`: the verifier lost track of
