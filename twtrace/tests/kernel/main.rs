@@ -41,6 +41,7 @@ mod state_now;
 mod support;
 mod time_wait;
 mod transitions;
+mod warnings;
 
 /// Tests listed as `ALONE` (every at-scale test) take it whole, the others
 /// share it. The at-scale tests drive the machine at its top connection
@@ -64,6 +65,7 @@ fn main() -> ExitCode {
     let alone = [at_scale::TESTS, time_wait::ALONE, state_now::ALONE].concat();
     let shared = [
         transitions::TESTS,
+        warnings::TESTS,
         ends::TESTS,
         time_wait::TESTS,
         cli::TESTS,
