@@ -469,7 +469,11 @@ fn time_wait_health(h: &HostSnapshot, f: &mut Vec<Finding>) {
     f.push(finding("tw_counters", Info, "TIME_WAIT counters since boot",
         format!("TW {}, TWRecycled {}, TWKilled {}",
             opt(h.netstat.get("TW").copied()), opt(h.netstat.get("TWRecycled").copied()), opt(h.netstat.get("TWKilled").copied())),
-        "TW: TIME_WAIT mini-sockets born with a timeout over 4 s; TWKilled: born with a shorter one (an orphaned FIN_WAIT2 with a small tcp_fin_timeout) — together, every birth; TWRecycled: ports taken over by tcp_tw_reuse. None counts an expiry.",
+        if sys::tw_counters_count_births(&h.kernel) {
+            "TW: TIME_WAIT mini-sockets born with a timeout over 4 s; TWKilled: born with a shorter one (an orphaned FIN_WAIT2 with a small tcp_fin_timeout) — together, every birth; TWRecycled: ports taken over by tcp_tw_reuse. None counts an expiry."
+        } else {
+            "On this kernel (before 5.18) TW counts TIME_WAIT mini-sockets whose timer fired after a timeout over 4 s, TWKilled those with a shorter one — expiries, not births, and no early end (a namespace deleted, a port reused); TWRecycled: ports taken over by tcp_tw_reuse."
+        },
         ""));
 }
 
@@ -711,6 +715,24 @@ mod tests {
             "{}",
             resets.value
         );
+    }
+
+    #[test]
+    fn time_wait_counters_are_read_as_this_kernel_counts_them() {
+        let meaning = |kernel: &str| {
+            let h = HostSnapshot {
+                kernel: kernel.into(),
+                ..healthy()
+            };
+            let f = assess(&h);
+            f.iter()
+                .find(|f| f.id == "tw_counters")
+                .expect("a tw_counters finding")
+                .meaning
+        };
+        assert!(meaning("6.1.0-57-cloud-amd64").contains("together, every birth"));
+        let old = meaning("5.10.0-46-cloud-amd64");
+        assert!(old.contains("expiries, not births"), "{old}");
     }
 
     #[test]

@@ -366,6 +366,39 @@ fn parse_counter_lines(text: &str, prefix: &str) -> std::collections::BTreeMap<S
         .collect()
 }
 
+/// `major.minor` of a kernel release (`5.10.0-46-cloud-amd64` → 5.10).
+#[must_use]
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Whether `TcpExtTW` + `TcpExtTWKilled` count TIME_WAIT births on this
+/// kernel. Before Linux 5.18 they were counted when a mini-socket's timer
+/// fired — expiries, not births, and no early end (the commit "tcp/dccp:
+/// no longer use `twsk_net(tw)` from `tw_timer_handler()`"); an unparsable
+/// release is taken as new.
+#[must_use]
+pub fn tw_counters_count_births(release: &str) -> bool {
+    kernel_version(release).is_none_or(|version| version >= (5, 18))
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    #[test]
+    fn time_wait_counters_count_births_from_5_18() {
+        assert_eq!(kernel_version("5.10.0-46-cloud-amd64"), Some((5, 10)));
+        assert_eq!(kernel_version("6.12.118+deb13-cloud-amd64"), Some((6, 12)));
+        assert!(!tw_counters_count_births("5.10.0-46-cloud-amd64"));
+        assert!(!tw_counters_count_births("5.17.15"));
+        assert!(tw_counters_count_births("5.18.0"));
+        assert!(tw_counters_count_births("6.1.0-57-cloud-arm64"));
+        assert!(tw_counters_count_births("weird"));
+    }
+}
+
 /// One `TcpExt` counter of this thread's network namespace.
 #[must_use]
 pub fn tcp_ext_counter(name: &str) -> Option<u64> {
