@@ -384,6 +384,7 @@ fn overtaken_hand_overs(reset: bool) {
     support::require_time_wait();
     // Under emulation (1 000-3 800 connections/s) the hand-over can come
     // later than the 2 ms a race is recognised in, and the FIN too late.
+    at_scale::require_birth_counters();
     at_scale::require_scale_tests();
     if std::thread::available_parallelism().map_or(1, usize::from) < 2 {
         support::skip("needs two CPUs: the FIN and the hand-over race on different ones");
