@@ -121,32 +121,50 @@ impl Archive {
     /// the guest resolves it exactly as the host does.
     /// A directory comes with everything under it.
     pub fn host_path(&mut self, path: &Path) -> anyhow::Result<()> {
-        self.host_path_inner(path, true)
+        self.rooted_path(Path::new("/"), path)
     }
 
-    fn host_path_inner(&mut self, path: &Path, whole_dir: bool) -> anyhow::Result<()> {
+    /// As `host_path`, for a guest path whose files are under `root` (an
+    /// unpacked foreign system): its symlinks, absolute ones included,
+    /// resolve inside `root`, as they will in the guest.
+    pub fn rooted_path(&mut self, root: &Path, path: &Path) -> anyhow::Result<()> {
+        self.rooted_path_inner(root, path, true, 0)
+    }
+
+    fn rooted_path_inner(
+        &mut self,
+        root: &Path,
+        path: &Path,
+        whole_dir: bool,
+        depth: u32,
+    ) -> anyhow::Result<()> {
+        // The kernel's own limit on symlinks followed in one lookup.
+        if depth > 40 {
+            anyhow::bail!("too many levels of symlinks at {}", path.display());
+        }
         let mut current = PathBuf::from("/");
         let mut components = path.components().skip(1).peekable();
         while let Some(component) = components.next() {
             let next = current.join(component);
-            let meta = fs::symlink_metadata(&next)
-                .with_context(|| format!("reading {}", next.display()))?;
+            let source = on_host(root, &next);
+            let meta = fs::symlink_metadata(&source)
+                .with_context(|| format!("reading {}", source.display()))?;
             if meta.file_type().is_symlink() {
-                let target = fs::read_link(&next)?;
+                let target = fs::read_link(&source)?;
                 self.symlink(&next, &target)?;
                 let resolved = normalize(&current.join(&target));
                 let last = components.peek().is_none();
-                self.host_path_inner(&resolved, whole_dir && last)?;
-                current = fs::canonicalize(&next)?;
+                self.rooted_path_inner(root, &resolved, whole_dir && last, depth + 1)?;
+                current = resolve(root, &resolved, depth + 1)?;
             } else if meta.is_dir() {
                 self.dir(&next)?;
                 if whole_dir && components.peek().is_none() {
-                    self.host_tree(&next)?;
+                    self.tree(root, &next)?;
                 }
                 current = next;
             } else {
                 let data =
-                    fs::read(&next).with_context(|| format!("reading {}", next.display()))?;
+                    fs::read(&source).with_context(|| format!("reading {}", source.display()))?;
                 self.file(&next, meta.permissions().mode(), &data)?;
                 current = next;
             }
@@ -154,18 +172,19 @@ impl Archive {
         Ok(())
     }
 
-    /// Everything under a host directory.
-    fn host_tree(&mut self, dir: &Path) -> anyhow::Result<()> {
-        for entry in fs::read_dir(dir)? {
-            let path = entry?.path();
-            let meta = fs::symlink_metadata(&path)?;
+    /// Everything under a directory of `root`.
+    fn tree(&mut self, root: &Path, dir: &Path) -> anyhow::Result<()> {
+        for entry in fs::read_dir(on_host(root, dir))? {
+            let entry = entry?;
+            let path = dir.join(entry.file_name());
+            let meta = fs::symlink_metadata(entry.path())?;
             if meta.file_type().is_symlink() {
-                self.symlink(&path, &fs::read_link(&path)?)?;
+                self.symlink(&path, &fs::read_link(entry.path())?)?;
             } else if meta.is_dir() {
                 self.dir(&path)?;
-                self.host_tree(&path)?;
+                self.tree(root, &path)?;
             } else if meta.is_file() && meta.nlink() > 0 {
-                self.file(&path, meta.permissions().mode(), &fs::read(&path)?)?;
+                self.file(&path, meta.permissions().mode(), &fs::read(entry.path())?)?;
             }
         }
         Ok(())
@@ -176,6 +195,27 @@ impl Archive {
         self.out.flush()?;
         Ok(())
     }
+}
+
+/// Where a guest path's file is on the host.
+fn on_host(root: &Path, guest: &Path) -> PathBuf {
+    root.join(guest.strip_prefix("/").unwrap_or(guest))
+}
+
+/// A guest path with every symlink in it followed inside `root`.
+pub fn resolve(root: &Path, path: &Path, depth: u32) -> anyhow::Result<PathBuf> {
+    if depth > 40 {
+        anyhow::bail!("too many levels of symlinks at {}", path.display());
+    }
+    let mut current = PathBuf::from("/");
+    for component in path.components().skip(1) {
+        let next = current.join(component);
+        match fs::read_link(on_host(root, &next)) {
+            Ok(target) => current = resolve(root, &normalize(&current.join(target)), depth + 1)?,
+            Err(_) => current = next,
+        }
+    }
+    Ok(current)
 }
 
 /// `a/b/../c` → `a/c`, without touching the file system (the host path may
@@ -204,6 +244,39 @@ mod tests {
             normalize(Path::new("/usr/lib64/../lib/x86_64-linux-gnu/ld.so")),
             PathBuf::from("/usr/lib/x86_64-linux-gnu/ld.so")
         );
+    }
+
+    #[test]
+    fn symlinks_of_an_unpacked_root_resolve_inside_it() {
+        let root = std::env::temp_dir().join(format!("xtask-root-{}", std::process::id()));
+        let lib = root.join("lib/aarch64-linux-gnu");
+        fs::create_dir_all(&lib).unwrap();
+        fs::write(lib.join("ld-linux-aarch64.so.1"), b"loader").unwrap();
+        // Debian's loader link is absolute: it must not reach the host's /lib.
+        std::os::unix::fs::symlink(
+            "/lib/aarch64-linux-gnu/ld-linux-aarch64.so.1",
+            root.join("lib/ld-linux-aarch64.so.1"),
+        )
+        .unwrap();
+        assert_eq!(
+            resolve(&root, Path::new("/lib/ld-linux-aarch64.so.1"), 0).unwrap(),
+            PathBuf::from("/lib/aarch64-linux-gnu/ld-linux-aarch64.so.1")
+        );
+        let path = root.join("a.cpio");
+        let mut archive = Archive::create(&path).unwrap();
+        archive
+            .rooted_path(&root, Path::new("/lib/ld-linux-aarch64.so.1"))
+            .unwrap();
+        archive.finish().unwrap();
+        let text = String::from_utf8_lossy(&fs::read(&path).unwrap()).into_owned();
+        // The link as it is, then its target's file from inside the root.
+        assert!(text.contains("lib/ld-linux-aarch64.so.1\0"), "{text}");
+        assert!(
+            text.contains("lib/aarch64-linux-gnu/ld-linux-aarch64.so.1\0"),
+            "{text}"
+        );
+        assert!(text.contains("loader"), "{text}");
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

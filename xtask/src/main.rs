@@ -1,11 +1,14 @@
 //! `cargo xtask <task>`: everything twtrace needs beyond `cargo build`,
 //! starting from a fresh machine.
 
+mod apt;
 mod bench;
 mod cpio;
 mod fuzz;
+mod initramfs;
 mod setup;
 mod soak;
+mod userland;
 mod vm;
 
 use std::{
@@ -60,7 +63,10 @@ enum Task {
         seconds: u64,
     },
     /// The kernel tests on each kernel of the matrix: the host's natively,
-    /// the others booted under qemu (root; installs qemu and busybox).
+    /// Debian 11's 5.10, 12's 6.1 and 13's 6.12 booted under qemu, and
+    /// Debian 12's arm64 6.1 emulated, with twtrace cross-built (root;
+    /// installs qemu, busybox and the arm64 cross compiler; kernels and
+    /// arm64 packages are fetched once into target/vm).
     VmTest {
         /// Only this kernel of the list (repeatable).
         #[arg(long)]

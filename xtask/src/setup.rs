@@ -73,7 +73,8 @@ pub fn run() -> anyhow::Result<Tools> {
 }
 
 /// Programs the kernel tests drive, and the Debian packages that have them.
-const TEST_TOOLS: [(&str, &str); 14] = [
+/// A name with a `/` is a file the package has (a library, a start file).
+const TEST_TOOLS: [(&str, &str); 18] = [
     ("bpftool", "bpftool"),
     ("tmux", "tmux"),
     ("ip", "iproute2"),
@@ -93,6 +94,15 @@ const TEST_TOOLS: [(&str, &str); 14] = [
     ("wrk", "wrk"),
     // The real server whose clients abort, for how connections end.
     ("redis-server", "redis-server"),
+    // The arm64 guest: its emulator, the cross linker with its C library,
+    // and readelf, which finds what a foreign binary loads.
+    ("qemu-system-aarch64", "qemu-system-arm"),
+    ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+    (
+        "/usr/aarch64-linux-gnu/lib/Scrt1.o",
+        "libc6-dev-arm64-cross",
+    ),
+    ("readelf", "binutils"),
 ];
 
 /// The Kubernetes schema validator from `PyPI`, for the `DaemonSet` manifest: the
@@ -103,10 +113,15 @@ const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 pub fn test_tools() -> anyhow::Result<()> {
     step(
         3,
-        "test tools (tmux, iproute2, util-linux, bpftool, qemu, busybox, systemd-analyze, prometheus, nginx, wrk, tcpstates, redis-server)",
+        "test tools (tmux, iproute2, util-linux, bpftool, qemu, busybox, systemd-analyze, prometheus, nginx, wrk, tcpstates, redis-server, the arm64 cross compiler)",
         || install_missing(&TEST_TOOLS),
     )?;
-    step(4, KUBERNETES_VALIDATE, install_kubernetes_validate)
+    step(4, KUBERNETES_VALIDATE, install_kubernetes_validate)?;
+    step(
+        5,
+        &format!("Rust's {ARM64_TARGET} target"),
+        ensure_arm64_target,
+    )
 }
 
 /// The packages, from Debian's apt, of the `(program, package)` pairs
@@ -114,7 +129,13 @@ pub fn test_tools() -> anyhow::Result<()> {
 fn install_missing(tools: &[(&str, &str)]) -> anyhow::Result<bool> {
     let mut missing: Vec<&str> = tools
         .iter()
-        .filter(|(program, _)| !on_path(program))
+        .filter(|(program, _)| {
+            if program.contains('/') {
+                !Path::new(program).exists()
+            } else {
+                !on_path(program)
+            }
+        })
         .map(|(_, package)| *package)
         .collect();
     missing.dedup();
@@ -138,6 +159,29 @@ fn install_missing(tools: &[(&str, &str)]) -> anyhow::Result<bool> {
                 missing.join(" ")
             );
         }
+    }
+    Ok(true)
+}
+
+const ARM64_TARGET: &str = "aarch64-unknown-linux-gnu";
+
+/// The standard library for arm64, for the toolchain building twtrace (the
+/// one cargo runs xtask with).
+fn ensure_arm64_target() -> anyhow::Result<bool> {
+    let out = Command::new("rustc")
+        .args(["--print", "target-libdir", "--target", ARM64_TARGET])
+        .output()
+        .context("running rustc")?;
+    let libdir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if out.status.success() && libdir.is_dir() {
+        return Ok(false);
+    }
+    let status = Command::new("rustup")
+        .args(["target", "add", ARM64_TARGET])
+        .status()
+        .context("running rustup")?;
+    if !status.success() {
+        bail!("rustup target add {ARM64_TARGET} failed");
     }
     Ok(true)
 }
