@@ -130,12 +130,15 @@ fn two_pods_are_grouped_by_summary_and_scraped_per_pod() {
         .zip([5, 7])
         .map(|(p, n)| (p.namespace.clone(), p.name.clone(), p.container.clone(), n))
         .collect();
-    let scraped = prometheus.active_closes_until(&expected, Duration::from_secs(30));
+    let (scraped, diagnosis) = prometheus.scrape(&expected, &scratch);
     interrupt(&summary);
     let out = summary.wait_with_output().expect("summary");
     prometheus.stop();
     let _ = std::fs::remove_dir_all(&scratch);
-    assert_eq!(scraped, expected, "Prometheus's per-pod active closes");
+    assert_eq!(
+        scraped, expected,
+        "Prometheus's per-pod active closes; {diagnosis}"
+    );
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary JSON");
     assert_eq!(v["by"], "pod", "{v}");
@@ -210,7 +213,7 @@ impl Prometheus {
             ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(scratch.join("prometheus.log")).expect("prometheus.log"))
             .spawn()
             .expect("starting prometheus");
         Self { child, port }
@@ -240,15 +243,66 @@ impl Prometheus {
         last
     }
 
-    fn query(&self, query: &str) -> Option<Vec<(String, String, String, u64)>> {
+    /// The per-pod active closes once they equal `expected`, or the last
+    /// answer and what Prometheus showed. Under emulation it takes its time
+    /// to start (its storage, then the first scrape): the 30 s count from
+    /// when it says it is ready.
+    fn scrape(
+        &self,
+        expected: &[(String, String, String, u64)],
+        scratch: &std::path::Path,
+    ) -> (Vec<(String, String, String, u64)>, String) {
+        let ready = self.wait_ready(Duration::from_mins(2));
+        let scraped = self.active_closes_until(expected, Duration::from_secs(30));
+        let diagnosis = if scraped == expected {
+            String::new()
+        } else {
+            format!("ready: {ready}; {}", self.diagnosis(scratch))
+        };
+        (scraped, diagnosis)
+    }
+
+    /// Whether `/-/ready` answered 200 within `within`.
+    fn wait_ready(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self
+                .get("/-/ready")
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        false
+    }
+
+    /// What its scrape target says, and the end of its log.
+    fn diagnosis(&self, scratch: &std::path::Path) -> String {
+        let targets = self
+            .get("/api/v1/targets")
+            .and_then(|r| Some(r.split_once("\r\n\r\n")?.1.to_owned()))
+            .unwrap_or_default();
+        let log = std::fs::read_to_string(scratch.join("prometheus.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(8).collect();
+        format!("targets: {targets}; log: {}", tail.join(" | "))
+    }
+
+    /// A GET's whole response.
+    fn get(&self, path: &str) -> Option<String> {
         let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         write!(
             stream,
-            "GET /api/v1/query?query={query} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
         )
         .ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).ok()?;
+        Some(response)
+    }
+
+    fn query(&self, query: &str) -> Option<Vec<(String, String, String, u64)>> {
+        let response = self.get(&format!("/api/v1/query?query={query}"))?;
         let (_, body) = response.split_once("\r\n\r\n")?;
         // The JSON document, whether or not the body came chunked.
         let json = body.get(body.find('{')?..=body.rfind('}')?)?;

@@ -111,8 +111,15 @@ fn where_they_went(netns: &Netns) -> String {
         netns,
         &["nstat", "-az", "TcpExtTW*", "TcpExtTCPTimeWaitOverflow"],
     );
+    // sockstat's `tw` is the kernel's own count of live mini-sockets: it
+    // tells a TIME_WAIT that really ended early from one ss's dump missed.
+    let sockstat = in_netns(netns, &["cat", "/proc/net/sockstat"]);
+    let tcp = sockstat
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .unwrap_or("");
     format!(
-        "by state: {}; counters: {}",
+        "by state: {}; counters: {}; sockstat {tcp}",
         states_in(netns),
         counters.split_whitespace().collect::<Vec<_>>().join(" ")
     )
