@@ -84,15 +84,20 @@ impl Suite {
 
     fn update(&self) -> anyhow::Result<()> {
         eprintln!("xtask: apt-get update ({} {})", self.name, self.arch);
+        self.apt_get(&["update", "-q"], "apt-get update")
+    }
+
+    /// `apt-get ARGS`, quiet; what it complained of when it fails.
+    fn apt_get(&self, args: &[&str], what: &str) -> anyhow::Result<()> {
         let out = self
             .apt("apt-get")
-            .args(["update", "-q"])
+            .args(args)
             .stdout(Stdio::null())
             .output()
-            .context("running apt-get update")?;
+            .with_context(|| format!("running {what}"))?;
         if !out.status.success() {
             bail!(
-                "apt-get update for Debian {} ({}) failed: {}",
+                "{what} for Debian {} ({}) failed: {}",
                 self.name,
                 self.arch,
                 String::from_utf8_lossy(&out.stderr).trim()
@@ -169,28 +174,15 @@ impl Suite {
                 self.arch,
                 packages.join(" ")
             );
-            let out = self
-                .apt("apt-get")
-                .args([
-                    "install",
-                    "-q",
-                    "-y",
-                    "--download-only",
-                    "--no-install-recommends",
-                ])
-                .args(packages)
-                .stdout(Stdio::null())
-                .output()
-                .context("running apt-get install --download-only")?;
-            if !out.status.success() {
-                bail!(
-                    "downloading {} from Debian {} ({}) failed: {}",
-                    packages.join(" "),
-                    self.name,
-                    self.arch,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
+            let mut args = vec![
+                "install",
+                "-q",
+                "-y",
+                "--download-only",
+                "--no-install-recommends",
+            ];
+            args.extend_from_slice(packages);
+            self.apt_get(&args, &format!("downloading {}", packages.join(" ")))?;
             debs(&self.dir.join("cache/archives"))
         })
     }

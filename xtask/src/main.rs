@@ -64,7 +64,8 @@ enum Task {
     },
     /// The kernel tests on each kernel of the matrix: the host's natively,
     /// Debian 11's 5.10, 12's 6.1 and 13's 6.12 booted under qemu, and
-    /// Debian 12's arm64 6.1 emulated, with twtrace cross-built (root;
+    /// Debian 12's and 13's arm64 6.1 and 6.12 emulated, with twtrace
+    /// cross-built (root;
     /// installs qemu, busybox and the arm64 cross compiler; kernels and
     /// arm64 packages are fetched once into target/vm).
     VmTest {

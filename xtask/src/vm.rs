@@ -140,6 +140,15 @@ const KERNELS: &[Kernel] = &[
         },
         limit: Duration::from_mins(30),
     },
+    Kernel {
+        name: "debian13-cloud-arm64",
+        arch: Arch::Aarch64,
+        source: Source::Debian {
+            suite: "trixie",
+            package: "linux-image-cloud-arm64",
+        },
+        limit: Duration::from_mins(30),
+    },
 ];
 
 /// The suite of a foreign guest's programs: the one whose C library the
