@@ -47,6 +47,8 @@ pub struct Contents<'a> {
     pub twtrace: &'a Path,
     pub modules: &'a Path,
     pub test_args: &'a [String],
+    /// When the guest reports what is still running, if anything is.
+    pub watchdog: std::time::Duration,
 }
 
 /// The guest's `/init`: mounts what a system has, loads the modules, runs
@@ -77,6 +79,23 @@ hostname twtrace-vm
 echo
 echo "twtrace-vm: kernel $(uname -r)"
 cd /root
+# Shortly before the host's limit, what is stuck, for the log: the tests
+# under way, the tasks blocked in the kernel (sysrq w, into the kernel's
+# log), and each process's state and kernel stack.
+(
+    sleep "$(cat /vm/watchdog-seconds)"
+    echo "twtrace-vm: under way:" $(ls /run/tests-under-way)
+    echo "twtrace-vm: blocked tasks and where each process waits:"
+    echo w > /proc/sysrq-trigger
+    dmesg | tail -n 120
+    for p in /proc/[0-9]*; do
+        echo "$(cut -d' ' -f1,3 "$p/stat" 2>/dev/null) $(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)"
+        head -n 8 "$p/stack" 2>/dev/null | sed 's/^/    /'
+    done
+) &
+# The harness keeps a file per test under way here, for the list above.
+mkdir -p /run/tests-under-way
+export TWTRACE_TESTS_UNDER_WAY=/run/tests-under-way
 "$(cat /vm/test-binary)" $(cat /vm/test-args) --test-threads 2 --color never
 echo "twtrace-vm: exit $?"
 sync
@@ -127,6 +146,11 @@ pub fn build(path: &Path, userland: &Userland, contents: &Contents) -> anyhow::R
         Path::new("/vm/test-args"),
         0o644,
         contents.test_args.join(" ").as_bytes(),
+    )?;
+    archive.file(
+        Path::new("/vm/watchdog-seconds"),
+        0o644,
+        contents.watchdog.as_secs().to_string().as_bytes(),
     )?;
     archive.finish()
 }

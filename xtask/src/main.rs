@@ -3,6 +3,7 @@
 
 mod apt;
 mod bench;
+mod console;
 mod cpio;
 mod fuzz;
 mod initramfs;

@@ -13,7 +13,10 @@
 //! Run as root (`cargo xtask test` does). Without root every test is
 //! reported as ignored, with the reason.
 
-use std::process::ExitCode;
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use libtest_mimic::{Arguments, Completion, Trial};
 
@@ -77,12 +80,17 @@ fn main() -> ExitCode {
         reliability::TESTS,
     ]
     .concat();
+    // In a VM (`cargo xtask vm-test`), the tests under way are files in
+    // this directory, which the guest lists if it hangs. Not lines on the
+    // console: they would land inside the harness's own lines.
+    let under_way_dir = std::env::var_os("TWTRACE_TESTS_UNDER_WAY").map(PathBuf::from);
     let trials = alone
         .into_iter()
         .map(|test| (test, true))
         .chain(shared.into_iter().map(|test| (test, false)))
         .map(|((name, test), runs_alone)| {
             let skip = skip.clone();
+            let under_way_dir = under_way_dir.clone();
             Trial::ignorable_test(name, move || {
                 if let Some(reason) = skip {
                     return Ok(Completion::ignored_with(reason));
@@ -97,6 +105,7 @@ fn main() -> ExitCode {
                         .read()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                 }
+                let _under_way = under_way_dir.as_deref().map(|dir| UnderWay::new(dir, name));
                 // A test that finds the running kernel cannot give what it
                 // checks says so with `support::skip`, and is reported as
                 // ignored with that reason rather than passed or failed.
@@ -111,4 +120,22 @@ fn main() -> ExitCode {
         })
         .collect();
     libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// A test under way, as a file named after it while it runs.
+struct UnderWay(PathBuf);
+
+impl UnderWay {
+    fn new(dir: &Path, test: &str) -> Self {
+        let path = dir.join(test);
+        // Best effort: the list only serves a report of a hung guest.
+        let _ = std::fs::write(&path, b"");
+        Self(path)
+    }
+}
+
+impl Drop for UnderWay {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
