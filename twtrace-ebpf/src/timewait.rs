@@ -636,8 +636,8 @@ fn on_cancel<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
     // has its record in place and left the end to this cancel (read
     // before, it was missing, and the end was lost: 1 in ~400 overtaken
     // hand-overs).
-    let (has_record, record) = copy_record(timer);
-    let ends_here = has_record && (!known || id == Identity::of_record(&record)) && !to_come;
+    let (own, record) = own_record(timer, id);
+    let ends_here = own && !to_come;
     // No record: its hand-over was missed, or came before twtrace.
     let untracked = known && !ends_here && !to_come && counts_untracked(cfg, timer, id);
     let Some(mut scratch) = Scratch::enter() else {
@@ -676,19 +676,29 @@ fn on_expire<C: EbpfContext>(ctx: &C, cfg: &TwConfig, timer: u64) {
         }
     }
     let id = Identity::read(cfg, timer);
-    let known = id.is_known();
-    let (has_record, record) = copy_record(timer);
-    if has_record && (!known || id == Identity::of_record(&record)) {
+    let (own, record) = own_record(timer, id);
+    if own {
         if record.emit != 0 {
             report_end(ctx, cfg, &record, timer, kind::TW_EXPIRE);
         }
         let _ = TWS.remove(timer);
-    } else if known {
+    } else if id.is_known() {
         count_if_birth_missed(id);
         if counts_untracked(cfg, timer, id) {
             bump(counter::TW_UNTRACKED_END);
         }
     }
+}
+
+/// The record at `timer`, copied out, and whether it is the mini-socket's
+/// there now: its identity matches, or could not be read (then the record
+/// is all there is to go by). A record left by an earlier mini-socket at
+/// the same address is not.
+#[inline(always)]
+fn own_record(timer: u64, id: Identity) -> (bool, TwRecord) {
+    let (has_record, record) = copy_record(timer);
+    let own = has_record && (!id.is_known() || id == Identity::of_record(&record));
+    (own, record)
 }
 
 /// The record of the mini-socket at `timer`, copied out, and whether it
