@@ -443,7 +443,7 @@ fn make_time_waits(count: usize, auto: bool, late: Option<(u64, &Path)>) {
         std::fs::write(file, waits.join("\n")).expect("writing the waits");
     }
     // Let the last FINs and ACKs land, then report.
-    thread::sleep(Duration::from_millis(100));
+    wait_until_settled(server.port());
     if auto {
         return;
     }
@@ -451,6 +451,30 @@ fn make_time_waits(count: usize, auto: bool, late: Option<(u64, &Path)>) {
     std::io::stdout().flush().expect("flush");
     // Stay alive until the test is done with us.
     let _ = std::io::stdin().read_line(&mut go);
+}
+
+/// Waits (5 s at most) until no connection to or from `port` is between
+/// a FIN and its end — `FIN_WAIT1`, `FIN_WAIT2`, `CLOSE_WAIT`, `CLOSING`,
+/// `LAST_ACK` in this namespace's `/proc/net/tcp` — so the last FINs and
+/// ACKs have landed. A fixed sleep did not do: a busy machine defers them
+/// to ksoftirqd (under emulation, past 100 ms).
+fn wait_until_settled(port: u16) {
+    const CLOSING: [&str; 5] = ["04", "05", "08", "0B", "09"];
+    let suffix = format!(":{port:04X}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+        let closing = table.lines().skip(1).any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 3
+                && CLOSING.contains(&fields[3])
+                && (fields[1].ends_with(&suffix) || fields[2].ends_with(&suffix))
+        });
+        if !closing {
+            return;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn leak(count: usize) {
