@@ -15,6 +15,12 @@ const EXITED: &str = "twtrace-vm: exit ";
 /// under way then.
 const UNDER_WAY: &str = "twtrace-vm: under way:";
 
+/// Printed by `/init` then, once for each twtrace and each task in
+/// uninterruptible sleep, with the kernel function it waits in.
+const WAITING: &str = "twtrace-vm: waiting: ";
+/// Enough of those for a report's one line.
+const WAITING_SHOWN: usize = 6;
+
 /// The kernel's words for a crash, a stall or a hang (printed at `KERN_ERR`
 /// or above, which the guest's console shows).
 const ALARMS: &[&str] = &[
@@ -38,6 +44,7 @@ pub struct GuestConsole {
     pub exited: bool,
     pub outcomes: BTreeMap<String, Outcome>,
     under_way: Vec<String>,
+    waiting: Vec<String>,
     alarm: Option<String>,
 }
 
@@ -54,6 +61,9 @@ impl GuestConsole {
                 .split_whitespace()
                 .map(str::to_string)
                 .collect();
+        } else if let Some(at) = line.find(WAITING) {
+            self.waiting
+                .push(line[at + WAITING.len()..].trim().to_string());
         } else if let Some((test, outcome)) = parse_test_line(line) {
             self.outcomes.insert(test, outcome);
         } else if self.alarm.is_none() && ALARMS.iter().any(|alarm| line.contains(alarm)) {
@@ -67,6 +77,16 @@ impl GuestConsole {
         let mut parts = Vec::new();
         if !self.under_way.is_empty() {
             parts.push(format!("under way: {}", self.under_way.join(", ")));
+        }
+        if !self.waiting.is_empty() {
+            let shown = &self.waiting[..self.waiting.len().min(WAITING_SHOWN)];
+            let more = self.waiting.len() - shown.len();
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            parts.push(format!("waiting: {}{more}", shown.join(", ")));
         }
         if let Some(alarm) = &self.alarm {
             parts.push(format!("the kernel said: {alarm}"));
@@ -104,6 +124,7 @@ mod tests {
             "[  840.123456] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [kworker/1:2:80]",
             "[  900.000001] INFO: task b:99 blocked for more than 120 seconds.",
             "twtrace-vm: under way: b c",
+            "twtrace-vm: waiting: twtrace(120) S ep_poll+0x2a2/0x3b0",
         ] {
             console.read(line);
         }
@@ -112,7 +133,7 @@ mod tests {
         assert_eq!(console.outcomes.get("a"), Some(&Outcome::Pass));
         assert_eq!(
             console.when_it_stopped(),
-            "under way: b, c; the kernel said: watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [kworker/1:2:80]"
+            "under way: b, c; waiting: twtrace(120) S ep_poll+0x2a2/0x3b0; the kernel said: watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [kworker/1:2:80]"
         );
         console.read("twtrace-vm: exit 0");
         assert!(console.exited);

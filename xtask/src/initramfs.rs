@@ -92,6 +92,17 @@ cd /root
         echo "$(cut -d' ' -f1,3 "$p/stat" 2>/dev/null) $(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)"
         head -n 8 "$p/stack" 2>/dev/null | sed 's/^/    /'
     done
+    # One line each for the host's report: every twtrace, and every task
+    # in uninterruptible sleep, with where in the kernel it waits.
+    for p in /proc/[0-9]*; do
+        comm=$(cat "$p/comm" 2>/dev/null)
+        state=$(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "$p/status" 2>/dev/null)
+        case "$comm:$state" in
+        twtrace:*|*:D)
+            echo "twtrace-vm: waiting: $comm($(basename "$p")) $state $(head -n 1 "$p/stack" 2>/dev/null | sed 's/^.*\] //')"
+            ;;
+        esac
+    done
 ) &
 # The harness keeps a file per test under way here, for the list above.
 mkdir -p /run/tests-under-way
