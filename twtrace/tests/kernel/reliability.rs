@@ -191,6 +191,20 @@ fn nothing_stays_loaded_after_any_exit() {
     }
 }
 
+/// Counts `pid`'s moves from FIN_WAIT2 to TIME_WAIT in a JSON stream.
+fn moves_to_time_wait(stream: &str, pid: u32) -> usize {
+    stream
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["type"] == "transition"
+                && v["pid"] == pid
+                && v["old_state"] == "FIN_WAIT2"
+                && v["new_state"] == "TIME_WAIT"
+        })
+        .count()
+}
+
 /// Counts JSON transition lines whose owner is `pid`.
 fn transitions_of(stream: &str, pid: u32) -> usize {
     stream
@@ -250,10 +264,14 @@ fn two_instances_are_independent() {
     let a_stream = std::fs::read_to_string(&out_a).unwrap();
     let b_stream = std::fs::read_to_string(&out_b).unwrap();
     // A saw its maker's connections until their mini-sockets (it died
-    // before the namespace went), and nothing of B's.
+    // before the namespace went), and nothing of B's. A peer FIN that
+    // comes late (emulation: 18 ms) re-arms the timer into another
+    // bucket, which streams the move to TIME_WAIT then, not at the end.
+    let early_moves = moves_to_time_wait(&a_stream, first_maker.pid);
+    assert!(early_moves <= 5, "{a_stream}");
     assert_eq!(
         transitions_of(&a_stream, first_maker.pid),
-        5 * BEFORE_THE_END,
+        5 * BEFORE_THE_END + early_moves,
         "{a_stream}"
     );
     assert_eq!(transitions_of(&a_stream, second_maker.pid), 0);
