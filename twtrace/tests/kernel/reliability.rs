@@ -193,24 +193,21 @@ fn nothing_stays_loaded_after_any_exit() {
 
 /// Counts `pid`'s moves from FIN_WAIT2 to TIME_WAIT in a JSON stream.
 fn moves_to_time_wait(stream: &str, pid: u32) -> usize {
-    stream
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| {
-            v["type"] == "transition"
-                && v["pid"] == pid
-                && v["old_state"] == "FIN_WAIT2"
-                && v["new_state"] == "TIME_WAIT"
-        })
-        .count()
+    transitions_where(stream, pid, |v| {
+        v["old_state"] == "FIN_WAIT2" && v["new_state"] == "TIME_WAIT"
+    })
 }
 
 /// Counts JSON transition lines whose owner is `pid`.
 fn transitions_of(stream: &str, pid: u32) -> usize {
+    transitions_where(stream, pid, |_| true)
+}
+
+fn transitions_where(stream: &str, pid: u32, keep: impl Fn(&serde_json::Value) -> bool) -> usize {
     stream
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["type"] == "transition" && v["pid"] == pid)
+        .filter(|v| v["type"] == "transition" && v["pid"] == pid && keep(v))
         .count()
 }
 
