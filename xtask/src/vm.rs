@@ -92,21 +92,18 @@ struct Kernel {
     /// How long its whole run may take before the VM is killed.
     limit: Duration,
     /// Under software emulation, one host thread for both CPUs.
+    /// Multi-threaded emulation of x86 lets one CPU run kernel code another
+    /// has just rewritten (Linux rewrites itself at every static key flip
+    /// and tracepoint attach): Debian 13's 6.12 took an int3 Oops in
+    /// `sched_clock_cpu` from it, and Debian 11's 5.10 hung once in CI.
+    /// One thread costs about half again in time. Debian 12's 6.1 never
+    /// crashed so, and on one thread it slowed threefold, to where the
+    /// kernel ended loopback TIME_WAIT sockets early by resets the tests did not
+    /// set up; it keeps a thread per CPU, as arm64 does.
     one_thread: bool,
 }
 
-/// The matrix: the long-term kernels fleets run, one line each.
-///
-/// `one_thread`: multi-threaded emulation of x86 lets one CPU run kernel
-/// code another has just rewritten (Linux rewrites itself at every static
-/// key flip and tracepoint attach). Debian 13's 6.12 took an int3 Oops in
-/// `sched_clock_cpu` from it, in boot and 30 s after, and Debian 11's 5.10
-/// hung once in CI; both run their two CPUs on one thread (about half again
-/// in time). Debian 12's 6.1 never crashed so in any run, and on one thread
-/// it slows threefold (1 200 connections/s), where a loopback FIN waits
-/// past its retransmission timer and the kernel ends a TIME_WAIT by the
-/// reset that follows — real, but not what the tests set up: it keeps a
-/// thread per CPU, as arm64 does (its emulation of rewritten code is exact). Under
+/// The matrix: the long-term kernels fleets run, one line each. Under
 /// software emulation the x86-64 suite takes 6–9 minutes (one test waits
 /// 63 s for a real expiry); arm64 is emulated instruction by instruction
 /// on an x86-64 host, several times slower again.
@@ -504,7 +501,7 @@ fn accelerators(arch: Arch, one_thread: bool) -> Vec<Accelerator> {
     }
     list.push(Accelerator {
         name: "tcg",
-        // See `Kernel::one_thread`.
+        // Why: `Kernel::one_thread`.
         options: if one_thread {
             "tcg,thread=single"
         } else {
